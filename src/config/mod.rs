@@ -1,0 +1,9 @@
+//! Plugin configuration: the policy file format (`raw`) and its compilation into a validated
+//! [`Policy`](crate::policy::Policy) (`compile`). The CLI's `check` runs exactly this code.
+
+pub mod compile;
+pub mod error;
+pub mod raw;
+
+pub use compile::{compile, CompileOptions};
+pub use error::ConfigError;

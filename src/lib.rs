@@ -1,0 +1,25 @@
+//! ShieldKey: a proxy-wasm filter for Envoy that lets teams hand out revocable shield tokens
+//! instead of their real Mistral API key.
+//!
+//! Everything except `glue` is pure Rust with no proxy-wasm import: the decision is a function of
+//! (compiled policy, request facts, counters, now), and host capabilities sit behind small traits
+//! (`store::SharedStore`) with in-memory implementations for tests.
+
+pub mod authenticate;
+pub mod codec;
+pub mod config;
+pub mod denial;
+pub mod envoy_render;
+pub mod master_key;
+pub mod policy;
+pub mod policy_store;
+pub mod seal;
+pub mod secret;
+pub mod store;
+pub mod time;
+pub mod token;
+pub mod token_digest;
+pub mod token_record;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;
