@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy (native and wasm), Rust unit and integration
+# tests, then the end-to-end suite against a real Envoy with the official SDKs as clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+echo "== rustfmt"
+cargo fmt --check
+echo "== clippy (native, all targets)"
+cargo clippy --quiet --all-targets -- -D warnings
+echo "== clippy (wasm filter)"
+cargo clippy --quiet --target wasm32-wasip1 --lib -- -D warnings
+echo "== build"
+scripts/build.sh
+echo "== cargo test"
+cargo test --quiet
+echo "== end-to-end (real Envoy)"
+.venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider "$@"
