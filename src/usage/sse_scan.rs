@@ -1,0 +1,176 @@
+//! Server-sent events, split at any byte: each event's `data` is streamed into a fresh JSON
+//! scanner, and the last event that carried `usage` wins. Handles `\n`, `\r\n` and `\r` line ends,
+//! `data:` with or without a space, multi-line data, comments, other fields, and `data: [DONE]`.
+//! Memory per stream is constant: a few bytes of the current field name and data prefix.
+
+use super::json_scan::{JsonFacts, JsonScanner};
+
+const FIELD_BUF: usize = 8;
+const DONE: &[u8] = b"[DONE]";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Reading the field name (before `:`).
+    Field,
+    /// Just after `data:`: one optional space is skipped.
+    DataStart,
+    Data,
+    /// A comment, or a field other than `data`.
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub struct SseScanner {
+    line: Line,
+    field: [u8; FIELD_BUF],
+    field_len: usize,
+    /// The first bytes of this line's data value, to recognise `[DONE]`.
+    data_prefix: [u8; 8],
+    data_len: usize,
+    after_cr: bool,
+    event: JsonScanner,
+    event_has_data: bool,
+    last: JsonFacts,
+    model: Option<String>,
+    saw_done: bool,
+}
+
+impl Default for SseScanner {
+    fn default() -> Self {
+        SseScanner {
+            line: Line::Field,
+            field: [0; FIELD_BUF],
+            field_len: 0,
+            data_prefix: [0; 8],
+            data_len: 0,
+            after_cr: false,
+            event: JsonScanner::new(),
+            event_has_data: false,
+            last: JsonFacts::default(),
+            model: None,
+            saw_done: false,
+        }
+    }
+}
+
+impl SseScanner {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.byte(b);
+        }
+    }
+
+    pub fn saw_done(&self) -> bool {
+        self.saw_done
+    }
+
+    /// Usage from the last event that had it (including one still open at the end of input),
+    /// and the last model named.
+    pub fn facts(&self) -> (JsonFacts, Option<String>) {
+        let mut last = self.last.clone();
+        let mut model = self.model.clone();
+        let mut pending = self.event.clone();
+        pending.finish();
+        let open = pending.facts();
+        if open.saw_usage {
+            last = open.clone();
+        }
+        if open.model.is_some() {
+            model = open.model.clone();
+        }
+        (last, model)
+    }
+
+    fn byte(&mut self, b: u8) {
+        if self.after_cr {
+            self.after_cr = false;
+            if b == b'\n' {
+                return;
+            }
+        }
+        match b {
+            b'\r' => {
+                self.after_cr = true;
+                self.end_line();
+            }
+            b'\n' => self.end_line(),
+            _ => match self.line {
+                Line::Field => {
+                    if b == b':' {
+                        let name = self.field.get(..self.field_len).unwrap_or_default();
+                        self.line = if name == b"data" {
+                            Line::DataStart
+                        } else {
+                            Line::Skip
+                        };
+                    } else if let Some(slot) = self.field.get_mut(self.field_len) {
+                        *slot = b;
+                        self.field_len += 1;
+                    } else {
+                        self.line = Line::Skip;
+                    }
+                }
+                Line::DataStart => {
+                    self.begin_data_line();
+                    if b != b' ' {
+                        self.data_byte(b);
+                    }
+                }
+                Line::Data => self.data_byte(b),
+                Line::Skip => {}
+            },
+        }
+    }
+
+    fn begin_data_line(&mut self) {
+        if self.event_has_data {
+            // Data lines of one event are joined with a newline: whitespace to JSON.
+            self.event.feed(b"\n");
+        }
+        self.event_has_data = true;
+        self.data_len = 0;
+        self.line = Line::Data;
+    }
+
+    fn data_byte(&mut self, b: u8) {
+        if let Some(slot) = self.data_prefix.get_mut(self.data_len) {
+            *slot = b;
+        }
+        self.data_len = self.data_len.saturating_add(1);
+        self.event.feed(&[b]);
+    }
+
+    fn end_line(&mut self) {
+        match self.line {
+            // `data:` with nothing after it is an empty data line.
+            Line::DataStart => self.begin_data_line(),
+            Line::Data => {
+                if self.data_prefix.get(..self.data_len) == Some(DONE) {
+                    self.saw_done = true;
+                }
+            }
+            // An empty line dispatches the event.
+            Line::Field if self.field_len == 0 => self.end_event(),
+            // A line without a colon is a field with an empty value: nothing we use.
+            Line::Field | Line::Skip => {}
+        }
+        self.line = Line::Field;
+        self.field_len = 0;
+    }
+
+    fn end_event(&mut self) {
+        if !self.event_has_data {
+            return;
+        }
+        let mut event = std::mem::take(&mut self.event);
+        event.finish();
+        let facts = event.facts();
+        if facts.saw_usage {
+            self.last = facts.clone();
+        }
+        if facts.model.is_some() {
+            self.model = facts.model.clone();
+        }
+        self.event_has_data = false;
+    }
+}
