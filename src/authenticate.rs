@@ -4,10 +4,10 @@
 //! (constant time) → status → validity window. The secret is verified before the status is
 //! revealed, so only the holder of a token learns that it was revoked or expired.
 
+use std::rc::Rc;
+
 use crate::denial::Denial;
 use crate::policy::TokenPolicy;
-use crate::policy_store;
-use crate::store::SharedStore;
 use crate::token::{self, TokenError};
 use crate::token_digest::TokenVerifier;
 
@@ -16,21 +16,22 @@ pub struct Credentials<'a> {
     pub x_api_key: Option<&'a [u8]>,
 }
 
+/// `lookup` finds a token's record by public id (the glue reads it from shared data once per
+/// worker and configuration, then serves it from a cache: records of one configuration never
+/// change, a new policy is a new configuration).
 pub fn authenticate(
-    store: &dyn SharedStore,
-    fingerprint: &str,
+    lookup: &dyn Fn(&str) -> Option<Rc<TokenPolicy>>,
     verifier: &TokenVerifier,
     credentials: &Credentials<'_>,
     now_unix: i64,
-) -> Result<TokenPolicy, Denial> {
+) -> Result<Rc<TokenPolicy>, Denial> {
     let presented = token::from_headers(credentials.authorization, credentials.x_api_key).map_err(
         |e| match e {
             TokenError::Missing => Denial::TokenMissing,
             TokenError::Malformed => Denial::TokenMalformed,
         },
     )?;
-    let record =
-        policy_store::lookup(store, fingerprint, presented.id).ok_or(Denial::TokenUnknown)?;
+    let record = lookup(presented.id).ok_or(Denial::TokenUnknown)?;
     if !verifier.verify(presented.id, presented.secret_text(), &record.digest) {
         return Err(Denial::TokenInvalid);
     }
@@ -50,6 +51,7 @@ pub fn authenticate(
 mod tests {
     use super::*;
     use crate::policy::Policy;
+    use crate::policy_store;
     use crate::store::MemoryStore;
     use crate::token::format_token;
 
@@ -81,6 +83,7 @@ mod tests {
                 revoked,
                 not_before: nbf,
                 expires_at: exp,
+                rules: Default::default(),
             });
             tokens.push((
                 id.to_string(),
@@ -94,6 +97,7 @@ mod tests {
             master_key_env: "K".into(),
             upstream_keys: vec![],
             tokens: records,
+            settings: Default::default(),
         };
         policy_store::publish(&store, &policy).unwrap();
         Fixture {
@@ -108,7 +112,8 @@ mod tests {
             authorization: header.map(str::as_bytes),
             x_api_key: None,
         };
-        authenticate(&f.store, FP, &f.verifier, &creds, now).map(|t| t.id)
+        let lookup = |id: &str| policy_store::lookup(&f.store, FP, id).map(Rc::new);
+        authenticate(&lookup, &f.verifier, &creds, now).map(|t| t.id.clone())
     }
 
     fn bearer(f: &Fixture, id: &str) -> String {
@@ -161,7 +166,12 @@ mod tests {
             x_api_key: None,
         };
         assert_eq!(
-            authenticate(&f.store, FP, &other, &creds, 0),
+            authenticate(
+                &|id: &str| policy_store::lookup(&f.store, FP, id).map(Rc::new),
+                &other,
+                &creds,
+                0
+            ),
             Err(Denial::TokenInvalid)
         );
     }

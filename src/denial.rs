@@ -17,6 +17,33 @@ pub enum Denial {
     KeyUnavailable,
     /// The policy this worker was configured with is not readable in shared data.
     PolicyUnavailable,
+    /// The client address is outside the token's allowed networks.
+    SourceIpDenied,
+    /// The client's country (as resolved by Envoy's geoip filter) is not allowed, or unknown.
+    CountryDenied,
+    RequestRateLimited {
+        retry_after_secs: u64,
+    },
+    TokenRateLimited {
+        retry_after_secs: u64,
+    },
+    /// `reset_at`: unix seconds when the budget window restarts; `None` for lifetime budgets.
+    BudgetExceeded {
+        reset_at: Option<i64>,
+    },
+    ModelDenied,
+    /// The model has no price and the policy denies unpriced models for budgeted tokens.
+    ModelUnpriced,
+    MaxTokensExceeded {
+        limit: u64,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
+    /// A rule needs the JSON request body and it is not JSON, or has no usable `model`.
+    BodyUnreadable,
+    /// The shared counters could not be updated (contention or a store failure): fail closed.
+    LedgerBusy,
 }
 
 impl Denial {
@@ -29,7 +56,16 @@ impl Denial {
             | Denial::TokenRevoked
             | Denial::TokenExpired
             | Denial::TokenNotYetValid => 401,
-            Denial::KeyUnavailable | Denial::PolicyUnavailable => 503,
+            Denial::SourceIpDenied
+            | Denial::CountryDenied
+            | Denial::ModelDenied
+            | Denial::ModelUnpriced => 403,
+            Denial::RequestRateLimited { .. }
+            | Denial::TokenRateLimited { .. }
+            | Denial::BudgetExceeded { .. } => 429,
+            Denial::MaxTokensExceeded { .. } | Denial::BodyUnreadable => 400,
+            Denial::BodyTooLarge { .. } => 413,
+            Denial::KeyUnavailable | Denial::PolicyUnavailable | Denial::LedgerBusy => 503,
         }
     }
 
@@ -45,13 +81,25 @@ impl Denial {
             Denial::TokenNotYetValid => "shield_token_not_yet_valid",
             Denial::KeyUnavailable => "shield_key_unavailable",
             Denial::PolicyUnavailable => "shield_policy_unavailable",
+            Denial::SourceIpDenied => "shield_ip_denied",
+            Denial::CountryDenied => "shield_geo_denied",
+            Denial::RequestRateLimited { .. } | Denial::TokenRateLimited { .. } => {
+                "shield_rate_limited"
+            }
+            Denial::BudgetExceeded { .. } => "shield_budget_exceeded",
+            Denial::ModelDenied | Denial::ModelUnpriced => "shield_model_denied",
+            Denial::MaxTokensExceeded { .. } => "shield_max_tokens_exceeded",
+            Denial::BodyTooLarge { .. } => "shield_body_too_large",
+            Denial::BodyUnreadable => "shield_body_unreadable",
+            Denial::LedgerBusy => "shield_ledger_busy",
         }
     }
 
     pub fn error_type(&self) -> &'static str {
         match self.status() {
             401 => "authentication_error",
-            503 => "server_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -68,13 +116,49 @@ impl Denial {
             Denial::TokenNotYetValid => "This ShieldKey token is not valid yet.".into(),
             Denial::KeyUnavailable => "The gateway cannot use its upstream key right now.".into(),
             Denial::PolicyUnavailable => "The gateway policy is reloading; retry shortly.".into(),
+            Denial::SourceIpDenied => "This token may not be used from your network.".into(),
+            Denial::CountryDenied => "This token may not be used from your country.".into(),
+            Denial::RequestRateLimited { retry_after_secs } => format!(
+                "Request rate limit of this token exceeded; retry after {retry_after_secs} s."
+            ),
+            Denial::TokenRateLimited { retry_after_secs } => format!(
+                "Token-per-minute limit of this token exceeded; retry after {retry_after_secs} s."
+            ),
+            Denial::BudgetExceeded { reset_at: Some(at) } => format!(
+                "The spend budget of this token is exhausted until {}.",
+                crate::time::format_rfc3339(*at)
+            ),
+            Denial::BudgetExceeded { reset_at: None } => {
+                "The lifetime spend budget of this token is exhausted.".into()
+            }
+            Denial::ModelDenied => "This token may not use the requested model.".into(),
+            Denial::ModelUnpriced => {
+                "The requested model has no price in the gateway policy, so a budgeted token may not use it.".into()
+            }
+            Denial::MaxTokensExceeded { limit } => {
+                format!("max_tokens exceeds this token's limit of {limit}.")
+            }
+            Denial::BodyTooLarge { limit } => {
+                format!("The request body exceeds the gateway's inspection limit of {limit} bytes.")
+            }
+            Denial::BodyUnreadable => {
+                "The request body must be a JSON object with a string 'model' for this token's rules.".into()
+            }
+            Denial::LedgerBusy => "The gateway could not update usage counters; retry shortly.".into(),
         }
     }
 
     /// Extra response headers (e.g. `retry-after`).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            Denial::PolicyUnavailable => vec![("retry-after", "1".into())],
+            Denial::PolicyUnavailable | Denial::LedgerBusy => vec![("retry-after", "1".into())],
+            Denial::RequestRateLimited { retry_after_secs }
+            | Denial::TokenRateLimited { retry_after_secs } => {
+                vec![("retry-after", retry_after_secs.max(&1).to_string())]
+            }
+            Denial::BudgetExceeded { reset_at: Some(at) } => {
+                vec![("x-shieldkey-budget-reset", crate::time::format_rfc3339(*at))]
+            }
             _ => Vec::new(),
         }
     }
@@ -101,6 +185,15 @@ impl Denial {
         "shield_token_not_yet_valid",
         "shield_key_unavailable",
         "shield_policy_unavailable",
+        "shield_ip_denied",
+        "shield_geo_denied",
+        "shield_rate_limited",
+        "shield_budget_exceeded",
+        "shield_model_denied",
+        "shield_max_tokens_exceeded",
+        "shield_body_too_large",
+        "shield_body_unreadable",
+        "shield_ledger_busy",
     ];
 }
 
@@ -121,6 +214,28 @@ mod tests {
     }
 
     #[test]
+    fn rate_and_budget_denials_say_when_to_come_back() {
+        let d = Denial::RequestRateLimited {
+            retry_after_secs: 7,
+        };
+        assert_eq!((d.status(), d.error_type()), (429, "rate_limit_error"));
+        assert_eq!(d.headers(), vec![("retry-after", "7".to_string())]);
+        let reset = crate::time::parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+        let b = Denial::BudgetExceeded {
+            reset_at: Some(reset),
+        };
+        assert!(
+            b.message().contains("2026-12-01T00:00:00Z"),
+            "{}",
+            b.message()
+        );
+        assert_eq!(b.code(), "shield_budget_exceeded");
+        assert_eq!(Denial::SourceIpDenied.status(), 403);
+        assert_eq!(Denial::BodyTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(Denial::MaxTokensExceeded { limit: 1 }.status(), 400);
+    }
+
+    #[test]
     fn every_code_is_listed_for_stats() {
         for d in [
             Denial::TokenMissing,
@@ -132,6 +247,21 @@ mod tests {
             Denial::TokenNotYetValid,
             Denial::KeyUnavailable,
             Denial::PolicyUnavailable,
+            Denial::SourceIpDenied,
+            Denial::CountryDenied,
+            Denial::RequestRateLimited {
+                retry_after_secs: 3,
+            },
+            Denial::TokenRateLimited {
+                retry_after_secs: 3,
+            },
+            Denial::BudgetExceeded { reset_at: None },
+            Denial::ModelDenied,
+            Denial::ModelUnpriced,
+            Denial::MaxTokensExceeded { limit: 10 },
+            Denial::BodyTooLarge { limit: 10 },
+            Denial::BodyUnreadable,
+            Denial::LedgerBusy,
         ] {
             assert!(Denial::ALL_CODES.contains(&d.code()), "{}", d.code());
         }

@@ -4,7 +4,12 @@
 //! published into Envoy shared data as compact records (`token_record`, `policy_store`), so the
 //! request path reads only the record of the token presented.
 
+use crate::ledger::Limits;
+use crate::rules::country::CountryRule;
+use crate::rules::model_pattern::ModelPatterns;
+use crate::rules::source_ip::SourceNetworks;
 use crate::secret::SecretBytes;
+use crate::settings::Settings;
 use crate::token_digest::DIGEST_LEN;
 
 #[derive(Debug)]
@@ -16,6 +21,7 @@ pub struct Policy {
     pub master_key_env: String,
     pub upstream_keys: Vec<UpstreamKey>,
     pub tokens: Vec<TokenPolicy>,
+    pub settings: Settings,
 }
 
 #[derive(Debug)]
@@ -40,6 +46,36 @@ pub struct TokenPolicy {
     pub not_before: Option<i64>,
     /// Unix seconds.
     pub expires_at: Option<i64>,
+    pub rules: TokenRules,
+}
+
+/// A token's optional access rules and limits, compiled. Every field `None` means "no rule".
+#[derive(Debug, Clone, Default)]
+pub struct TokenRules {
+    pub limits: Limits,
+    pub source_networks: Option<SourceNetworks>,
+    pub countries: Option<CountryRule>,
+    pub models: Option<ModelPatterns>,
+    pub max_tokens: Option<u64>,
+    /// The rule section exactly as configured, canonical JSON (empty when there are no rules):
+    /// this is what the shared-data record carries, and what two rule sets compare by.
+    pub spec: Vec<u8>,
+}
+
+impl PartialEq for TokenRules {
+    fn eq(&self, other: &Self) -> bool {
+        self.spec == other.spec
+    }
+}
+
+impl Eq for TokenRules {}
+
+impl TokenRules {
+    /// Whether judging a request needs its JSON body: model rules read `model` and
+    /// `max_tokens`, and a budget reserves the worst case, which depends on both.
+    pub fn needs_body(&self) -> bool {
+        self.models.is_some() || self.max_tokens.is_some() || self.limits.budget.is_some()
+    }
 }
 
 impl Policy {

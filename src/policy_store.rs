@@ -117,6 +117,7 @@ mod tests {
             fingerprint: fp.into(),
             master_key_env: "K".into(),
             upstream_keys: vec![],
+            settings: Default::default(),
             tokens: ids
                 .iter()
                 .map(|id| TokenPolicy {
@@ -127,6 +128,7 @@ mod tests {
                     revoked: false,
                     not_before: None,
                     expires_at: None,
+                    rules: Default::default(),
                 })
                 .collect(),
         }

@@ -1,6 +1,7 @@
 //! The shared-data record of one token: `TokenPolicy` in compact binary.
 
 use crate::codec::{Reader, Writer};
+use crate::config::token_rules::rules_from_spec;
 use crate::policy::TokenPolicy;
 
 const RECORD_VERSION: u8 = 1;
@@ -13,7 +14,8 @@ pub fn encode(t: &TokenPolicy) -> Vec<u8> {
         .bytes(t.owner.as_bytes())
         .u8(u8::from(t.revoked))
         .opt_i64(t.not_before)
-        .opt_i64(t.expires_at);
+        .opt_i64(t.expires_at)
+        .bytes(&t.rules.spec);
     w.finish()
 }
 
@@ -31,6 +33,7 @@ pub fn decode(data: &[u8]) -> Option<TokenPolicy> {
         },
         not_before: r.opt_i64()?,
         expires_at: r.opt_i64()?,
+        rules: rules_from_spec(r.bytes()?)?,
     };
     r.is_done().then_some(t)
 }
@@ -49,6 +52,7 @@ mod tests {
             revoked: true,
             not_before: Some(1_700_000_000),
             expires_at: None,
+            rules: Default::default(),
         };
         let bytes = encode(&t);
         assert_eq!(decode(&bytes), Some(t));

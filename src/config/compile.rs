@@ -8,6 +8,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::ConfigError;
 use super::raw::{RawPolicy, RawStatus, POLICY_FORMAT_VERSION};
+use super::settings::compile_settings;
+use super::token_rules::{compile_rules, RawTokenRules};
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
 use crate::policy::{Policy, TokenPolicy, UpstreamKey};
 use crate::secret::SecretBytes;
@@ -146,6 +148,7 @@ pub fn compile(
             revoked: t.status == RawStatus::Revoked,
             not_before,
             expires_at,
+            rules: compile_rules(&RawTokenRules::of(t), &path)?,
         });
     }
 
@@ -155,6 +158,7 @@ pub fn compile(
         master_key_env,
         upstream_keys,
         tokens,
+        settings: compile_settings(raw)?,
     })
 }
 

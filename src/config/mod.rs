@@ -4,6 +4,8 @@
 pub mod compile;
 pub mod error;
 pub mod raw;
+pub mod settings;
+pub mod token_rules;
 
 pub use compile::{compile, CompileOptions};
 pub use error::ConfigError;

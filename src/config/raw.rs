@@ -24,6 +24,84 @@ pub struct RawPolicy {
     pub upstream_keys: Vec<RawUpstreamKey>,
     #[serde(default)]
     pub tokens: Vec<RawToken>,
+    /// Price overrides and the rule for models the price table does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<RawPricing>,
+    /// How requests are inspected and how much is reserved before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<RawRequests>,
+    /// Budget alert thresholds and the optional webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<RawAlerts>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    /// `max_price` (default: charge the most expensive known price, never under-bill),
+    /// `default_price` (charge `default_price`) or `deny` (refuse budgeted requests for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_price: Option<RawPrice>,
+    /// Additions and overrides of the built-in table.
+    #[serde(default)]
+    pub models: Vec<RawModelPrice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// Decimal USD per million input (prompt) tokens, e.g. "0.15".
+    pub input_usd_per_mtok: String,
+    /// Decimal USD per million output (completion) tokens.
+    pub output_usd_per_mtok: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelPrice {
+    pub model: String,
+    pub input_usd_per_mtok: String,
+    pub output_usd_per_mtok: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequests {
+    /// Largest request body the filter reads when a rule needs it (default 1 MiB); larger: 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
+    /// Completion tokens reserved when a request has no `max_tokens` (default 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u64>,
+    /// Request header carrying the ISO country code set by Envoy's geoip filter
+    /// (default `x-shieldkey-country`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Percentages of a budget window; default [50, 80, 100]; at most 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds_percent: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    /// An Envoy cluster name; alerts are POSTed through Envoy's HTTP callout.
+    pub cluster: String,
+    pub path: String,
+    /// `:authority` of the callout (default: the cluster name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -34,7 +112,7 @@ pub struct RawUpstreamKey {
     pub sealed: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RawToken {
     pub id: String,
@@ -53,6 +131,59 @@ pub struct RawToken {
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RawBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RawRateLimit>,
+    /// Allowed client networks (CIDR, IPv4 or IPv6), checked against Envoy's resolved client address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cidrs: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countries: Option<RawCountries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<RawModels>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    /// Decimal USD, e.g. "25.00".
+    pub limit_usd: String,
+    /// `lifetime`, `daily`, `monthly` (UTC calendar), `hourly`, or `"<N>s"` (epoch-aligned).
+    pub window: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Mistral tokens (prompt + completion, from response usage) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCountries {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
+    /// `deny` (default) or `allow`: what to do when the country is not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    /// Glob patterns (`*` matches any run of characters), e.g. `mistral-small-*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Largest `max_tokens` a request may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

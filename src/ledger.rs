@@ -1,0 +1,541 @@
+//! Per-token counters (spend, reservations, rate windows) and the rules that move them.
+//!
+//! `Ledger` is the one interface the request path uses for anything that must be consistent
+//! across workers: `admit` before forwarding, `settle` when the response is over. The shared-data
+//! implementation keeps all of a token's counters in one value, updated with compare-and-swap and a
+//! bounded number of retries; when the retries run out, admission fails closed. A fleet-wide store
+//! can implement the same trait later.
+//!
+//! Budgets cannot be overshot by concurrent requests: admission reserves each request's
+//! worst-case cost (`spent + reserved + reservation <= limit`), and settling replaces the
+//! reservation by the real cost. Spend can only pass the limit when a request's real cost exceeds
+//! its reservation, which the reservation bound is built to prevent (see README).
+
+use crate::budget_window::BudgetWindow;
+use crate::codec::{Reader, Writer};
+use crate::money::NanoUsd;
+use crate::rules::rate_window::RateWindow;
+use crate::store::{SharedStore, StoreError};
+
+const STATE_VERSION: u8 = 1;
+const MINUTE_MS: u64 = 60_000;
+pub const CAS_RETRIES: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub limit: NanoUsd,
+    pub window: BudgetWindow,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub budget: Option<Budget>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl Limits {
+    /// Tokens without any limit need no shared counters at all (their spend is still reported
+    /// through stats).
+    pub fn is_tracked(&self) -> bool {
+        self.budget.is_some()
+            || self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+    }
+}
+
+/// What `admit` granted; handed back to `settle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    pub window_start: i64,
+    pub reserved: NanoUsd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerDenial {
+    RequestRate {
+        retry_after_secs: u64,
+    },
+    TokenRate {
+        retry_after_secs: u64,
+    },
+    /// `reset_at`: unix seconds when the window restarts (`None` for lifetime budgets).
+    Budget {
+        reset_at: Option<i64>,
+        now: i64,
+    },
+    /// CAS retries exhausted or the store failed: fail closed.
+    Busy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub spent: NanoUsd,
+    pub remaining: Option<NanoUsd>,
+    /// Alert thresholds (percent of the budget) crossed by this settlement, each reported once
+    /// per window across all workers.
+    pub crossed: Vec<u8>,
+}
+
+pub trait Ledger {
+    fn admit(
+        &self,
+        token_id: &str,
+        limits: &Limits,
+        reservation: NanoUsd,
+        now_ms: i64,
+    ) -> Result<Admission, LedgerDenial>;
+
+    /// Adds `amount` to an admitted request's reservation (once its body told the worst case):
+    /// the budget rule again, `spent + reserved + amount <= limit`, atomically.
+    fn reserve(
+        &self,
+        token_id: &str,
+        limits: &Limits,
+        admission: &mut Admission,
+        amount: NanoUsd,
+        now_ms: i64,
+    ) -> Result<(), LedgerDenial>;
+
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        token_id: &str,
+        limits: &Limits,
+        thresholds: &[u8],
+        admission: &Admission,
+        cost: NanoUsd,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<Settlement, StoreError>;
+
+    /// Creates the counters of a token if they do not exist yet. Called when a configuration is
+    /// loaded, so that request-time updates always find a key to compare-and-swap (Envoy does
+    /// not check CAS on a key that does not exist yet).
+    fn ensure(&self, token_id: &str) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Counters {
+    window_start: i64,
+    spent: NanoUsd,
+    reserved: NanoUsd,
+    alerts_fired: u8,
+    requests: RateWindow,
+    tokens: RateWindow,
+}
+
+impl Counters {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new(STATE_VERSION);
+        w.i64(self.window_start)
+            .u64(self.spent)
+            .u64(self.reserved)
+            .u8(self.alerts_fired)
+            .bytes(&self.requests.encode())
+            .bytes(&self.tokens.encode());
+        w.finish()
+    }
+
+    fn decode(data: &[u8]) -> Option<Counters> {
+        let mut r = Reader::new(data, STATE_VERSION)?;
+        let c = Counters {
+            window_start: r.i64()?,
+            spent: r.u64()?,
+            reserved: r.u64()?,
+            alerts_fired: r.u8()?,
+            requests: RateWindow::decode(r.bytes()?)?,
+            tokens: RateWindow::decode(r.bytes()?)?,
+        };
+        r.is_done().then_some(c)
+    }
+
+    /// Starts a new budget window when `now` has left the stored one. Outstanding reservations
+    /// belong to the old window and are dropped with it (their settlements see the window changed).
+    fn roll(&mut self, window: Option<BudgetWindow>, now: i64) {
+        let start = window.map_or(0, |w| w.start(now));
+        if start != self.window_start {
+            self.window_start = start;
+            self.spent = 0;
+            self.reserved = 0;
+            self.alerts_fired = 0;
+        }
+    }
+}
+
+fn key(token_id: &str) -> String {
+    format!("shieldkey/1/ledger/{token_id}")
+}
+
+pub struct SharedDataLedger<'a> {
+    store: &'a dyn SharedStore,
+}
+
+impl<'a> SharedDataLedger<'a> {
+    pub fn new(store: &'a dyn SharedStore) -> Self {
+        SharedDataLedger { store }
+    }
+
+    /// Read-modify-CAS with bounded retries. `update` returns `Err` to abort without writing.
+    fn update<T, E>(
+        &self,
+        token_id: &str,
+        mut update: impl FnMut(&mut Counters) -> Result<T, E>,
+        exhausted: E,
+    ) -> Result<T, E> {
+        let key = key(token_id);
+        for _ in 0..CAS_RETRIES {
+            let (mut counters, cas) = match self.store.get(&key) {
+                Some((bytes, cas)) => match Counters::decode(&bytes) {
+                    Some(c) => (c, Some(cas)),
+                    // A corrupt value is replaced: the alternative is a token locked out forever.
+                    None => (Counters::default(), Some(cas)),
+                },
+                None => (Counters::default(), None),
+            };
+            let out = update(&mut counters)?;
+            match self.store.set(&key, &counters.encode(), cas) {
+                Ok(()) => return Ok(out),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Failed) => return Err(exhausted),
+            }
+        }
+        Err(exhausted)
+    }
+}
+
+impl Ledger for SharedDataLedger<'_> {
+    fn admit(
+        &self,
+        token_id: &str,
+        limits: &Limits,
+        reservation: NanoUsd,
+        now_ms: i64,
+    ) -> Result<Admission, LedgerDenial> {
+        let now = now_ms.div_euclid(1000);
+        self.update(
+            token_id,
+            |c| {
+                c.roll(limits.budget.map(|b| b.window), now);
+                if let Some(rpm) = limits.requests_per_minute {
+                    if !c.requests.would_allow(now_ms, MINUTE_MS, rpm, 1) {
+                        let retry_after_secs =
+                            c.requests.retry_after_secs(now_ms, MINUTE_MS, rpm, 1);
+                        return Err(LedgerDenial::RequestRate { retry_after_secs });
+                    }
+                }
+                if let Some(tpm) = limits.tokens_per_minute {
+                    // Token counts are only known afterwards: refuse while the window is full.
+                    if !c.tokens.would_allow(now_ms, MINUTE_MS, tpm, 1) {
+                        let retry_after_secs = c.tokens.retry_after_secs(now_ms, MINUTE_MS, tpm, 1);
+                        return Err(LedgerDenial::TokenRate { retry_after_secs });
+                    }
+                }
+                let mut reserved = 0;
+                if let Some(budget) = limits.budget {
+                    let committed = c.spent.saturating_add(c.reserved);
+                    if committed.saturating_add(reservation) > budget.limit
+                        || committed >= budget.limit
+                    {
+                        return Err(LedgerDenial::Budget {
+                            reset_at: budget.window.reset_at(now),
+                            now,
+                        });
+                    }
+                    c.reserved = c.reserved.saturating_add(reservation);
+                    reserved = reservation;
+                }
+                if limits.requests_per_minute.is_some() {
+                    c.requests.add(now_ms, MINUTE_MS, rpm_limit(limits), 1);
+                }
+                Ok(Admission {
+                    window_start: c.window_start,
+                    reserved,
+                })
+            },
+            LedgerDenial::Busy,
+        )
+    }
+
+    fn settle(
+        &self,
+        token_id: &str,
+        limits: &Limits,
+        thresholds: &[u8],
+        admission: &Admission,
+        cost: NanoUsd,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<Settlement, StoreError> {
+        let now = now_ms.div_euclid(1000);
+        self.update(
+            token_id,
+            |c| {
+                c.roll(limits.budget.map(|b| b.window), now);
+                if c.window_start == admission.window_start {
+                    c.reserved = c.reserved.saturating_sub(admission.reserved);
+                }
+                // A request that ends in a later window is charged to that window.
+                c.spent = c.spent.saturating_add(cost);
+                if let Some(tpm) = limits.tokens_per_minute {
+                    c.tokens.add(now_ms, MINUTE_MS, tpm, tokens);
+                }
+                let mut crossed = Vec::new();
+                let mut remaining = None;
+                if let Some(budget) = limits.budget {
+                    remaining = Some(budget.limit.saturating_sub(c.spent));
+                    let percent = percent_of(c.spent, budget.limit);
+                    for (i, threshold) in thresholds.iter().enumerate().take(8) {
+                        let bit = 1u8 << i;
+                        if c.alerts_fired & bit == 0 && percent >= u128::from(*threshold) {
+                            c.alerts_fired |= bit;
+                            crossed.push(*threshold);
+                        }
+                    }
+                }
+                Ok(Settlement {
+                    spent: c.spent,
+                    remaining,
+                    crossed,
+                })
+            },
+            StoreError::CasMismatch,
+        )
+    }
+
+    fn reserve(
+        &self,
+        token_id: &str,
+        limits: &Limits,
+        admission: &mut Admission,
+        amount: NanoUsd,
+        now_ms: i64,
+    ) -> Result<(), LedgerDenial> {
+        let Some(budget) = limits.budget else {
+            return Ok(());
+        };
+        let now = now_ms.div_euclid(1000);
+        let window_start = admission.window_start;
+        let added = self.update(
+            token_id,
+            |c| {
+                c.roll(Some(budget.window), now);
+                // If the window turned since admission, the old reservation went with it.
+                let rolled = c.window_start != window_start;
+                let committed = c.spent.saturating_add(c.reserved);
+                if committed.saturating_add(amount) > budget.limit {
+                    return Err(LedgerDenial::Budget {
+                        reset_at: budget.window.reset_at(now),
+                        now,
+                    });
+                }
+                c.reserved = c.reserved.saturating_add(amount);
+                let held = if rolled { 0 } else { admission.reserved };
+                Ok((c.window_start, held.saturating_add(amount)))
+            },
+            LedgerDenial::Busy,
+        )?;
+        admission.window_start = added.0;
+        admission.reserved = added.1;
+        Ok(())
+    }
+
+    fn ensure(&self, token_id: &str) -> Result<(), StoreError> {
+        if self.store.get(&key(token_id)).is_none() {
+            self.store
+                .set(&key(token_id), &Counters::default().encode(), None)?;
+        }
+        Ok(())
+    }
+}
+
+fn rpm_limit(limits: &Limits) -> u64 {
+    limits.requests_per_minute.unwrap_or(0)
+}
+
+fn percent_of(spent: NanoUsd, limit: NanoUsd) -> u128 {
+    if limit == 0 {
+        return 100;
+    }
+    u128::from(spent) * 100 / u128::from(limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const T0: i64 = 1_795_548_089_000; // 2026-11-24T19:21:29Z in ms
+    const USD: NanoUsd = 1_000_000_000;
+
+    fn budget(limit: NanoUsd, window: BudgetWindow) -> Limits {
+        Limits {
+            budget: Some(Budget { limit, window }),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn reservations_prevent_overshoot() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = budget(USD, BudgetWindow::Daily);
+        // Ten concurrent requests each reserving 0.3 USD: only three fit in 1 USD.
+        let admitted: Vec<_> = (0..10)
+            .filter_map(|_| l.admit("a", &limits, 3 * USD / 10, T0).ok())
+            .collect();
+        assert_eq!(admitted.len(), 3);
+        assert!(
+            l.admit("a", &limits, 1, T0).is_ok(),
+            "0.9 USD reserved: 1 nano-USD still fits"
+        );
+        // Settling at a lower real cost frees the difference.
+        for a in &admitted {
+            l.settle("a", &limits, &[], a, USD / 10, 0, T0).unwrap();
+        }
+        let more = l.admit("a", &limits, 3 * USD / 10, T0);
+        assert!(more.is_ok(), "{more:?}");
+    }
+
+    #[test]
+    fn exhausted_budget_denies_with_reset_time_and_window_reset_restores() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = budget(USD, BudgetWindow::FixedSeconds(60));
+        let a = l.admit("a", &limits, USD, T0).unwrap();
+        let st = l
+            .settle("a", &limits, &[50, 80, 100], &a, USD, 10, T0)
+            .unwrap();
+        assert_eq!(st.remaining, Some(0));
+        assert_eq!(st.crossed, vec![50, 80, 100]);
+        match l.admit("a", &limits, 0, T0) {
+            Err(LedgerDenial::Budget {
+                reset_at: Some(r), ..
+            }) => assert_eq!(r, T0 / 1000 - 29 + 60),
+            other => panic!("{other:?}"),
+        }
+        // Next window: allowed again, alerts re-arm.
+        let later = T0 + 31_000;
+        let a2 = l.admit("a", &limits, USD / 2, later).unwrap();
+        let st2 = l
+            .settle("a", &limits, &[50, 80, 100], &a2, USD / 2, 0, later)
+            .unwrap();
+        assert_eq!(st2.crossed, vec![50]);
+        assert_eq!(st2.spent, USD / 2);
+    }
+
+    #[test]
+    fn alerts_fire_once_per_window() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = budget(100, BudgetWindow::Daily);
+        let mut all = Vec::new();
+        for _ in 0..10 {
+            let a = l.admit("a", &limits, 10, T0).unwrap();
+            all.extend(
+                l.settle("a", &limits, &[50, 80, 100], &a, 10, 0, T0)
+                    .unwrap()
+                    .crossed,
+            );
+        }
+        assert_eq!(all, vec![50, 80, 100]);
+    }
+
+    #[test]
+    fn request_rate_limit_and_retry_after() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = Limits {
+            requests_per_minute: Some(3),
+            ..Limits::default()
+        };
+        for _ in 0..3 {
+            l.admit("a", &limits, 0, T0).unwrap();
+        }
+        match l.admit("a", &limits, 0, T0) {
+            Err(LedgerDenial::RequestRate { retry_after_secs }) => {
+                assert!((1..=120).contains(&retry_after_secs))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            l.admit("b", &limits, 0, T0).is_ok(),
+            "other tokens unaffected"
+        );
+    }
+
+    #[test]
+    fn token_rate_limit_counts_usage_after_the_response() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = Limits {
+            tokens_per_minute: Some(1000),
+            ..Limits::default()
+        };
+        let a = l.admit("a", &limits, 0, T0).unwrap();
+        assert!(l.admit("a", &limits, 0, T0).is_ok(), "not yet counted");
+        l.settle("a", &limits, &[], &a, 0, 1500, T0).unwrap();
+        assert!(matches!(
+            l.admit("a", &limits, 0, T0 + 1000),
+            Err(LedgerDenial::TokenRate { .. })
+        ));
+    }
+
+    struct AlwaysConflict(MemoryStore);
+    impl SharedStore for AlwaysConflict {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.0.get(key)
+        }
+        fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<(), StoreError> {
+            Err(StoreError::CasMismatch)
+        }
+    }
+
+    #[test]
+    fn exhausted_retries_fail_closed() {
+        let s = AlwaysConflict(MemoryStore::new());
+        let l = SharedDataLedger::new(&s);
+        assert_eq!(
+            l.admit("a", &budget(USD, BudgetWindow::Daily), 1, T0),
+            Err(LedgerDenial::Busy)
+        );
+    }
+
+    #[test]
+    fn ensure_does_not_reset_existing_counters() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = budget(100, BudgetWindow::Lifetime);
+        let a = l.admit("a", &limits, 10, T0).unwrap();
+        l.settle("a", &limits, &[], &a, 10, 0, T0).unwrap();
+        l.ensure("a").unwrap();
+        let a = l.admit("a", &limits, 0, T0).unwrap();
+        assert_eq!(l.settle("a", &limits, &[], &a, 0, 0, T0).unwrap().spent, 10);
+    }
+
+    #[test]
+    fn reserve_tops_up_an_admission_without_overshooting() {
+        let store = MemoryStore::new();
+        let ledger = SharedDataLedger::new(&store);
+        let limits = budget(10 * USD, BudgetWindow::Daily);
+        ledger.ensure("t").unwrap();
+        let mut a = ledger.admit("t", &limits, 0, T0).unwrap();
+        ledger.reserve("t", &limits, &mut a, 6 * USD, T0).unwrap();
+        assert_eq!(a.reserved, 6 * USD);
+        let mut b = ledger.admit("t", &limits, 0, T0).unwrap();
+        assert_eq!(
+            ledger.reserve("t", &limits, &mut b, 5 * USD, T0),
+            Err(LedgerDenial::Budget {
+                reset_at: BudgetWindow::Daily.reset_at(T0 / 1000),
+                now: T0 / 1000
+            })
+        );
+        ledger.reserve("t", &limits, &mut b, 4 * USD, T0).unwrap();
+        // Settling gives back exactly what was reserved.
+        ledger.settle("t", &limits, &[], &a, USD, 0, T0).unwrap();
+        let s = ledger.settle("t", &limits, &[], &b, USD, 0, T0).unwrap();
+        assert_eq!(s.spent, 2 * USD);
+        let mut c = ledger.admit("t", &limits, 0, T0).unwrap();
+        ledger.reserve("t", &limits, &mut c, 8 * USD, T0).unwrap();
+    }
+}
