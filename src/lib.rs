@@ -5,21 +5,35 @@
 //! (compiled policy, request facts, counters, now), and host capabilities sit behind small traits
 //! (`store::SharedStore`) with in-memory implementations for tests.
 
+pub mod access;
+pub mod alert;
+pub mod audit;
 pub mod authenticate;
+pub mod budget_window;
 pub mod codec;
 pub mod config;
 pub mod denial;
 pub mod envoy_render;
+pub mod ledger;
 pub mod master_key;
+pub mod money;
 pub mod policy;
 pub mod policy_store;
+pub mod pricing;
+pub mod rules;
 pub mod seal;
 pub mod secret;
+pub mod settings;
+pub mod spend;
 pub mod store;
 pub mod time;
 pub mod token;
 pub mod token_digest;
 pub mod token_record;
+pub mod usage;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cli;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

@@ -41,3 +41,26 @@ pub fn send_local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
 pub fn set_filter_state(name: &str, value: &[u8]) {
     let _ = hostcalls::set_property(vec![name], Some(value));
 }
+
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
+pub fn request_body(size: usize) -> Option<Vec<u8>> {
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        .ok()
+        .flatten()
+}
+
+pub fn response_body(size: usize) -> Option<Vec<u8>> {
+    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+        .ok()
+        .flatten()
+}
+
+/// An Envoy attribute such as `source.address`.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}

@@ -1,24 +1,88 @@
-//! Envoy stats the filter reports, defined once per configuration (never per request).
+//! Envoy stats the filter reports. Fixed stats are defined once per configuration; per-token and
+//! per-model stats are defined the first time a worker needs them and cached, never per request.
 //!
 //! Names are built so that `stats_tags` regexes in the shipped Envoy configs turn the variable
-//! parts into Prometheus labels, e.g. `shieldkey.reason.shield_token_revoked.denied` becomes
-//! `shieldkey_denied{reason="shield_token_revoked"}`. They appear as `wasmcustom.<name>`.
+//! parts into Prometheus labels:
+//! - `shieldkey.reason.<code>.denied`                      → `shieldkey_denied{reason}`
+//! - `shieldkey.token_id.<id>.<metric>`                    → `shieldkey_<metric>{token_id}`
+//! - `shieldkey.token_id.<id>.reason.<code>.denied`        → `shieldkey_denied{token_id,reason}`
+//! - `shieldkey.model.<model>.<metric>`                    → `shieldkey_<metric>{model}`
+//!
+//! They appear as `wasmcustom.<name>`. Cardinality is bounded: token ids come from the policy
+//! (a stat is only defined for a token that authenticated), and model names only from the price
+//! table (anything else is reported as `unpriced`), never from raw client input.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 use crate::denial::Denial;
+use crate::money::NanoUsd;
 
 pub struct Metrics {
     allowed: Option<u32>,
     denied: HashMap<&'static str, u32>,
+    alerts: Option<u32>,
+    webhook_failures: Option<u32>,
+    tokens: RefCell<HashMap<String, Rc<TokenMetrics>>>,
+    models: RefCell<HashMap<String, Rc<ModelMetrics>>>,
+}
+
+pub struct TokenMetrics {
+    prefix: String,
+    requests: Option<u32>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    spend: Option<u32>,
+    estimated: Option<u32>,
+    budget_limit: Option<u32>,
+    budget_remaining: Option<u32>,
+    alerts: Option<u32>,
+    denied: RefCell<HashMap<&'static str, Option<u32>>>,
+}
+
+pub struct ModelMetrics {
+    requests: Option<u32>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    spend: Option<u32>,
+}
+
+/// What one finished request adds to the stats.
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: NanoUsd,
+    pub estimated: bool,
+}
+
+fn counter(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Counter, name).ok()
+}
+
+fn gauge(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Gauge, name).ok()
+}
+
+fn bump(id: Option<u32>, by: u64) {
+    if let Some(id) = id {
+        if by > 0 {
+            let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+fn set(id: Option<u32>, value: u64) {
+    if let Some(id) = id {
+        let _ = hostcalls::record_metric(id, value);
+    }
 }
 
 impl Metrics {
     pub fn define() -> Self {
-        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
         let denied = Denial::ALL_CODES
             .iter()
             .filter_map(|code| Some((*code, counter(&format!("shieldkey.reason.{code}.denied"))?)))
@@ -26,20 +90,113 @@ impl Metrics {
         Metrics {
             allowed: counter("shieldkey.allowed"),
             denied,
+            alerts: counter("shieldkey.budget_alerts"),
+            webhook_failures: counter("shieldkey.webhook_failures"),
+            tokens: RefCell::new(HashMap::new()),
+            models: RefCell::new(HashMap::new()),
         }
     }
 
     pub fn allowed(&self) {
-        bump(self.allowed);
+        bump(self.allowed, 1);
     }
 
     pub fn denied(&self, denial: &Denial) {
-        bump(self.denied.get(denial.code()).copied());
+        bump(self.denied.get(denial.code()).copied(), 1);
+    }
+
+    pub fn alert(&self) {
+        bump(self.alerts, 1);
+    }
+
+    pub fn webhook_failed(&self) {
+        bump(self.webhook_failures, 1);
+    }
+
+    pub fn token(&self, id: &str) -> Rc<TokenMetrics> {
+        if let Some(m) = self.tokens.borrow().get(id) {
+            return m.clone();
+        }
+        let m = Rc::new(TokenMetrics::define(id));
+        self.tokens.borrow_mut().insert(id.to_string(), m.clone());
+        m
+    }
+
+    /// `model` must be a name from the price table (or `unpriced`).
+    pub fn model(&self, model: &str) -> Rc<ModelMetrics> {
+        if let Some(m) = self.models.borrow().get(model) {
+            return m.clone();
+        }
+        let name = model.replace('.', "_");
+        let p = format!("shieldkey.model.{name}");
+        let m = Rc::new(ModelMetrics {
+            requests: counter(&format!("{p}.requests")),
+            prompt_tokens: counter(&format!("{p}.prompt_tokens")),
+            completion_tokens: counter(&format!("{p}.completion_tokens")),
+            spend: counter(&format!("{p}.spend_nano_usd")),
+        });
+        self.models
+            .borrow_mut()
+            .insert(model.to_string(), m.clone());
+        m
     }
 }
 
-fn bump(id: Option<u32>) {
-    if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, 1);
+impl TokenMetrics {
+    fn define(id: &str) -> Self {
+        let prefix = format!("shieldkey.token_id.{id}");
+        TokenMetrics {
+            requests: counter(&format!("{prefix}.requests")),
+            prompt_tokens: counter(&format!("{prefix}.prompt_tokens")),
+            completion_tokens: counter(&format!("{prefix}.completion_tokens")),
+            spend: counter(&format!("{prefix}.spend_nano_usd")),
+            estimated: counter(&format!("{prefix}.estimated_charges")),
+            budget_limit: gauge(&format!("{prefix}.budget_limit_nano_usd")),
+            budget_remaining: gauge(&format!("{prefix}.budget_remaining_nano_usd")),
+            alerts: counter(&format!("{prefix}.budget_alerts")),
+            denied: RefCell::new(HashMap::new()),
+            prefix,
+        }
+    }
+
+    pub fn allowed(&self) {
+        bump(self.requests, 1);
+    }
+
+    pub fn denied(&self, denial: &Denial) {
+        let code = denial.code();
+        let id = *self
+            .denied
+            .borrow_mut()
+            .entry(code)
+            .or_insert_with(|| counter(&format!("{}.reason.{code}.denied", self.prefix)));
+        bump(id, 1);
+    }
+
+    pub fn settled(&self, usage: &Usage) {
+        bump(self.prompt_tokens, usage.prompt_tokens);
+        bump(self.completion_tokens, usage.completion_tokens);
+        bump(self.spend, usage.cost);
+        if usage.estimated {
+            bump(self.estimated, 1);
+        }
+    }
+
+    pub fn budget(&self, limit: NanoUsd, remaining: NanoUsd) {
+        set(self.budget_limit, limit);
+        set(self.budget_remaining, remaining);
+    }
+
+    pub fn alert(&self) {
+        bump(self.alerts, 1);
+    }
+}
+
+impl ModelMetrics {
+    pub fn settled(&self, usage: &Usage) {
+        bump(self.requests, 1);
+        bump(self.prompt_tokens, usage.prompt_tokens);
+        bump(self.completion_tokens, usage.completion_tokens);
+        bump(self.spend, usage.cost);
     }
 }
