@@ -1,0 +1,95 @@
+//! `shieldkey`: the operator's CLI. Mint, seal, revoke, check and publish policy, with the
+//! filter's own validation, never taking a secret from argv.
+
+mod args;
+mod commands;
+mod duration;
+mod error;
+mod policy_file;
+mod random;
+
+use std::path::PathBuf;
+
+use args::Args;
+use commands::Context;
+use error::{usage, CliError};
+
+use crate::config::raw::RawStatus;
+
+const USAGE: &str = "\
+shieldkey: revocable shield tokens for Mistral behind Envoy
+
+usage: shieldkey [--policy PATH] <command> [options]
+
+  keygen                          print a new base64 master key (keep it in your secret store)
+  init [--force]                  create an empty policy file
+  seal --id ID [--from-env VAR]   seal an upstream Mistral key read from stdin (or VAR);
+                                  sealing an existing id rotates it
+  mint --id ID --upstream-key KEY [--owner O] [--description D]
+       [--not-before T] [--expires-at T | --ttl 90d]
+                                  create a token; prints it once on stdout
+  revoke ID | unrevoke ID | remove ID
+  list [--json]                   tokens and their state (never digests or keys)
+  check                           validate the policy with the filter's own code
+  render plugin-config|wasm-filter|ecds [--wasm PATH]
+  publish --to PATH [--wasm PATH] write the ECDS file Envoy watches, atomically
+
+Changing commands (seal, mint, revoke, unrevoke, remove) also take --publish PATH [--wasm PATH]
+to publish right after writing the policy.
+
+Environment: SHIELDKEY_POLICY (policy file, default policy.json), SHIELDKEY_MASTER_KEY (or the
+variable the policy's master_key_env names), SHIELDKEY_PUBLISH, SHIELDKEY_WASM (defaults for
+--publish/--to and --wasm). Times are RFC 3339, e.g. 2027-01-31T00:00:00Z.
+";
+
+/// Runs the CLI with `argv` (without the program name); returns the process exit code.
+pub fn run(argv: Vec<String>) -> i32 {
+    match dispatch(argv) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("shieldkey: {e}");
+            if matches!(e, CliError::Usage(_)) {
+                eprintln!("run `shieldkey help` for usage");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
+    let mut args = Args::new(argv);
+    let policy_path = args
+        .option("policy")?
+        .or_else(|| {
+            std::env::var("SHIELDKEY_POLICY")
+                .ok()
+                .filter(|p| !p.is_empty())
+        })
+        .unwrap_or_else(|| "policy.json".to_string());
+    let ctx = Context {
+        policy_path: PathBuf::from(policy_path),
+    };
+    if args.flag("help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    let command = args.positional("command")?;
+    match command.as_str() {
+        "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        "keygen" => commands::keygen(args),
+        "init" => commands::init(&ctx, args),
+        "seal" => commands::seal_key(&ctx, args),
+        "mint" => commands::mint(&ctx, args),
+        "revoke" => commands::set_status(&ctx, args, RawStatus::Revoked),
+        "unrevoke" => commands::set_status(&ctx, args, RawStatus::Active),
+        "remove" => commands::remove(&ctx, args),
+        "list" => commands::list(&ctx, args),
+        "check" => commands::check(&ctx, args),
+        "render" => commands::render(&ctx, args),
+        "publish" => commands::publish(&ctx, args),
+        other => Err(usage(format!("unknown command '{other}'"))),
+    }
+}

@@ -1,0 +1,274 @@
+//! The `shieldkey` binary, run as an operator would, in a temporary directory.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use shieldkey::config::compile::{compile_bytes, CompileOptions};
+use shieldkey::master_key::MasterKey;
+use shieldkey::token;
+use shieldkey::token_digest::TokenVerifier;
+
+struct Workspace {
+    dir: PathBuf,
+    master: String,
+}
+
+impl Workspace {
+    fn new(name: &str) -> Workspace {
+        let dir = std::env::temp_dir().join(format!("shieldkey-cli-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut ws = Workspace {
+            dir,
+            master: String::new(),
+        };
+        let out = ws.run(&["keygen"], None);
+        assert!(out.status.success());
+        ws.master = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        ws
+    }
+
+    fn policy(&self) -> PathBuf {
+        self.dir.join("policy.json")
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shieldkey"));
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .env("SHIELDKEY_POLICY", self.policy())
+            .env("SHIELDKEY_MASTER_KEY", &self.master)
+            .env_remove("SHIELDKEY_PUBLISH")
+            .env_remove("SHIELDKEY_WASM")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(pipe);
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str], stdin: Option<&str>, code: i32) -> String {
+        let out = self.run(args, stdin);
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+const REAL_KEY: &str = "AbCdEfGhIjKlMnOpQrStUvWxYz012345";
+
+#[test]
+fn mint_seal_revoke_publish_round_trip() {
+    let ws = Workspace::new("roundtrip");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(&format!("{REAL_KEY}\n")));
+    let token = ws.ok(
+        &[
+            "mint",
+            "--id",
+            "alice",
+            "--upstream-key",
+            "prod",
+            "--owner",
+            "a@x",
+            "--ttl",
+            "1h",
+        ],
+        None,
+    );
+    let token = token.trim();
+    assert!(token.starts_with("sk_shield_t_alice_"));
+
+    // Only the digest is stored, and it verifies the printed token under the master key.
+    let policy = read_json(&ws.policy());
+    let stored = policy.to_string();
+    assert!(!stored.contains(token) && !stored.contains(REAL_KEY));
+    let master = MasterKey::from_base64(&ws.master).unwrap();
+    let presented = token::parse(token.as_bytes()).unwrap();
+    let digest: [u8; 32] = STANDARD
+        .decode(policy["tokens"][0]["digest"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let verifier = TokenVerifier::new(master.digest_key()).unwrap();
+    assert!(verifier.verify("alice", presented.secret_text(), &digest));
+
+    // The sealed key opens to the real key with the filter's own compiler.
+    let compiled = compile_bytes(
+        &fs::read(ws.policy()).unwrap(),
+        &CompileOptions {
+            master_key: Some(&master),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        compiled.authorization_for(0).unwrap().expose(),
+        format!("Bearer {REAL_KEY}").as_bytes()
+    );
+
+    let list = ws.ok(&["list"], None);
+    assert!(list.contains("alice") && list.contains("active") && !list.contains(REAL_KEY));
+    let json = ws.ok(&["list", "--json"], None);
+    assert!(!json.contains("digest") && !json.contains("skseal"));
+
+    fs::create_dir(ws.dir.join("filter")).unwrap();
+    ws.ok(
+        &[
+            "revoke",
+            "alice",
+            "--publish",
+            "filter/shieldkey.json",
+            "--wasm",
+            "/opt/shieldkey.wasm",
+        ],
+        None,
+    );
+    let ecds = read_json(&ws.dir.join("filter/shieldkey.json"));
+    let revision = read_json(&ws.policy())["revision"].as_u64().unwrap();
+    assert_eq!(ecds["version_info"], revision.to_string());
+    let cfg = &ecds["resources"][0]["typed_config"]["config"];
+    assert_eq!(
+        cfg["vm_config"]["code"]["local"]["filename"],
+        "/opt/shieldkey.wasm"
+    );
+    let inner: serde_json::Value =
+        serde_json::from_str(cfg["configuration"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(inner["tokens"][0]["status"], "revoked");
+    assert!(ws.ok(&["list"], None).contains("revoked"));
+
+    // Atomic writes leave no temporary files behind.
+    for dir in [ws.dir.clone(), ws.dir.join("filter")] {
+        for entry in fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            assert!(!name.contains(".tmp"), "{name}");
+        }
+    }
+    let check = ws.ok(&["check"], None);
+    assert!(check.starts_with("ok: revision"), "{check}");
+}
+
+#[test]
+fn secrets_are_never_taken_from_argv_and_bad_input_is_refused() {
+    let ws = Workspace::new("refuse");
+    ws.ok(&["init"], None);
+    let err = ws.fails(&["seal", "--id", "prod", REAL_KEY], None, 2);
+    assert!(err.contains("unexpected argument"), "{err}");
+    assert!(!err.contains(REAL_KEY));
+    assert!(ws
+        .fails(&["seal", "--id", "prod"], Some(""), 1)
+        .contains("empty"));
+    assert!(ws
+        .fails(&["seal", "--id", "prod"], Some("bad\u{7}key"), 1)
+        .contains("header"));
+    assert!(ws
+        .fails(&["seal", "--id", "Bad_Id"], Some(REAL_KEY), 2)
+        .contains("--id"));
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    let before = fs::read(ws.policy()).unwrap();
+    assert!(ws
+        .fails(&["mint", "--id", "x", "--upstream-key", "nope"], None, 1)
+        .contains("no upstream key 'nope'"));
+    assert!(ws
+        .fails(
+            &["mint", "--id", "x", "--upstream-key", "prod", "--ttl", "5w"],
+            None,
+            2
+        )
+        .contains("--ttl"));
+    assert!(ws
+        .fails(
+            &[
+                "mint",
+                "--id",
+                "x",
+                "--upstream-key",
+                "prod",
+                "--expires-at",
+                "tomorrow"
+            ],
+            None,
+            2
+        )
+        .contains("RFC 3339"));
+    assert_eq!(
+        fs::read(ws.policy()).unwrap(),
+        before,
+        "a refused change must not touch the policy"
+    );
+    assert!(ws
+        .fails(&["revoke", "ghost"], None, 1)
+        .contains("no token with id 'ghost'"));
+    assert!(ws
+        .fails(&["frobnicate"], None, 2)
+        .contains("unknown command"));
+    assert!(ws.fails(&["init"], None, 1).contains("--force"));
+}
+
+#[test]
+fn mint_without_the_master_key_fails_clearly() {
+    let ws = Workspace::new("nomaster");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    let out = Command::new(env!("CARGO_BIN_EXE_shieldkey"))
+        .args(["mint", "--id", "a", "--upstream-key", "prod"])
+        .env("SHIELDKEY_POLICY", ws.policy())
+        .env_remove("SHIELDKEY_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHIELDKEY_MASTER_KEY is not set"));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn check_reports_the_field_path_of_a_hand_broken_policy() {
+    let ws = Workspace::new("check");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(&["mint", "--id", "alice", "--upstream-key", "prod"], None);
+    let mut doc = read_json(&ws.policy());
+    doc["tokens"][0]["budget"] = serde_json::json!({"limit_usd": "ten", "window": "daily"});
+    fs::write(ws.policy(), doc.to_string()).unwrap();
+    let out = ws.run(&["check"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokens[0].budget.limit_usd"));
+
+    doc["tokens"][0].as_object_mut().unwrap().remove("budget");
+    doc["tokens"][0]["colour"] = serde_json::json!("blue");
+    fs::write(ws.policy(), doc.to_string()).unwrap();
+    let err = String::from_utf8(ws.run(&["check"], None).stderr).unwrap();
+    assert!(err.contains("tokens[0]") && err.contains("colour"), "{err}");
+
+    // A different master key cannot open the sealed key.
+    doc["tokens"][0].as_object_mut().unwrap().remove("colour");
+    fs::write(ws.policy(), doc.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shieldkey"))
+        .arg("check")
+        .env("SHIELDKEY_POLICY", ws.policy())
+        .env("SHIELDKEY_MASTER_KEY", MasterKey::to_base64(&[7u8; 32]))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream_keys[0].sealed"));
+}
