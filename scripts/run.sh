@@ -53,7 +53,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 
 if [ -z "${MISTRAL_API_KEY:-}" ]; then
-  .venv/bin/python examples/mock_mistral/mock_mistral.py --port "$MOCK_PORT" --key "$(cat "$RUN/mock-upstream.key")" > "$RUN/mock.log" 2>&1 &
+  .venv/bin/python examples/mock_mistral/mock_mistral.py --port "$MOCK_PORT" --key-file "$RUN/mock-upstream.key" > "$RUN/mock.log" 2>&1 &
   pids+=($!)
 fi
 (cd "$RUN" && exec "$ENVOY" -c "$BOOTSTRAP" --concurrency 2 --disable-hot-restart --log-level info > "$RUN/envoy.log" 2>&1) &

