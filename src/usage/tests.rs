@@ -293,3 +293,23 @@ proptest! {
         let _ = s.result();
     }
 }
+
+#[test]
+fn conversation_and_transcription_event_streams() {
+    // Named events, no [DONE]: usage rides on the final event's top level.
+    let conv = concat!(
+        "event: conversation.response.started\n",
+        "data: {\"type\":\"conversation.response.started\",\"conversation_id\":\"c1\"}\n\n",
+        "event: message.output.delta\n",
+        "data: {\"type\":\"message.output.delta\",\"content\":\"Hi\",\"model\":\"mistral-medium-latest\"}\n\n",
+        "event: conversation.response.done\n",
+        "data: {\"type\":\"conversation.response.done\",\"usage\":{\"prompt_tokens\":31,\"completion_tokens\":7,\"total_tokens\":38,\"connector_tokens\":null}}\n\n",
+    );
+    let s = scan(BodyKind::EventStream, &[conv.as_bytes()]);
+    assert_eq!(s.result().usage, usage(31, 7));
+    assert!(!s.saw_done() && s.is_complete());
+    let transcription = "event: transcription.done\ndata: {\"type\":\"transcription.done\",\"model\":\"voxtral-mini-latest\",\"usage\":{\"prompt_audio_seconds\":12,\"prompt_tokens\":9,\"total_tokens\":632,\"completion_tokens\":375}}\n\n";
+    let r = scan(BodyKind::EventStream, &[transcription.as_bytes()]).result();
+    // Billed from prompt and completion tokens, never from total_tokens.
+    assert_eq!(r.usage, usage(9, 375));
+}

@@ -228,3 +228,18 @@ def test_threshold_alerts_reach_the_webhook_once(dep, mock_mistral):
     assert all(a["owner"] == "team-ml" and a["limit_usd"] == "0.001" for a in got)
     assert stat(dep, "alerting", "budget_alerts") == 3
     assert "budget alert: token alerting" in dep.envoy.log_text()
+
+
+def test_prometheus_labels_for_token_model_and_reason(dep, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 10, "completion_tokens": 10})
+    assert request(dep.url, token=dep.tokens["meter"])[0] == 200
+    wait_stat(dep, "meter", "requests", 1)
+    text = dep.envoy.admin_get("/stats/prometheus")
+    lines = [l for l in text.splitlines() if l.startswith("shieldkey_")]
+    assert any(l.startswith('shieldkey_spend_nano_usd{token_id="meter"}') for l in lines), lines[:20]
+    assert any(l.startswith('shieldkey_requests{model="mistral-small-latest"}') for l in lines), lines[:20]
+    assert any(l.startswith('shieldkey_denied{reason="shield_budget_exceeded"}') for l in lines), lines[:20]
+    assert any('token_id="capped"' in l and 'reason="shield_budget_exceeded"' in l for l in lines), lines[:20]
+    # One series set per configured token: nothing keyed by client input.
+    token_ids = {l.split('token_id="')[1].split('"')[0] for l in lines if 'token_id="' in l}
+    assert token_ids <= set(dep.tokens)
