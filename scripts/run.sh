@@ -56,7 +56,7 @@ if [ -z "${MISTRAL_API_KEY:-}" ]; then
   .venv/bin/python examples/mock_mistral/mock_mistral.py --port "$MOCK_PORT" --key-file "$RUN/mock-upstream.key" > "$RUN/mock.log" 2>&1 &
   pids+=($!)
 fi
-(cd "$RUN" && exec "$ENVOY" -c "$BOOTSTRAP" --concurrency 2 --disable-hot-restart --log-level info > "$RUN/envoy.log" 2>&1) &
+(cd "$RUN" && exec "$ENVOY" -c "$BOOTSTRAP" --concurrency 2 --disable-hot-restart --log-level info --file-flush-interval-msec 1000 > "$RUN/envoy.log" 2>&1) &
 pids+=($!)
 
 for _ in $(seq 1 100); do

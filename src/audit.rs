@@ -32,9 +32,14 @@ impl AuditFacts {
         out
     }
 
-    /// Filter-state entries known when the response is over.
+    /// Filter-state entries known when the response is over (the model again: without a body
+    /// rule it is only known from the response).
     pub fn accounting_entries(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut out = Vec::with_capacity(5);
+        if let Some(model) = &self.model {
+            out.push(("shieldkey_model", model.clone()));
+        }
+        out.extend([
             ("shieldkey_prompt_tokens", self.prompt_tokens.to_string()),
             (
                 "shieldkey_completion_tokens",
@@ -42,6 +47,32 @@ impl AuditFacts {
             ),
             ("shieldkey_cost_nano_usd", self.cost.to_string()),
             ("shieldkey_cost_estimated", self.estimated.to_string()),
-        ]
+        ]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_carry_only_public_facts() {
+        let facts = AuditFacts {
+            token_id: Some("alice".into()),
+            decision: Some("allowed"),
+            model: Some("mistral-small-latest".into()),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cost: 2_850,
+            estimated: false,
+        };
+        let decided = facts.decision_entries();
+        assert_eq!(decided[0], ("shieldkey_token_id", "alice".to_string()));
+        assert_eq!(decided[1], ("shieldkey_decision", "allowed".to_string()));
+        let accounted = facts.accounting_entries();
+        assert!(accounted.contains(&("shieldkey_cost_nano_usd", "2850".to_string())));
+        assert!(accounted.contains(&("shieldkey_model", "mistral-small-latest".to_string())));
+        assert_eq!(AuditFacts::default().decision_entries(), vec![]);
     }
 }

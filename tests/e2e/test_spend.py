@@ -243,3 +243,20 @@ def test_prometheus_labels_for_token_model_and_reason(dep, mock_mistral):
     # One series set per configured token: nothing keyed by client input.
     token_ids = {l.split('token_id="')[1].split('"')[0] for l in lines if 'token_id="' in l}
     assert token_ids <= set(dep.tokens)
+
+
+def test_access_log_carries_token_decision_model_and_cost(dep, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 500})
+    assert request(dep.url, token=dep.tokens["meter"])[0] == 200
+    assert request(dep.url, token=dep.tokens["capped"])[0] == 429
+    expected = (f"token=meter decision=allowed model=mistral-small-latest prompt_tokens=1000 "
+                f"completion_tokens=500 cost_nano_usd={cost(1000, 500)}")
+    denied = "token=capped decision=shield_budget_exceeded"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # access log lines reach the file asynchronously
+        log = dep.envoy.log_text()
+        if expected in log and denied in log:
+            break
+        time.sleep(0.05)
+    assert expected in log
+    assert denied in log
