@@ -9,3 +9,6 @@ pub mod token_rules;
 
 pub use compile::{compile, CompileOptions};
 pub use error::ConfigError;
+
+#[cfg(test)]
+mod tests;
