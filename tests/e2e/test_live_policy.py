@@ -161,3 +161,23 @@ def test_rotating_the_upstream_key_switches_without_a_failed_request(tmp_path):
             d.stop()
     finally:
         mock.stop()
+
+
+def test_rate_counters_are_unchanged_by_a_reload(tmp_path, mock_mistral, mock_keys):
+    d = Deployment(tmp_path, mock_mistral, mock_keys)
+    d.mint("metered")
+    d.edit_policy(lambda p: next(t for t in p["tokens"] if t["id"] == "metered")
+                  .update(rate_limit={"requests_per_minute": 5}))
+    d.start()
+    try:
+        # A burst of 5, refilled at one request per 12 s: the test finishes well inside that.
+        assert [request(d.url, token=d.tokens["metered"])[0] for _ in range(3)] == [200] * 3
+        d.mint("newcomer")
+        d.publish()
+        d.wait_for_config_version(d.revision())
+        assert request(d.url, token=d.tokens["newcomer"])[0] == 200
+        # Had the reload reset the counter, five more requests would pass.
+        statuses = [request(d.url, token=d.tokens["metered"])[0] for _ in range(3)]
+        assert statuses == [200, 200, 429], statuses
+    finally:
+        d.stop()
