@@ -7,6 +7,9 @@
 #
 # State lives in .run/ (master key, policy, published filter config). Each run mints a fresh demo
 # token and prints it once.
+#
+# Overridable (the test suite runs this script on free ports): SHIELDKEY_RUN_DIR (default .run),
+# SHIELDKEY_LISTEN_PORT (10000), SHIELDKEY_ADMIN_PORT (9901), SHIELDKEY_MOCK_PORT (8089).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -14,14 +17,18 @@ ROOT=$PWD
 scripts/setup.sh
 scripts/build.sh
 
-RUN=$ROOT/.run
+RUN=${SHIELDKEY_RUN_DIR:-$ROOT/.run}
 mkdir -p "$RUN/filter"
 chmod 700 "$RUN"
+RUN=$(cd "$RUN" && pwd)
+# How the printed commands name the state directory: short when it is the default.
+SHOWN_RUN=$RUN
+if [ "$RUN" = "$ROOT/.run" ]; then SHOWN_RUN=.run; fi
 CLI=$ROOT/target/release/shieldkey
 ENVOY=$ROOT/.venv/bin/envoy
-LISTEN_PORT=10000
-ADMIN_PORT=9901
-MOCK_PORT=8089
+LISTEN_PORT=${SHIELDKEY_LISTEN_PORT:-10000}
+ADMIN_PORT=${SHIELDKEY_ADMIN_PORT:-9901}
+MOCK_PORT=${SHIELDKEY_MOCK_PORT:-8089}
 
 if [ ! -s "$RUN/master.key" ]; then
   (umask 077 && "$CLI" keygen > "$RUN/master.key")
@@ -49,14 +56,22 @@ TOKEN=$("$CLI" mint --id demo --upstream-key prod --owner "demo user" --descript
 "$CLI" publish --to "$RUN/filter/shieldkey.json" --wasm shieldkey.wasm
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# Stops Envoy and the mock, and waits for them, so Ctrl-C returns with the ports released.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT INT TERM
 
 if [ -z "${MISTRAL_API_KEY:-}" ]; then
   .venv/bin/python examples/mock_mistral/mock_mistral.py --port "$MOCK_PORT" --key-file "$RUN/mock-upstream.key" > "$RUN/mock.log" 2>&1 &
   pids+=($!)
 fi
-(cd "$RUN" && exec "$ENVOY" -c "$BOOTSTRAP" --concurrency 2 --disable-hot-restart --log-level info --file-flush-interval-msec 1000 > "$RUN/envoy.log" 2>&1) &
+# The shipped bootstrap with the chosen ports (identical to it on the defaults).
+sed -e "s/port_value: 10000}/port_value: $LISTEN_PORT}/" \
+    -e "s/port_value: 9901}/port_value: $ADMIN_PORT}/" \
+    -e "s/port_value: 8089}/port_value: $MOCK_PORT}/" "$BOOTSTRAP" > "$RUN/envoy.yaml"
+(cd "$RUN" && exec "$ENVOY" -c envoy.yaml --concurrency 2 --disable-hot-restart --log-level info --file-flush-interval-msec 1000 > "$RUN/envoy.log" 2>&1) &
 pids+=($!)
 
 for _ in $(seq 1 100); do
@@ -72,7 +87,7 @@ fi
 cat <<MSG
 
 ShieldKey is running: Envoy on http://127.0.0.1:$LISTEN_PORT -> $UPSTREAM
-Admin (stats): http://127.0.0.1:$ADMIN_PORT/stats?filter=shieldkey    Envoy log: .run/envoy.log
+Admin (stats): http://127.0.0.1:$ADMIN_PORT/stats?filter=shieldkey    Envoy log: $SHOWN_RUN/envoy.log
 
 Your demo token (shown once): $TOKEN
 
@@ -87,8 +102,8 @@ Python SDK (pip install mistralai):
   print(client.chat.complete(model="mistral-small-latest",
         messages=[{"role": "user", "content": "Hello"}]).choices[0].message.content)
 
-Revoke it live (another shell):
-  SHIELDKEY_POLICY=.run/policy.json target/release/shieldkey revoke demo --publish .run/filter/shieldkey.json
+Revoke it live (another shell, in this directory):
+  SHIELDKEY_POLICY=$SHOWN_RUN/policy.json target/release/shieldkey revoke demo --publish $SHOWN_RUN/filter/shieldkey.json
 
 Ctrl-C stops Envoy and the mock.
 MSG

@@ -34,6 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port any more."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def random_key() -> str:
     """A key shaped like a real Mistral key: 32 characters of [A-Za-z0-9]."""
     alphabet = string.ascii_letters + string.digits

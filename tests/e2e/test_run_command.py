@@ -1,0 +1,120 @@
+"""Issue 2: the README's first command. `scripts/run.sh` (what `make run` runs) is started as a
+user would, on free ports, and the curl command, the Python snippet and the revoke command it
+prints are executed exactly as printed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import harness
+
+PROJECT = harness.PROJECT
+
+
+class RunCommand:
+    def __init__(self, run_dir):
+        self.ports = {"listen": harness.free_port(), "admin": harness.free_port(), "mock": harness.free_port()}
+        env = {k: v for k, v in os.environ.items() if k != "MISTRAL_API_KEY"}
+        env.update(SHIELDKEY_RUN_DIR=str(run_dir), SHIELDKEY_LISTEN_PORT=str(self.ports["listen"]),
+                   SHIELDKEY_ADMIN_PORT=str(self.ports["admin"]), SHIELDKEY_MOCK_PORT=str(self.ports["mock"]))
+        self.proc = subprocess.Popen(["scripts/run.sh"], cwd=PROJECT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                self.ready.set()
+        self.ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def block_after(self, heading: str) -> str:
+        """The indented lines printed under a heading such as `curl:`."""
+        lines = self.output.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(heading)) + 1
+        block = []
+        for line in lines[start:]:
+            if not line.startswith("  "):
+                break
+            block.append(line[2:])
+        return "\n".join(block)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def running(tmp_path):
+    run = RunCommand(tmp_path / "run")
+    try:
+        assert run.ready.wait(180), run.output
+        assert run.proc.poll() is None, f"run.sh exited early:\n{run.output}"
+        yield run
+    finally:
+        run.stop()
+        print(run.output)
+
+
+def sh(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+
+
+def test_the_first_command_runs_shieldkey_and_its_printed_snippets_work(running):
+    token = re.search(r"Your demo token \(shown once\): (sk_shield_t_demo_\S+)", running.output).group(1)
+
+    curl = running.block_after("curl:")
+    assert token in curl and str(running.ports["listen"]) in curl
+    result = sh(curl)
+    reply = json.loads(result.stdout)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"], reply
+
+    snippet = running.block_after("Python SDK")
+    result = subprocess.run([str(PROJECT / ".venv" / "bin" / "python"), "-c", snippet],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "the SDK snippet printed no completion"
+
+    # The mock saw the sealed demo upstream key, never the token.
+    mock = f"http://127.0.0.1:{running.ports['mock']}"
+    seen = json.loads(urllib_get(f"{mock}/__mock/requests"))
+    assert seen and all(token not in json.dumps(r) for r in seen)
+
+    revoke = running.block_after("Revoke it live")
+    result = sh(revoke)
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 2
+    while True:
+        reply = json.loads(sh(curl).stdout)
+        if reply.get("code") == "shield_token_revoked":
+            break
+        assert time.monotonic() < deadline, reply
+        time.sleep(0.05)
+
+    # Printed once as such and once in each snippet; nowhere else (e.g. not by the CLI's steps).
+    assert running.output.count(token) == 3, running.output
+    assert running.stop() is not None
+    for port in running.ports.values():
+        assert harness.port_is_free(port), f"port {port} still in use after Ctrl-C"
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
