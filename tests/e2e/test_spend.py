@@ -16,6 +16,7 @@ from deployment import Deployment, request, error_code, WASM
 # Built-in prices (USD per 1M tokens) from the dated table, in nano-USD per token × 1e6.
 SMALL_IN, SMALL_OUT = 150_000_000, 600_000_000      # mistral-small-latest: 0.15 / 0.60
 EMBED_IN = 100_000_000                              # mistral-embed: 0.10
+CODE_IN, CODE_OUT = 300_000_000, 900_000_000        # codestral-latest: 0.30 / 0.90
 
 
 def cost(prompt, completion, pin=SMALL_IN, pout=SMALL_OUT, cached=0, priority=False):
@@ -38,6 +39,7 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     d.mint("crowd", "prod")
     d.mint("reloaded", "prod")
     d.mint("alerting", "prod", "--owner", "team-ml")
+    d.mint("tiers", "prod")
     budgets = {
         "capped": ("0.001", "lifetime"),
         "resetting": ("0.0005", "3s"),
@@ -96,6 +98,25 @@ def test_exact_spend_for_chat_stream_and_embeddings_via_sdk(dep, mock_mistral):
     assert stat(dep, "meter", "prompt_tokens") == 1340
     assert stat(dep, "meter", "completion_tokens") == 1200
     assert stat(dep, "meter", "requests") == 3
+
+
+def test_fim_cached_prompt_tokens_and_priority_tier_are_billed_exactly(dep, mock_mistral):
+    client = sdk(dep, "tiers")
+    mock_mistral.behaviour(usage={"prompt_tokens": 200, "completion_tokens": 100})
+    r = client.fim.complete(model="codestral-latest", prompt="def add(a, b):", suffix="return c")
+    assert r.usage.completion_tokens == 100
+    expected = cost(200, 100, pin=CODE_IN, pout=CODE_OUT)
+    assert wait_stat(dep, "tiers", "spend_nano_usd", expected) == expected
+
+    # 800 of 1000 prompt tokens from the cache (10%), priority tier (x1.75).
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 100, "cached_tokens": 800},
+                           service_tier="priority")
+    r = client.chat.complete(model="mistral-small-latest", messages=[{"role": "user", "content": "hi"}])
+    assert r.usage.prompt_tokens_details["cached_tokens"] == 800
+    expected += cost(1000, 100, cached=800, priority=True)
+    assert wait_stat(dep, "tiers", "spend_nano_usd", expected) == expected
+    assert stat(dep, "tiers", "prompt_tokens") == 1200
+    assert stat(dep, "tiers", "completion_tokens") == 200
 
 
 def test_error_responses_cost_nothing(dep, mock_mistral):
