@@ -195,3 +195,30 @@ def test_wrong_master_key_rejects_the_config_and_nothing_is_forwarded(tmp_path, 
         assert mock_mistral.requests() == []
     finally:
         d.stop()
+
+
+def test_inline_filter_config_serves_and_an_unloadable_one_stops_envoy(tmp_path, mock_mistral, mock_keys):
+    """Without ECDS: `render wasm-filter` is the filter's typed_config in a static listener."""
+    import yaml
+
+    d = Deployment(tmp_path, mock_mistral, mock_keys)
+    token = d.mint("alice")
+    doc = yaml.safe_load((harness.PROJECT / "envoy" / "demo.yaml").read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["name"] == "shieldkey"
+    hcm["http_filters"][0] = {"name": "shieldkey",
+                              "typed_config": json.loads(d.cli("render", "wasm-filter", "--wasm", str(WASM)))}
+    d.bootstrap = tmp_path / "inline.yaml"
+    d.bootstrap.write_text(yaml.safe_dump(doc))
+
+    d.start(publish=False)
+    try:
+        assert request(d.url, token=token)[0] == 200
+    finally:
+        d.stop()
+
+    d.env = {"SHIELDKEY_MASTER_KEY": d.cli("keygen").strip()}  # cannot open the sealed key
+    with pytest.raises(RuntimeError, match="Envoy exited") as refused:
+        d.start(publish=False)
+    assert "configuration rejected: upstream_keys[0].sealed" in str(refused.value)
+    assert len(mock_mistral.requests()) == 1
