@@ -156,7 +156,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(400, "Invalid JSON body")
         if not isinstance(req.get("model"), str):
             return self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "model"], "msg": "Field required"}]})
-        route(req, behaviour)
+        try:
+            route(req, behaviour)
+        except (BrokenPipeError, ConnectionResetError):
+            # The proxy went away mid-response (its client aborted): what a real upstream sees.
+            self.close_connection = True
 
     def do_GET(self):
         self.handle_any("GET")

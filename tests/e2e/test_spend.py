@@ -40,12 +40,14 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     d.mint("reloaded", "prod")
     d.mint("alerting", "prod", "--owner", "team-ml")
     d.mint("tiers", "prod")
+    d.mint("cut", "prod")
     budgets = {
         "capped": ("0.001", "lifetime"),
         "resetting": ("0.0005", "3s"),
         "crowd": ("0.01", "monthly"),
         "reloaded": ("1.00", "daily"),
         "alerting": ("0.001", "daily"),
+        "cut": ("1.00", "lifetime"),
     }
 
     def set_budgets(policy):
@@ -209,6 +211,30 @@ def test_client_abort_mid_stream_is_still_charged(dep, mock_mistral):
     # The client is gone; Envoy resets the stream and the filter charges an estimate.
     assert wait_stat(dep, "meter", "estimated_charges", est_before + 1) == est_before + 1
     assert stat(dep, "meter", "spend_nano_usd") > before
+
+
+def test_upstream_reset_mid_stream_is_charged_its_reservation(dep, mock_mistral):
+    # The upstream sends two chunks, then drops the connection: no usage ever arrives.
+    mock_mistral.behaviour(usage={"prompt_tokens": 10, "completion_tokens": 10},
+                           stream_chunks=10, abort_after_chunks=2)
+    payload = json.dumps({"model": "mistral-small-latest", "stream": True, "max_tokens": 300,
+                          "messages": [{"role": "user", "content": "cut me off"}]}).encode()
+    host, port = dep.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  + f"authorization: Bearer {dep.tokens['cut']}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+                  + payload)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+    assert b" 200 " in got.split(b"\r\n", 1)[0] and b"[DONE]" not in got
+    # Charged the larger of the reservation and streamed bytes / 4; here the reservation
+    # (body bytes as prompt bound, max_tokens as completion, priority multiplier) is larger.
+    reservation = cost(len(payload), 300, priority=True)
+    assert wait_stat(dep, "cut", "estimated_charges", 1) == 1
+    assert wait_stat(dep, "cut", "spend_nano_usd", reservation) == reservation
+    # The estimate also counts toward tokens-per-minute limits: aborting does not dodge them.
+    assert stat(dep, "cut", "completion_tokens") > 0
 
 
 def test_spend_survives_a_configuration_reload(dep, mock_mistral):
