@@ -171,6 +171,7 @@ impl RootContext for ShieldRoot {
 }
 
 fn configure() -> Result<Active, ConfigError> {
+    let started_ms = host::now_unix_ms();
     let bytes = host::plugin_configuration()
         .ok_or_else(|| ConfigError::at(".", "the filter needs a plugin configuration"))?;
     let raw = raw::parse(&bytes)?;
@@ -222,15 +223,20 @@ fn configure() -> Result<Active, ConfigError> {
     } else {
         LogLevel::Debug
     };
+    // Load time (parse, compile, open keys, publish) tells operators what a policy's size costs.
+    let took_ms = started_ms
+        .zip(host::now_unix_ms())
+        .map_or(-1, |(start, end)| end - start);
     log(
         level,
         &format!(
-            "shieldkey: policy revision {} loaded (fingerprint {}): {} tokens ({} revoked), {} upstream keys",
+            "shieldkey: policy revision {} loaded (fingerprint {}): {} tokens ({} revoked), {} upstream keys, in {} ms",
             policy.revision,
             policy.fingerprint,
             tokens,
             revoked,
-            policy.upstream_keys.len()
+            policy.upstream_keys.len(),
+            took_ms
         ),
     );
     let alert_queue =
