@@ -20,9 +20,11 @@ PROJECT = harness.PROJECT
 
 
 class RunCommand:
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, mistral_api_key: str | None = None):
         self.ports = {"listen": harness.free_port(), "admin": harness.free_port(), "mock": harness.free_port()}
         env = {k: v for k, v in os.environ.items() if k != "MISTRAL_API_KEY"}
+        if mistral_api_key:
+            env["MISTRAL_API_KEY"] = mistral_api_key
         env.update(SHIELDKEY_RUN_DIR=str(run_dir), SHIELDKEY_LISTEN_PORT=str(self.ports["listen"]),
                    SHIELDKEY_ADMIN_PORT=str(self.ports["admin"]), SHIELDKEY_MOCK_PORT=str(self.ports["mock"]))
         self.proc = subprocess.Popen(["scripts/run.sh"], cwd=PROJECT, env=env, text=True,
@@ -118,3 +120,27 @@ def urllib_get(url: str) -> str:
     import urllib.request
     with urllib.request.urlopen(url, timeout=5) as resp:
         return resp.read().decode()
+
+
+def test_with_mistral_api_key_the_first_command_targets_api_mistral_ai(tmp_path):
+    """No real key or network here: a made-up key is sealed and swapped in, and the request leaves
+    for api.mistral.ai over TLS. Whatever answers (Mistral refusing the made-up key, or Envoy
+    unable to reach it), it is not a ShieldKey denial, and the key is never stored in clear."""
+    fake_key = harness.random_key()
+    run = RunCommand(tmp_path / "run", mistral_api_key=fake_key)
+    try:
+        assert run.ready.wait(180), run.output
+        assert "-> https://api.mistral.ai (real)" in run.output
+        assert "mock" not in run.block_after("curl:")
+        result = sh(run.block_after("curl:").replace("curl -s ", "curl -s --max-time 30 ", 1))
+        assert "shield_" not in result.stdout, result.stdout
+        admin = f"http://127.0.0.1:{run.ports['admin']}"
+        assert "wasmcustom.shieldkey.allowed: 1" in urllib_get(f"{admin}/stats?filter=shieldkey.allowed")
+        assert not harness.port_is_free(run.ports["listen"])
+        for path in (tmp_path / "run").rglob("*"):
+            if path.is_file():
+                assert fake_key.encode() not in path.read_bytes(), f"{path} holds the key in clear"
+        assert fake_key not in run.output
+    finally:
+        run.stop()
+        print(run.output)
