@@ -307,3 +307,26 @@ def test_access_log_carries_token_decision_model_and_cost(dep, mock_mistral):
         time.sleep(0.05)
     assert expected in log
     assert denied in log
+
+
+def test_a_failing_webhook_never_blocks_traffic(tmp_path, mock_mistral, mock_keys):
+    # The webhook answers 401 (the mock wants a Mistral key): every alert call fails.
+    d = Deployment(tmp_path, mock_mistral, mock_keys, policy_extra={
+        "alerts": {"webhook": {"cluster": "mistral", "path": "/hooks/refusing", "timeout_ms": 500}}})
+    d.mint("loud")
+    d.edit_policy(lambda p: p["tokens"][0].update(budget={"limit_usd": "0.001", "window": "daily"}))
+    d.start()
+    try:
+        mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 500})
+        small = {"model": "mistral-small-latest", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+        assert [request(d.url, token=d.tokens["loud"], body=small)[0] for _ in range(3)] == [200] * 3
+        deadline = time.monotonic() + 5
+        while (d.envoy.stat("wasmcustom.shieldkey.webhook_failures") or 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.envoy.stat("wasmcustom.shieldkey.webhook_failures") == 3
+        assert d.envoy.stat("wasmcustom.shieldkey.token_id.loud.budget_alerts") == 3
+        assert "budget alert webhook failed (status 401)" in d.envoy.log_text()
+        hooks = [r for r in mock_mistral.requests() if r["path"] == "/hooks/refusing"]
+        assert len(hooks) == 3 and all(json.loads(h["body"])["token_id"] == "loud" for h in hooks)
+    finally:
+        d.stop()
