@@ -272,3 +272,78 @@ fn check_reports_the_field_path_of_a_hand_broken_policy() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream_keys[0].sealed"));
 }
+
+#[test]
+fn rules_are_set_at_mint_and_changed_with_limit() {
+    let ws = Workspace::new("limit");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(
+        &[
+            "mint",
+            "--id",
+            "bot",
+            "--upstream-key",
+            "prod",
+            "--budget-usd",
+            "25.00",
+            "--budget-window",
+            "monthly",
+            "--rpm",
+            "60",
+            "--cidrs",
+            "10.0.0.0/8,2001:db8::/32",
+        ],
+        None,
+    );
+    let token = |ws: &Workspace| read_json(&ws.policy())["tokens"][0].clone();
+    let t = token(&ws);
+    assert_eq!(t["budget"]["limit_usd"], "25.00");
+    assert_eq!(t["rate_limit"]["requests_per_minute"], 60);
+    assert_eq!(t["source_cidrs"][1], "2001:db8::/32");
+
+    ws.ok(
+        &[
+            "limit",
+            "bot",
+            "--budget-usd",
+            "50",
+            "--models",
+            "mistral-small-*",
+            "--max-tokens",
+            "1024",
+            "--rpm",
+            "none",
+        ],
+        None,
+    );
+    let t = token(&ws);
+    assert_eq!(t["budget"]["limit_usd"], "50");
+    assert_eq!(t["budget"]["window"], "monthly", "untouched fields stay");
+    assert!(
+        t.get("rate_limit").is_none(),
+        "an emptied section is removed"
+    );
+    assert_eq!(t["models"]["allow"][0], "mistral-small-*");
+    assert_eq!(t["models"]["max_tokens"], 1024);
+    let json = ws.ok(&["list", "--json"], None);
+    assert!(json.contains("mistral-small-*"));
+
+    // Invalid values are refused by the filter's own validation, naming the field; the policy
+    // file is left as it was.
+    let before = fs::read(ws.policy()).unwrap();
+    let err = ws.fails(&["limit", "bot", "--cidrs", "10.0.0.0/33"], None, 1);
+    assert!(err.contains("tokens[0].source_cidrs"), "{err}");
+    let err = ws.fails(&["limit", "bot", "--budget-window", "weekly"], None, 1);
+    assert!(err.contains("tokens[0].budget.window"), "{err}");
+    assert!(ws
+        .fails(&["limit", "bot", "--rpm", "many"], None, 2)
+        .contains("--rpm"));
+    assert!(ws
+        .fails(&["limit", "bot"], None, 2)
+        .contains("nothing to change"));
+    assert!(ws
+        .fails(&["limit", "nobody", "--rpm", "5"], None, 1)
+        .contains("no token with id 'nobody'"));
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+}

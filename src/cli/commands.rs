@@ -13,6 +13,7 @@ use super::duration::parse_ttl;
 use super::error::{failed, usage, CliError};
 use super::policy_file::{load, save, validate, write_atomic};
 use super::random;
+use super::rule_flags::RuleFlags;
 use crate::config::raw::{RawPolicy, RawStatus, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION};
 use crate::envoy_render::{ecds_file, wasm_filter, FilterSettings};
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV, MASTER_KEY_LEN};
@@ -208,6 +209,7 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     let not_before = args.option("not-before")?;
     let expires_at = args.option("expires-at")?;
     let ttl = args.option("ttl")?;
+    let rules = RuleFlags::take(&mut args)?;
     let publish = publish_options(&mut args)?;
     args.finish()?;
     token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
@@ -245,7 +247,7 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
         let verifier = TokenVerifier::new(master.digest_key())
             .ok_or_else(|| failed("cannot derive the digest key"))?;
         let digest = verifier.digest(&id, secret_text.expose());
-        policy.tokens.push(RawToken {
+        let mut token = RawToken {
             id: id.clone(),
             digest: STANDARD.encode(digest),
             upstream_key: upstream_key.clone(),
@@ -254,7 +256,9 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
             not_before,
             expires_at,
             ..RawToken::default()
-        });
+        };
+        rules.apply(&mut token)?;
+        policy.tokens.push(token);
         Ok(format!(
             "minted token '{id}'; it is shown once, store it now"
         ))
@@ -278,6 +282,28 @@ pub fn set_status(ctx: &Context, mut args: Args, status: RawStatus) -> Result<()
             RawStatus::Revoked => format!("revoked token '{id}'"),
             RawStatus::Active => format!("re-enabled token '{id}'"),
         })
+    })
+}
+
+/// `limit ID <rule flags>`: changes a token's rules (budget, rates, networks, countries, models).
+pub fn limit(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+    let publish = publish_options(&mut args)?;
+    let rules = RuleFlags::take(&mut args)?;
+    let id = args.positional("token id")?;
+    args.finish()?;
+    if rules.is_empty() {
+        return Err(usage(
+            "nothing to change: give at least one rule flag (see --help)",
+        ));
+    }
+    change(ctx, publish, false, |policy, _| {
+        let token = policy
+            .tokens
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| failed(format!("no token with id '{id}'")))?;
+        rules.apply(token)?;
+        Ok(format!("changed the rules of token '{id}'"))
     })
 }
 

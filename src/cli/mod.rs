@@ -7,6 +7,7 @@ mod duration;
 mod error;
 mod policy_file;
 mod random;
+mod rule_flags;
 
 use std::path::PathBuf;
 
@@ -26,21 +27,26 @@ usage: shieldkey [--policy PATH] <command> [options]
   seal --id ID [--from-env VAR]   seal an upstream Mistral key read from stdin (or VAR);
                                   sealing an existing id rotates it
   mint --id ID --upstream-key KEY [--owner O] [--description D]
-       [--not-before T] [--expires-at T | --ttl 90d]
+       [--not-before T] [--expires-at T | --ttl 90d] [rule flags]
                                   create a token; prints it once on stdout
+  limit ID <rule flags>           change a token's rules
   revoke ID | unrevoke ID | remove ID
   list [--json]                   tokens and their state (never digests or keys)
   check                           validate the policy with the filter's own code
   render plugin-config|wasm-filter|ecds [--wasm PATH]
   publish --to PATH [--wasm PATH] write the ECDS file Envoy watches, atomically
 
-Changing commands (seal, mint, revoke, unrevoke, remove) also take --publish PATH [--wasm PATH]
-to publish right after writing the policy.
+Changing commands (seal, mint, limit, revoke, unrevoke, remove) also take --publish PATH
+[--wasm PATH] to publish right after writing the policy.
 
 Environment: SHIELDKEY_POLICY (policy file, default policy.json), SHIELDKEY_MASTER_KEY (or the
 variable the policy's master_key_env names), SHIELDKEY_PUBLISH, SHIELDKEY_WASM (defaults for
 --publish/--to and --wasm). Times are RFC 3339, e.g. 2027-01-31T00:00:00Z.
 ";
+
+fn print_help() {
+    print!("{USAGE}\n{}\n", rule_flags::HELP);
+}
 
 /// Runs the CLI with `argv` (without the program name); returns the process exit code.
 pub fn run(argv: Vec<String>) -> i32 {
@@ -70,13 +76,13 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         policy_path: PathBuf::from(policy_path),
     };
     if args.flag("help") {
-        print!("{USAGE}");
+        print_help();
         return Ok(());
     }
     let command = args.positional("command")?;
     match command.as_str() {
         "help" => {
-            print!("{USAGE}");
+            print_help();
             Ok(())
         }
         "keygen" => commands::keygen(args),
@@ -85,6 +91,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         "mint" => commands::mint(&ctx, args),
         "revoke" => commands::set_status(&ctx, args, RawStatus::Revoked),
         "unrevoke" => commands::set_status(&ctx, args, RawStatus::Active),
+        "limit" => commands::limit(&ctx, args),
         "remove" => commands::remove(&ctx, args),
         "list" => commands::list(&ctx, args),
         "check" => commands::check(&ctx, args),

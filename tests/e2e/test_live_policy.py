@@ -108,6 +108,22 @@ def test_unrevoke_and_mint_apply_live(dep):
     assert request(dep.url, token=dave)[0] == 200
 
 
+def test_changing_a_limit_applies_live(dep):
+    wasm = str(__import__("deployment").WASM)
+    large = {"model": "mistral-large-latest", "messages": [{"role": "user", "content": "hi"}]}
+    small = {"model": "mistral-small-latest", "messages": [{"role": "user", "content": "hi"}]}
+    assert request(dep.url, token=dep.tokens["bob"], body=large)[0] == 200
+    dep.cli("limit", "bob", "--models", "mistral-small-*", "--publish", str(dep.ecds), "--wasm", wasm)
+    dep.wait_for_config_version(dep.revision())
+    status, _, body = request(dep.url, token=dep.tokens["bob"], body=large)
+    assert (status, error_code(body)) == (403, "shield_model_denied")
+    assert request(dep.url, token=dep.tokens["bob"], body=small)[0] == 200
+    assert request(dep.url, token=dep.tokens["carol"], body=large)[0] == 200, "other tokens unchanged"
+    dep.cli("limit", "bob", "--models", "none", "--publish", str(dep.ecds), "--wasm", wasm)
+    dep.wait_for_config_version(dep.revision())
+    assert request(dep.url, token=dep.tokens["bob"], body=large)[0] == 200
+
+
 def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps_serving(dep):
     before = dep.policy.read_text()
     dep.cli("mint", "--id", "x", "--upstream-key", "nope", check=False)
@@ -165,9 +181,7 @@ def test_rotating_the_upstream_key_switches_without_a_failed_request(tmp_path):
 
 def test_rate_counters_are_unchanged_by_a_reload(tmp_path, mock_mistral, mock_keys):
     d = Deployment(tmp_path, mock_mistral, mock_keys)
-    d.mint("metered")
-    d.edit_policy(lambda p: next(t for t in p["tokens"] if t["id"] == "metered")
-                  .update(rate_limit={"requests_per_minute": 5}))
+    d.mint("metered", "prod", "--rpm", "5")
     d.start()
     try:
         # A burst of 5, refilled at one request per 12 s: the test finishes well inside that.
