@@ -21,12 +21,12 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
 fi
 .venv/bin/envoy --version | grep -m1 version
 
-if [ -f tests/node/package.json ]; then
-  nstamp=tests/node/node_modules/.package-lock.sha256
-  nwant=$(cat tests/node/package.json tests/node/package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ -f examples/typescript/package.json ]; then
+  nstamp=examples/typescript/node_modules/.package-lock.sha256
+  nwant=$(cat examples/typescript/package.json examples/typescript/package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant" ]; then
-    echo "setup: installing the TypeScript SDK (tests/node)"
-    (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+    echo "setup: installing the TypeScript SDK (examples/typescript)"
+    (cd examples/typescript && npm ci --no-audit --no-fund --loglevel=error)
     echo "$nwant" > "$nstamp"
   fi
 fi
