@@ -6,6 +6,9 @@ Endpoints (shapes as recorded from api.mistral.ai, see the README):
                               the `p` padding field, usage on the chunk with finish_reason, then
                               `data: [DONE]`
   POST /v1/fim/completions    same shapes as chat
+  POST /v1/agents/completions same shapes as chat; the request names an `agent_id` instead of a
+                              model, the response carries the agent's model (behaviour
+                              `agent_model`, default mistral-medium-latest)
   POST /v1/embeddings         usage with completion_tokens 0
   GET  /v1/models
 Auth: exactly `Authorization: Bearer <one of the --key values>`, else 401 {"detail":"Invalid API Key"}.
@@ -143,6 +146,7 @@ class Handler(BaseHTTPRequestHandler):
         routes = {("GET", "/v1/models"): self.models,
                   ("POST", "/v1/chat/completions"): self.chat,
                   ("POST", "/v1/fim/completions"): self.chat,
+                  ("POST", "/v1/agents/completions"): self.chat,
                   ("POST", "/v1/embeddings"): self.embeddings}
         route = routes.get((method, path))
         if route is None:
@@ -154,6 +158,11 @@ class Handler(BaseHTTPRequestHandler):
             assert isinstance(req, dict)
         except (ValueError, AssertionError):
             return self.error(400, "Invalid JSON body")
+        if path == "/v1/agents/completions":
+            # An agent request names the agent; the agent's model answers.
+            if not isinstance(req.get("agent_id"), str):
+                return self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "agent_id"], "msg": "Field required"}]})
+            req = {**req, "model": behaviour.get("agent_model", "mistral-medium-latest")}
         if not isinstance(req.get("model"), str):
             return self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "model"], "msg": "Field required"}]})
         try:

@@ -17,6 +17,7 @@ from deployment import Deployment, request, error_code, WASM
 SMALL_IN, SMALL_OUT = 150_000_000, 600_000_000      # mistral-small-latest: 0.15 / 0.60
 EMBED_IN = 100_000_000                              # mistral-embed: 0.10
 CODE_IN, CODE_OUT = 300_000_000, 900_000_000        # codestral-latest: 0.30 / 0.90
+MEDIUM_IN, MEDIUM_OUT = 1_500_000_000, 7_500_000_000  # mistral-medium-latest: 1.50 / 7.50
 
 
 def cost(prompt, completion, pin=SMALL_IN, pout=SMALL_OUT, cached=0, priority=False):
@@ -41,6 +42,7 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     d.mint("alerting", "prod", "--owner", "team-ml")
     d.mint("tiers", "prod")
     d.mint("cut", "prod")
+    d.mint("agent", "prod")
     budgets = {
         "capped": ("0.001", "lifetime"),
         "resetting": ("0.0005", "3s"),
@@ -119,6 +121,23 @@ def test_fim_cached_prompt_tokens_and_priority_tier_are_billed_exactly(dep, mock
     assert wait_stat(dep, "tiers", "spend_nano_usd", expected) == expected
     assert stat(dep, "tiers", "prompt_tokens") == 1200
     assert stat(dep, "tiers", "completion_tokens") == 200
+
+
+def test_agents_are_billed_at_the_model_the_response_names(dep, mock_mistral):
+    # An agents request names no model; the price comes from the model in the response.
+    client = sdk(dep, "agent")
+    mock_mistral.behaviour(usage={"prompt_tokens": 100, "completion_tokens": 50})
+    r = client.agents.complete(agent_id="ag_0123", messages=[{"role": "user", "content": "hi"}])
+    assert r.model == "mistral-medium-latest"
+    expected = cost(100, 50, pin=MEDIUM_IN, pout=MEDIUM_OUT)
+    assert wait_stat(dep, "agent", "spend_nano_usd", expected) == expected
+
+    mock_mistral.behaviour(usage={"prompt_tokens": 30, "completion_tokens": 70}, stream_chunks=4)
+    chunks = list(client.agents.stream(agent_id="ag_0123", messages=[{"role": "user", "content": "hi"}]))
+    assert chunks[-1].data.usage.completion_tokens == 70
+    expected += cost(30, 70, pin=MEDIUM_IN, pout=MEDIUM_OUT)
+    assert wait_stat(dep, "agent", "spend_nano_usd", expected) == expected
+    assert dep.envoy.stat("wasmcustom.shieldkey.model.mistral-medium-latest.requests") == 2
 
 
 def test_error_responses_cost_nothing(dep, mock_mistral):
