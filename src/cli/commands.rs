@@ -267,16 +267,20 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
+fn token_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawToken, CliError> {
+    policy
+        .tokens
+        .iter_mut()
+        .find(|t| t.id == id)
+        .ok_or_else(|| failed(format!("no token with id '{id}'")))
+}
+
 pub fn set_status(ctx: &Context, mut args: Args, status: RawStatus) -> Result<(), CliError> {
     let publish = publish_options(&mut args)?;
     let id = args.positional("token id")?;
     args.finish()?;
     change(ctx, publish, false, |policy, _| {
-        let token = policy
-            .tokens
-            .iter_mut()
-            .find(|t| t.id == id)
-            .ok_or_else(|| failed(format!("no token with id '{id}'")))?;
+        let token = token_mut(policy, &id)?;
         token.status = status;
         Ok(match status {
             RawStatus::Revoked => format!("revoked token '{id}'"),
@@ -297,12 +301,7 @@ pub fn limit(ctx: &Context, mut args: Args) -> Result<(), CliError> {
         ));
     }
     change(ctx, publish, false, |policy, _| {
-        let token = policy
-            .tokens
-            .iter_mut()
-            .find(|t| t.id == id)
-            .ok_or_else(|| failed(format!("no token with id '{id}'")))?;
-        rules.apply(token)?;
+        rules.apply(token_mut(policy, &id)?)?;
         Ok(format!("changed the rules of token '{id}'"))
     })
 }
