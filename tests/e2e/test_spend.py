@@ -18,6 +18,9 @@ SMALL_IN, SMALL_OUT = 150_000_000, 600_000_000      # mistral-small-latest: 0.15
 EMBED_IN = 100_000_000                              # mistral-embed: 0.10
 CODE_IN, CODE_OUT = 300_000_000, 900_000_000        # codestral-latest: 0.30 / 0.90
 MEDIUM_IN, MEDIUM_OUT = 1_500_000_000, 7_500_000_000  # mistral-medium-latest: 1.50 / 7.50
+# The default for models the table does not know: the highest input and output prices in it
+# (pixtral-large / magistral-medium input 2.00, mistral-medium-latest output 7.50).
+MAX_IN, MAX_OUT = 2_000_000_000, 7_500_000_000
 
 
 def cost(prompt, completion, pin=SMALL_IN, pout=SMALL_OUT, cached=0, priority=False):
@@ -33,6 +36,8 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     d = Deployment(tmp_path_factory.mktemp("spend"), mock_mistral, mock_keys, policy_extra={
         "alerts": {"thresholds_percent": [50, 80, 100],
                    "webhook": {"cluster": "mistral", "path": "/__mock/alerts"}},
+        "pricing": {"models": [{"model": "ft:small:acme", "input_usd_per_mtok": "0.5",
+                                "output_usd_per_mtok": "2"}]},
     })
     d.mint("meter", "prod")
     d.mint("capped", "prod")
@@ -43,6 +48,7 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     d.mint("tiers", "prod")
     d.mint("cut", "prod")
     d.mint("agent", "prod")
+    d.mint("priced", "prod")
     budgets = {
         "capped": ("0.001", "lifetime"),
         "resetting": ("0.0005", "3s"),
@@ -138,6 +144,20 @@ def test_agents_are_billed_at_the_model_the_response_names(dep, mock_mistral):
     expected += cost(30, 70, pin=MEDIUM_IN, pout=MEDIUM_OUT)
     assert wait_stat(dep, "agent", "spend_nano_usd", expected) == expected
     assert dep.envoy.stat("wasmcustom.shieldkey.model.mistral-medium-latest.requests") == 2
+
+
+def test_price_overrides_and_unknown_models(dep, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    tiny = {"messages": [{"role": "user", "content": "hi"}]}
+    assert request(dep.url, token=dep.tokens["priced"], body={**tiny, "model": "ft:small:acme"})[0] == 200
+    expected = cost(1000, 1000, pin=500_000_000, pout=2_000_000_000)
+    assert wait_stat(dep, "priced", "spend_nano_usd", expected) == expected
+    # Unknown to the table and to the overrides: billed at the safe default, never under.
+    assert request(dep.url, token=dep.tokens["priced"], body={**tiny, "model": "mystery-model"})[0] == 200
+    expected += cost(1000, 1000, pin=MAX_IN, pout=MAX_OUT)
+    assert wait_stat(dep, "priced", "spend_nano_usd", expected) == expected
+    assert dep.envoy.stat("wasmcustom.shieldkey.model.ft:small:acme.requests") == 1
+    assert dep.envoy.stat("wasmcustom.shieldkey.model.unpriced.requests") == 1
 
 
 def test_error_responses_cost_nothing(dep, mock_mistral):
