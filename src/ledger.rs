@@ -538,4 +538,104 @@ mod tests {
         let mut c = ledger.admit("t", &limits, 0, T0).unwrap();
         ledger.reserve("t", &limits, &mut c, 8 * USD, T0).unwrap();
     }
+
+    /// The documented bound, for any interleaving of concurrent requests: recorded spend never
+    /// exceeds the limit by more than the sum of what requests cost beyond their reservations
+    /// (zero when every real cost is within its reservation, as the reservation bound ensures
+    /// for text requests).
+    mod overshoot_bound {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        struct Request {
+            reservation: NanoUsd,
+            cost: NanoUsd,
+        }
+
+        enum Stage {
+            New,
+            Admitted(Admission),
+            Reserved(Admission),
+            Done,
+        }
+
+        fn requests(max_excess: NanoUsd) -> impl Strategy<Value = Vec<Request>> {
+            prop::collection::vec(
+                (1..=400 * USD / 1000, 0..=1000u64, 0..=max_excess).prop_map(
+                    move |(reservation, permille, excess)| Request {
+                        reservation,
+                        cost: reservation * permille / 1000 + excess,
+                    },
+                ),
+                1..48,
+            )
+        }
+
+        /// Runs the requests the way the glue does (admit, reserve once the body is judged,
+        /// settle at the end; a refused reservation gives its admission back), in the order
+        /// the schedule picks. Returns the final spend and the sum of the admitted excesses.
+        fn run(limit: NanoUsd, reqs: &[Request], schedule: &[usize]) -> (NanoUsd, NanoUsd) {
+            let store = MemoryStore::new();
+            let ledger = SharedDataLedger::new(&store);
+            let limits = budget(limit, BudgetWindow::Lifetime);
+            ledger.ensure("t").unwrap();
+            let mut stages: Vec<Stage> = reqs.iter().map(|_| Stage::New).collect();
+            let (mut spent, mut excess) = (0, 0);
+            let order = schedule
+                .iter()
+                .map(|i| i % reqs.len())
+                .chain((0..reqs.len()).flat_map(|i| [i, i, i]));
+            for i in order {
+                let req = &reqs[i];
+                stages[i] = match std::mem::replace(&mut stages[i], Stage::Done) {
+                    Stage::New => match ledger.admit("t", &limits, 0, T0) {
+                        Ok(a) => Stage::Admitted(a),
+                        Err(_) => Stage::Done,
+                    },
+                    Stage::Admitted(mut a) => {
+                        match ledger.reserve("t", &limits, &mut a, req.reservation, T0) {
+                            Ok(()) => Stage::Reserved(a),
+                            Err(_) => {
+                                ledger.settle("t", &limits, &[], &a, 0, 0, T0).unwrap();
+                                Stage::Done
+                            }
+                        }
+                    }
+                    Stage::Reserved(a) => {
+                        let s = ledger
+                            .settle("t", &limits, &[], &a, req.cost, 0, T0)
+                            .unwrap();
+                        spent = s.spent;
+                        excess += req.cost.saturating_sub(req.reservation);
+                        Stage::Done
+                    }
+                    Stage::Done => Stage::Done,
+                };
+            }
+            (spent, excess)
+        }
+
+        proptest! {
+            #[test]
+            fn spend_never_exceeds_the_limit_when_costs_are_within_reservations(
+                limit in 1..=2 * USD,
+                reqs in requests(0),
+                schedule in prop::collection::vec(0usize..1000, 0..200),
+            ) {
+                let (spent, _) = run(limit, &reqs, &schedule);
+                prop_assert!(spent <= limit, "spent {spent} > limit {limit}");
+            }
+
+            #[test]
+            fn overshoot_is_at_most_the_sum_of_excesses(
+                limit in 1..=2 * USD,
+                reqs in requests(USD / 10),
+                schedule in prop::collection::vec(0usize..1000, 0..200),
+            ) {
+                let (spent, excess) = run(limit, &reqs, &schedule);
+                prop_assert!(spent <= limit + excess, "spent {spent} > {limit} + {excess}");
+            }
+        }
+    }
 }
