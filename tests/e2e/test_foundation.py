@@ -71,6 +71,12 @@ def test_x_api_key_is_accepted_and_stripped(dep, mock_mistral, mock_keys):
     assert "x-api-key" not in seen["headers"]
 
 
+def _secret_of(token: str) -> str:
+    """The secret part of `sk_shield_t_<id>_<secret>` (ids have no `_`; secrets may)."""
+    parts = token.split("_", 4)
+    return parts[4] if token.startswith("sk_shield_t_") and len(parts) == 5 else token
+
+
 def _wrong_secret(token: str) -> str:
     last = token[-1]
     return token[:-1] + ("A" if last != "A" else "B")
@@ -106,7 +112,7 @@ def test_denials_are_401_mistral_shaped_and_never_reach_upstream(dep, mock_mistr
     assert doc["type"] == "authentication_error"
     if token:
         assert token not in body.decode()
-        assert token.rsplit("_", 1)[-1] not in body.decode()
+        assert _secret_of(token) not in body.decode()
     assert mock_mistral.requests() == []
     assert dep.envoy.stat(f"wasmcustom.shieldkey.reason.{expected}.denied") >= 1
 
@@ -155,13 +161,17 @@ def test_no_secret_reaches_logs_stats_or_bodies(dep, mock_keys):
     bodies = [request(dep.url, token=t)[2] for t in dep.tokens.values()]
     bodies.append(request(dep.url, token=_wrong_secret(dep.tokens["alice"]))[2])
     secrets = list(mock_keys.values()) + [dep.master_key]
-    secrets += [t.rsplit("_", 1)[-1] for t in dep.tokens.values()]
+    secrets += [_secret_of(t) for t in dep.tokens.values()]
+    assert all(len(s) == 43 for s in secrets[-len(dep.tokens):])
     haystacks = {
         "envoy log": dep.envoy.log_text(),
         "/stats": dep.envoy.admin_get("/stats"),
         "/stats/prometheus": dep.envoy.admin_get("/stats/prometheus"),
+        # The admin config dump holds the policy: digests and sealed keys only.
+        "/config_dump": dep.envoy.admin_get("/config_dump"),
         "bodies": b"".join(bodies).decode(errors="replace"),
     }
+    assert "skseal:v1:" in haystacks["/config_dump"], "the dump should show the (sealed) policy"
     for where, text in haystacks.items():
         for s in secrets:
             assert s not in text, f"a secret leaked into {where}"
