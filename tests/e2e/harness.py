@@ -81,7 +81,12 @@ class EnvoyProcess:
         self.concurrency = concurrency
         self.wait_ready = wait_ready
         self.env = dict(os.environ)
-        self.env.update(env or {})
+        for name, value in (env or {}).items():
+            # None removes a variable (e.g. to start Envoy without the master key).
+            if value is None:
+                self.env.pop(name, None)
+            else:
+                self.env[name] = value
         self.log_level = log_level
         n = next(self._ids)
         doc = rewrite_ports(yaml.safe_load(Path(bootstrap).read_text()), admin_port,

@@ -188,17 +188,26 @@ def test_filter_logs_the_loaded_policy_without_secrets(dep):
     assert "tokens (1 revoked), 2 upstream keys" in log
 
 
-def test_wrong_master_key_rejects_the_config_and_nothing_is_forwarded(tmp_path, mock_mistral, mock_keys):
+@pytest.mark.parametrize("master_key,rejection", [
+    ("another", "upstream_keys[0].sealed: cannot open sealed key"),
+    ("not base64!", "master_key_env: SHIELDKEY_MASTER_KEY:"),
+    (None, "master_key_env: environment variable SHIELDKEY_MASTER_KEY is not visible"),
+])
+def test_a_wrong_or_missing_master_key_rejects_the_config_and_nothing_is_forwarded(
+        tmp_path, mock_mistral, mock_keys, master_key, rejection):
     d = Deployment(tmp_path, mock_mistral, mock_keys)
     token = d.mint("alice")
     d.publish()
-    d.env = {"SHIELDKEY_MASTER_KEY": d.cli("keygen").strip()}  # not the one that sealed the keys
+    if master_key == "another":
+        master_key = d.cli("keygen").strip()  # valid, but not the one that sealed the keys
+    d.env = {"SHIELDKEY_MASTER_KEY": master_key}
     d.start(publish=False, wait_ready=False)
     try:
         deadline = time.monotonic() + 10
         while "configuration rejected" not in d.envoy.log_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "configuration rejected: upstream_keys[0].sealed: cannot open sealed key" in d.envoy.log_text()
+        assert f"configuration rejected: {rejection}" in d.envoy.log_text()
+        assert master_key is None or master_key not in d.envoy.log_text()
         # No filter configuration was ever accepted: Envoy answers for the missing filter
         # (500, response flag NC) instead of running the chain without it.
         assert request(d.url, token=token, timeout=2)[0] == 500
