@@ -75,6 +75,21 @@ def measure(envoy: "harness.EnvoyProcess", key: str, total: int) -> tuple[float,
     return total / wall, cpu / total * 1e6
 
 
+def plain_envoy(workdir: Path, mock: "harness.MockMistral", concurrency: int) -> "harness.EnvoyProcess":
+    """The baseline: envoy/demo.yaml without the ShieldKey filter, started."""
+    doc = yaml.safe_load((harness.PROJECT / "envoy" / "demo.yaml").read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "shieldkey"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    bootstrap = workdir / "plain.yaml"
+    bootstrap.write_text(yaml.safe_dump(doc))
+    plain = harness.EnvoyProcess(bootstrap, workdir, admin_port=harness.free_port(),
+                                 listener_ports={"shieldkey": harness.free_port()},
+                                 cluster_endpoints={"mistral": ("127.0.0.1", mock.port)},
+                                 concurrency=concurrency, env={})
+    return plain.start()
+
+
 def main() -> None:
     total = int(sys.argv[1]) if len(sys.argv) > 1 else 4000
     real_key = harness.random_key()
@@ -82,18 +97,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # plain Envoy: the same bootstrap without the ShieldKey filter.
-        doc = yaml.safe_load((harness.PROJECT / "envoy" / "demo.yaml").read_text())
-        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "shieldkey"]
-        plain_yaml = tmp / "plain.yaml"
-        plain_yaml.write_text(yaml.safe_dump(doc))
-        (tmp / "plain").mkdir()
-        plain = harness.EnvoyProcess(plain_yaml, tmp / "plain", admin_port=harness.free_port(),
-                                     listener_ports={"shieldkey": harness.free_port()},
-                                     cluster_endpoints={"mistral": ("127.0.0.1", mock.port)},
-                                     concurrency=1, env={})
-        plain.start()
+        plain = plain_envoy(tmp / "plain", mock, concurrency=1)
         try:
             results["plain"] = measure(plain, real_key, total)
         finally:

@@ -16,7 +16,6 @@ A plain Envoy (no filter) in the same run gives the baseline.
 from __future__ import annotations
 
 import base64
-import json
 import re
 import secrets
 import sys
@@ -24,13 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
-from accounting_overhead import measure  # noqa: E402
+from accounting_overhead import measure, plain_envoy  # noqa: E402
 from deployment import Deployment  # noqa: E402
 
 LOADED = re.compile(r"policy revision \d+ loaded .*: (\d+) tokens .* in (-?\d+) ms")
@@ -59,17 +56,7 @@ def load_times(envoy: "harness.EnvoyProcess", tokens: int, timeout: float = 120)
 
 
 def run_plain(tmp: Path, mock: "harness.MockMistral", key: str, total: int) -> tuple[float, float]:
-    doc = yaml.safe_load((harness.PROJECT / "envoy" / "demo.yaml").read_text())
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "shieldkey"]
-    (tmp / "plain").mkdir()
-    bootstrap = tmp / "plain" / "plain.yaml"
-    bootstrap.write_text(yaml.safe_dump(doc))
-    plain = harness.EnvoyProcess(bootstrap, tmp / "plain", admin_port=harness.free_port(),
-                                 listener_ports={"shieldkey": harness.free_port()},
-                                 cluster_endpoints={"mistral": ("127.0.0.1", mock.port)},
-                                 concurrency=2, env={})
-    plain.start()
+    plain = plain_envoy(tmp / "plain", mock, concurrency=2)
     try:
         return measure(plain, key, total)
     finally:
