@@ -4,7 +4,7 @@
 
 use super::args::Args;
 use super::error::{usage, CliError};
-use crate::config::raw::{RawBudget, RawCountries, RawModels, RawRateLimit, RawToken};
+use crate::config::raw::{RawBudget, RawToken};
 
 pub const HELP: &str = "\
   rule flags (mint, limit; the value none removes a rule):
@@ -64,10 +64,7 @@ impl RuleFlags {
     pub fn apply(self, token: &mut RawToken) -> Result<(), CliError> {
         self.apply_budget(token)?;
 
-        let mut rate = token.rate_limit.take().unwrap_or(RawRateLimit {
-            requests_per_minute: None,
-            tokens_per_minute: None,
-        });
+        let mut rate = token.rate_limit.take().unwrap_or_default();
         set(&mut rate.requests_per_minute, self.rpm);
         set(&mut rate.tokens_per_minute, self.tpm);
         if rate.requests_per_minute.is_some() || rate.tokens_per_minute.is_some() {
@@ -76,11 +73,7 @@ impl RuleFlags {
 
         set(&mut token.source_cidrs, self.cidrs);
 
-        let mut countries = token.countries.take().unwrap_or(RawCountries {
-            allow: None,
-            deny: None,
-            unknown: None,
-        });
+        let mut countries = token.countries.take().unwrap_or_default();
         set(&mut countries.allow, self.countries_allow);
         set(&mut countries.deny, self.countries_deny);
         let unknown_given = self.countries_unknown.is_some();
@@ -95,10 +88,7 @@ impl RuleFlags {
             ));
         }
 
-        let mut models = token.models.take().unwrap_or(RawModels {
-            allow: None,
-            max_tokens: None,
-        });
+        let mut models = token.models.take().unwrap_or_default();
         set(&mut models.allow, self.models);
         set(&mut models.max_tokens, self.max_tokens);
         if models.allow.is_some() || models.max_tokens.is_some() {
