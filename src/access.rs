@@ -11,9 +11,10 @@ use std::net::IpAddr;
 use crate::denial::Denial;
 use crate::money::NanoUsd;
 use crate::policy::TokenRules;
-use crate::rules::request_body::parse_request_body;
+use crate::pricing;
+use crate::routes::{OutputCap, PromptSource, Route, RouteKind};
+use crate::rules::request_body::{parse_request_body, BodyError, RequestFacts};
 use crate::settings::Settings;
-use crate::spend;
 
 /// Rules that need only the connection and headers.
 pub fn check_connection(
@@ -43,28 +44,34 @@ pub struct BodyVerdict {
     pub reservation: NanoUsd,
 }
 
-/// Whether a request path generates a completion (and so has `max_tokens` to judge and to
-/// reserve for). Anything else (embeddings, moderation, OCR, ...) is billed on its prompt only.
-pub fn generates_completion(path: &[u8]) -> bool {
-    let path = path.split(|b| *b == b'?').next().unwrap_or_default();
-    [
-        &b"/v1/chat/completions"[..],
-        b"/v1/fim/completions",
-        b"/v1/agents/completions",
-        b"/v1/conversations",
-    ]
-    .iter()
-    .any(|p| path.starts_with(p))
+/// The route rules, judged from the method and path alone: the route must be in the table (or
+/// the token must have the `all` scope), within the token's scopes, and a token whose limits
+/// depend on metering may only reach routes that can be capped and metered.
+pub fn check_route(rules: &TokenRules, route: Option<&Route>) -> Result<RouteKind, Denial> {
+    let kind = match route {
+        Some(r) if rules.scopes.allows(r.scope) => r.kind,
+        None if rules.scopes.allows_unknown_routes() => RouteKind::Unmetered,
+        _ => return Err(Denial::RouteDenied),
+    };
+    if !kind.is_capped() && rules.has_metered_limits() && !rules.allow_unmetered {
+        return Err(Denial::RouteUnmetered);
+    }
+    Ok(kind)
 }
 
-/// Judges the request body. `None` (or empty) means the request has no body, like
-/// `GET /v1/models`: there is nothing to generate, so no model rule applies and nothing is
-/// reserved.
+/// Whether this request's body must be read (and held) before it can be judged.
+pub fn needs_body(rules: &TokenRules, kind: RouteKind) -> bool {
+    rules.needs_body() && kind.reads_body()
+}
+
+/// Judges the request body of a route that reads one (see `needs_body`). `None` (or empty)
+/// means the request has no body: there is nothing to generate, so no model rule applies and
+/// nothing is reserved (the upstream refuses such a request).
 pub fn judge_body(
     rules: &TokenRules,
     settings: &Settings,
+    kind: RouteKind,
     body: Option<&[u8]>,
-    generates: bool,
 ) -> Result<BodyVerdict, Denial> {
     let Some(body) = body.filter(|b| !b.is_empty()) else {
         return Ok(BodyVerdict::default());
@@ -74,38 +81,90 @@ pub fn judge_body(
             limit: settings.max_body_bytes,
         });
     }
-    let facts = parse_request_body(body).map_err(|_| Denial::BodyUnreadable)?;
+    let facts = parse_request_body(body).map_err(|e| match e {
+        BodyError::BadModelName => Denial::ModelNameInvalid,
+        BodyError::NotJson | BodyError::NotObject => Denial::BodyUnreadable,
+    })?;
     if let Some(patterns) = &rules.models {
         let model = facts.model.as_deref().ok_or(Denial::BodyUnreadable)?;
         if !patterns.allows(model) {
             return Err(Denial::ModelDenied);
         }
     }
-    // Embeddings and other endpoints that generate no completion have no max_tokens to judge.
-    let max_tokens = if generates { facts.max_tokens } else { Some(0) };
-    if let (Some(limit), true) = (rules.max_tokens, generates) {
-        // Without max_tokens the model may generate up to its context length: refuse rather
+    let output_cap = output_cap(kind, &facts, settings.default_max_tokens);
+    if let (Some(limit), RouteKind::Generation { .. }) = (rules.max_tokens, kind) {
+        // Without its cap field the model may generate up to its context length: refuse rather
         // than let the ceiling be bypassed by leaving the field out.
-        if facts.max_tokens.is_none_or(|asked| asked > limit) {
+        if output_cap.asked.is_none_or(|asked| asked > limit) {
             return Err(Denial::MaxTokensExceeded { limit });
         }
     }
     let mut reservation = 0;
     if rules.limits.budget.is_some() {
-        let price = settings
-            .prices
-            .price_for(facts.model.as_deref())
-            .ok_or(Denial::ModelUnpriced)?;
-        reservation = spend::reservation(
-            price,
-            body.len() as u64,
-            max_tokens,
-            settings.default_max_tokens,
-        );
+        reservation = reserve(settings, kind, &facts, body.len() as u64, output_cap.worst)?;
     }
     Ok(BodyVerdict {
         model: facts.model,
         reservation,
+    })
+}
+
+/// The completion tokens a request asks for (`None` when its cap field is absent), and the
+/// most it can generate (the default cap when absent), `n` choices included.
+struct OutputCapOf {
+    asked: Option<u64>,
+    worst: u64,
+}
+
+fn output_cap(kind: RouteKind, facts: &RequestFacts, default_max_tokens: u64) -> OutputCapOf {
+    let RouteKind::Generation { cap, .. } = kind else {
+        return OutputCapOf {
+            asked: Some(0),
+            worst: 0,
+        };
+    };
+    let (field, choices) = match cap {
+        OutputCap::MaxTokensTimesN => (facts.max_tokens, facts.n.unwrap_or(1).max(1)),
+        OutputCap::CompletionArgsMaxTokens => (facts.completion_args_max_tokens, 1),
+        OutputCap::MaxOutputTokens => (facts.max_output_tokens, 1),
+    };
+    OutputCapOf {
+        asked: field.map(|t| t.saturating_mul(choices)),
+        worst: field.unwrap_or(default_max_tokens).saturating_mul(choices),
+    }
+}
+
+/// The worst case of one request, as the route table says to bound it.
+fn reserve(
+    settings: &Settings,
+    kind: RouteKind,
+    facts: &RequestFacts,
+    body_len: u64,
+    max_output: u64,
+) -> Result<NanoUsd, Denial> {
+    let prompt_bound = |source: PromptSource| match source {
+        PromptSource::Body => body_len,
+        PromptSource::BodyAndStoredState => body_len.saturating_add(settings.max_context_tokens),
+    };
+    let price = || {
+        settings
+            .prices
+            .price_for(facts.model.as_deref())
+            .ok_or(Denial::ModelUnpriced)
+    };
+    Ok(match kind {
+        RouteKind::Generation { prompt, .. } => {
+            pricing::worst_case_cost(price()?, prompt_bound(prompt), max_output)
+        }
+        RouteKind::PromptOnly => pricing::worst_case_cost(price()?, body_len, 0),
+        RouteKind::Ocr => {
+            let pages = facts
+                .pages
+                .unwrap_or(pricing::OCR_MAX_PAGES)
+                .min(pricing::OCR_MAX_PAGES);
+            pricing::unit_cost(pages, pricing::OCR_NANO_PER_PAGE)
+        }
+        RouteKind::Audio | RouteKind::Free | RouteKind::Unmetered => 0,
     })
 }
 
@@ -150,46 +209,133 @@ mod tests {
         assert_eq!(check_connection(&open, None, None), Ok(()));
     }
 
+    fn kind(method: &str, path: &str) -> RouteKind {
+        crate::routes::lookup(method.as_bytes(), path).unwrap().kind
+    }
+
+    fn chat() -> RouteKind {
+        kind("POST", "/v1/chat/completions")
+    }
+
     #[test]
     fn model_rules_read_the_body() {
         let r = rules(r#"{"models":{"allow":["mistral-small-*"],"max_tokens":100}}"#);
         let s = Settings::default();
         let ok = br#"{"model":"mistral-small-latest","max_tokens":50,"messages":[]}"#;
         assert_eq!(
-            judge_body(&r, &s, Some(ok), true).map(|v| v.model),
+            judge_body(&r, &s, chat(), Some(ok)).map(|v| v.model),
             Ok(Some("mistral-small-latest".to_string()))
         );
         let other = br#"{"model":"mistral-large-latest","max_tokens":50}"#;
         assert_eq!(
-            judge_body(&r, &s, Some(other), true),
+            judge_body(&r, &s, chat(), Some(other)),
             Err(Denial::ModelDenied)
         );
         let greedy = br#"{"model":"mistral-small-latest","max_tokens":101}"#;
         assert_eq!(
-            judge_body(&r, &s, Some(greedy), true),
+            judge_body(&r, &s, chat(), Some(greedy)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         let unset = br#"{"model":"mistral-small-latest"}"#;
         assert_eq!(
-            judge_body(&r, &s, Some(unset), true),
+            judge_body(&r, &s, chat(), Some(unset)),
+            Err(Denial::MaxTokensExceeded { limit: 100 })
+        );
+        // n choices multiply what a request can generate.
+        let many = br#"{"model":"mistral-small-latest","max_tokens":50,"n":3}"#;
+        assert_eq!(
+            judge_body(&r, &s, chat(), Some(many)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         assert_eq!(
-            judge_body(&r, &s, Some(b"nope"), true),
+            judge_body(&r, &s, chat(), Some(b"nope")),
             Err(Denial::BodyUnreadable)
         );
         assert_eq!(
-            judge_body(&r, &s, Some(br#"{"max_tokens":1}"#), true),
+            judge_body(&r, &s, chat(), Some(br#"{"max_tokens":1}"#)),
             Err(Denial::BodyUnreadable)
         );
-        assert_eq!(judge_body(&r, &s, None, true), Ok(BodyVerdict::default()));
+        assert_eq!(
+            judge_body(&r, &s, chat(), Some(b"{\"model\":\"m\\nx\"}")),
+            Err(Denial::ModelNameInvalid)
+        );
+        assert_eq!(judge_body(&r, &s, chat(), None), Ok(BodyVerdict::default()));
         // Embeddings have no max_tokens: the ceiling does not apply.
         let embed = br#"{"model":"mistral-small-x","input":["a"]}"#;
-        assert!(judge_body(&r, &s, Some(embed), false).is_ok());
-        assert!(generates_completion(b"/v1/chat/completions?x=1"));
-        assert!(generates_completion(b"/v1/conversations/abc/restart"));
-        assert!(!generates_completion(b"/v1/embeddings"));
-        assert!(!generates_completion(b"/v1/models"));
+        assert!(judge_body(&r, &s, kind("POST", "/v1/embeddings"), Some(embed)).is_ok());
+    }
+
+    #[test]
+    fn each_route_reads_its_own_output_cap() {
+        let r = rules(r#"{"models":{"max_tokens":100}}"#);
+        let s = Settings::default();
+        let conv = kind("POST", "/v1/conversations/c1");
+        // Mistral reads completion_args.max_tokens; a top-level max_tokens is not a cap.
+        let top_level = br#"{"model":"mistral-small-latest","max_tokens":10,"inputs":"hi"}"#;
+        assert_eq!(
+            judge_body(&r, &s, conv, Some(top_level)),
+            Err(Denial::MaxTokensExceeded { limit: 100 })
+        );
+        let args = br#"{"inputs":"hi","completion_args":{"max_tokens":100}}"#;
+        assert!(judge_body(&r, &s, conv, Some(args)).is_ok());
+        let resp = kind("POST", "/v1/responses");
+        let over = br#"{"model":"mistral-small-latest","max_output_tokens":101}"#;
+        assert_eq!(
+            judge_body(&r, &s, resp, Some(over)),
+            Err(Denial::MaxTokensExceeded { limit: 100 })
+        );
+        let fine = br#"{"model":"mistral-small-latest","max_output_tokens":99}"#;
+        assert!(judge_body(&r, &s, resp, Some(fine)).is_ok());
+    }
+
+    #[test]
+    fn routes_follow_scopes_and_metering() {
+        let open = rules("{}");
+        let route = |m: &str, p: &str| crate::routes::lookup(m.as_bytes(), p);
+        assert_eq!(
+            check_route(&open, route("POST", "/v1/chat/completions")),
+            Ok(chat())
+        );
+        assert_eq!(
+            check_route(&open, route("DELETE", "/v1/models/m1")),
+            Err(Denial::RouteDenied)
+        );
+        assert_eq!(
+            check_route(&open, route("GET", "/v1/files")),
+            Err(Denial::RouteDenied)
+        );
+        assert_eq!(check_route(&open, None), Err(Denial::RouteDenied));
+        let manage = rules(r#"{"scopes":["manage"]}"#);
+        assert_eq!(
+            check_route(&manage, route("POST", "/v1/batch/jobs")),
+            Ok(RouteKind::Unmetered)
+        );
+        assert_eq!(
+            check_route(&manage, route("POST", "/v1/chat/completions")),
+            Err(Denial::RouteDenied)
+        );
+        let budgeted = rules(r#"{"scopes":["all"],"budget":{"limit_usd":"1","window":"daily"}}"#);
+        assert_eq!(
+            check_route(&budgeted, route("POST", "/v1/batch/jobs")),
+            Err(Denial::RouteUnmetered)
+        );
+        assert_eq!(check_route(&budgeted, None), Err(Denial::RouteUnmetered));
+        assert_eq!(
+            check_route(&budgeted, route("POST", "/v1/audio/transcriptions")),
+            Err(Denial::RouteUnmetered)
+        );
+        let explicit = rules(
+            r#"{"scopes":["all"],"allow_unmetered":true,"budget":{"limit_usd":"1","window":"daily"}}"#,
+        );
+        assert_eq!(check_route(&explicit, None), Ok(RouteKind::Unmetered));
+        let ceiling = rules(r#"{"models":{"max_tokens":5}}"#);
+        assert_eq!(
+            check_route(&ceiling, route("POST", "/v1/audio/transcriptions")),
+            Err(Denial::RouteUnmetered)
+        );
+        assert!(!needs_body(&budgeted, RouteKind::Free));
+        assert!(needs_body(&budgeted, chat()));
+        assert!(!needs_body(&open, chat()));
     }
 
     #[test]
@@ -201,23 +347,61 @@ mod tests {
         };
         let body = br#"{"model":"mistral-small-latest"}"#;
         assert_eq!(
-            judge_body(&r, &s, Some(body), true),
+            judge_body(&r, &s, chat(), Some(body)),
             Err(Denial::BodyTooLarge { limit: 16 })
         );
     }
 
     #[test]
-    fn a_budget_reserves_the_worst_case_and_can_refuse_unpriced_models() {
+    fn a_budget_reserves_the_worst_case_of_each_route() {
         let r = rules(r#"{"budget":{"limit_usd":"1","window":"daily"}}"#);
         let s = Settings::default();
-        let body = br#"{"model":"mistral-small-latest","max_tokens":100}"#;
-        let v = judge_body(&r, &s, Some(body), true).unwrap();
         let price = s.prices.price_for(Some("mistral-small-latest")).unwrap();
+        let body = br#"{"model":"mistral-small-latest","max_tokens":100}"#;
+        let v = judge_body(&r, &s, chat(), Some(body)).unwrap();
         assert_eq!(
             v.reservation,
-            spend::reservation(price, body.len() as u64, Some(100), s.default_max_tokens)
+            pricing::worst_case_cost(price, body.len() as u64, 100)
         );
-        assert!(v.reservation > 0);
+        let n = br#"{"model":"mistral-small-latest","max_tokens":100,"n":20}"#;
+        assert_eq!(
+            judge_body(&r, &s, chat(), Some(n)).unwrap().reservation,
+            pricing::worst_case_cost(price, n.len() as u64, 2_000)
+        );
+        let none = br#"{"model":"mistral-small-latest"}"#;
+        assert_eq!(
+            judge_body(&r, &s, chat(), Some(none)).unwrap().reservation,
+            pricing::worst_case_cost(price, none.len() as u64, s.default_max_tokens)
+        );
+        // Stored state (a conversation's history) is bounded by the context, not the body.
+        let conv =
+            br#"{"model":"mistral-small-latest","inputs":"x","completion_args":{"max_tokens":10}}"#;
+        assert_eq!(
+            judge_body(&r, &s, kind("POST", "/v1/conversations/c1"), Some(conv))
+                .unwrap()
+                .reservation,
+            pricing::worst_case_cost(price, conv.len() as u64 + s.max_context_tokens, 10)
+        );
+        let embed = br#"{"model":"mistral-small-latest","input":"abc"}"#;
+        assert_eq!(
+            judge_body(&r, &s, kind("POST", "/v1/embeddings"), Some(embed))
+                .unwrap()
+                .reservation,
+            pricing::worst_case_cost(price, embed.len() as u64, 0)
+        );
+        let ocr = kind("POST", "/v1/ocr");
+        let pages = br#"{"model":"mistral-ocr-latest","document":{},"pages":[0,1]}"#;
+        assert_eq!(
+            judge_body(&r, &s, ocr, Some(pages)).unwrap().reservation,
+            2 * pricing::OCR_NANO_PER_PAGE
+        );
+        let all_pages = br#"{"model":"mistral-ocr-latest","document":{}}"#;
+        assert_eq!(
+            judge_body(&r, &s, ocr, Some(all_pages))
+                .unwrap()
+                .reservation,
+            pricing::OCR_MAX_PAGES * pricing::OCR_NANO_PER_PAGE
+        );
 
         let deny_unknown = Settings {
             prices: crate::spend::Prices::new(
@@ -228,7 +412,7 @@ mod tests {
         };
         let unknown = br#"{"model":"homegrown-7b"}"#;
         assert_eq!(
-            judge_body(&r, &deny_unknown, Some(unknown), true),
+            judge_body(&r, &deny_unknown, chat(), Some(unknown)),
             Err(Denial::ModelUnpriced)
         );
     }

@@ -4,6 +4,25 @@
 
 use crate::money::NanoUsd;
 
+/// Longest text from a client or the upstream written to filter state or a log line.
+pub const MAX_AUDIT_TEXT: usize = 128;
+
+/// `text` made safe for a log line, a stat name or filter state: at most `MAX_AUDIT_TEXT`
+/// characters of `[A-Za-z0-9._:/@+-]`, anything else replaced by `_`. No newline, quote or
+/// control character written by a client can forge a log line.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .take(MAX_AUDIT_TEXT)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:/@+-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFacts {
     pub token_id: Option<String>,
@@ -27,7 +46,7 @@ impl AuditFacts {
             out.push(("shieldkey_decision", decision.to_string()));
         }
         if let Some(model) = &self.model {
-            out.push(("shieldkey_model", model.clone()));
+            out.push(("shieldkey_model", printable(model)));
         }
         out
     }
@@ -37,7 +56,7 @@ impl AuditFacts {
     pub fn accounting_entries(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::with_capacity(5);
         if let Some(model) = &self.model {
-            out.push(("shieldkey_model", model.clone()));
+            out.push(("shieldkey_model", printable(model)));
         }
         out.extend([
             ("shieldkey_prompt_tokens", self.prompt_tokens.to_string()),
@@ -74,5 +93,20 @@ mod tests {
         assert!(accounted.contains(&("shieldkey_cost_nano_usd", "2850".to_string())));
         assert!(accounted.contains(&("shieldkey_model", "mistral-small-latest".to_string())));
         assert_eq!(AuditFacts::default().decision_entries(), vec![]);
+    }
+
+    #[test]
+    fn client_text_cannot_forge_log_lines() {
+        let forged = AuditFacts {
+            model: Some("x\n[2026] token=alice decision=allowed \"".into()),
+            ..AuditFacts::default()
+        };
+        let (_, model) = &forged.accounting_entries()[0];
+        assert_eq!(model, "x__2026__token_alice_decision_allowed__");
+        assert_eq!(printable(&"m".repeat(500)).len(), MAX_AUDIT_TEXT);
+        assert_eq!(
+            printable("ft:mistral-small:a/b@c+d"),
+            "ft:mistral-small:a/b@c+d"
+        );
     }
 }

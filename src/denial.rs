@@ -44,6 +44,15 @@ pub enum Denial {
     BodyUnreadable,
     /// The shared counters could not be updated (contention or a store failure): fail closed.
     LedgerBusy,
+    /// The route is outside the Mistral API table, or outside the token's scopes.
+    RouteDenied,
+    /// The route cannot be capped or metered, and the token has limits that need it.
+    RouteUnmetered,
+    /// The path is not in the canonical form the upstream routes (percent escapes, `//`, dot
+    /// segments): judging one path while the upstream acts on another is refused.
+    PathNotCanonical,
+    /// `model` is not a model name (control characters, too long).
+    ModelNameInvalid,
 }
 
 impl Denial {
@@ -59,11 +68,16 @@ impl Denial {
             Denial::SourceIpDenied
             | Denial::CountryDenied
             | Denial::ModelDenied
-            | Denial::ModelUnpriced => 403,
+            | Denial::ModelUnpriced
+            | Denial::RouteDenied
+            | Denial::RouteUnmetered => 403,
             Denial::RequestRateLimited { .. }
             | Denial::TokenRateLimited { .. }
             | Denial::BudgetExceeded { .. } => 429,
-            Denial::MaxTokensExceeded { .. } | Denial::BodyUnreadable => 400,
+            Denial::MaxTokensExceeded { .. }
+            | Denial::BodyUnreadable
+            | Denial::PathNotCanonical
+            | Denial::ModelNameInvalid => 400,
             Denial::BodyTooLarge { .. } => 413,
             Denial::KeyUnavailable | Denial::PolicyUnavailable | Denial::LedgerBusy => 503,
         }
@@ -92,6 +106,10 @@ impl Denial {
             Denial::BodyTooLarge { .. } => "shield_body_too_large",
             Denial::BodyUnreadable => "shield_body_unreadable",
             Denial::LedgerBusy => "shield_ledger_busy",
+            Denial::RouteDenied => "shield_route_denied",
+            Denial::RouteUnmetered => "shield_route_unmetered",
+            Denial::PathNotCanonical => "shield_path_not_canonical",
+            Denial::ModelNameInvalid => "shield_model_invalid",
         }
     }
 
@@ -145,6 +163,14 @@ impl Denial {
                 "The request body must be a JSON object with a string 'model' for this token's rules.".into()
             }
             Denial::LedgerBusy => "The gateway could not update usage counters; retry shortly.".into(),
+            Denial::RouteDenied => "This token may not use this endpoint.".into(),
+            Denial::RouteUnmetered => {
+                "This endpoint's cost cannot be capped or metered by the gateway, and this token has spend or token limits.".into()
+            }
+            Denial::PathNotCanonical => {
+                "The request path must be in canonical form (no percent-escapes, empty or dot segments).".into()
+            }
+            Denial::ModelNameInvalid => "The 'model' field is not a valid model name.".into(),
         }
     }
 
@@ -194,6 +220,10 @@ impl Denial {
         "shield_body_too_large",
         "shield_body_unreadable",
         "shield_ledger_busy",
+        "shield_route_denied",
+        "shield_route_unmetered",
+        "shield_path_not_canonical",
+        "shield_model_invalid",
     ];
 }
 
@@ -262,6 +292,10 @@ mod tests {
             Denial::BodyTooLarge { limit: 10 },
             Denial::BodyUnreadable,
             Denial::LedgerBusy,
+            Denial::RouteDenied,
+            Denial::RouteUnmetered,
+            Denial::PathNotCanonical,
+            Denial::ModelNameInvalid,
         ] {
             assert!(Denial::ALL_CODES.contains(&d.code()), "{}", d.code());
         }

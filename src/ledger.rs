@@ -172,6 +172,12 @@ pub struct SharedDataLedger<'a> {
 }
 
 impl<'a> SharedDataLedger<'a> {
+    /// (spent, reserved) in the token's current budget window, as stored.
+    pub fn balance(&self, token_id: &str) -> Option<(NanoUsd, NanoUsd)> {
+        let (bytes, _) = self.store.get(&key(token_id))?;
+        Counters::decode(&bytes).map(|c| (c.spent, c.reserved))
+    }
+
     pub fn new(store: &'a dyn SharedStore) -> Self {
         SharedDataLedger { store }
     }

@@ -5,6 +5,7 @@
 //! request path reads only the record of the token presented.
 
 use crate::ledger::Limits;
+use crate::routes::Scopes;
 use crate::rules::country::CountryRule;
 use crate::rules::model_pattern::ModelPatterns;
 use crate::rules::source_ip::SourceNetworks;
@@ -57,6 +58,10 @@ pub struct TokenRules {
     pub countries: Option<CountryRule>,
     pub models: Option<ModelPatterns>,
     pub max_tokens: Option<u64>,
+    /// The routes of the Mistral API the token reaches (`routes`).
+    pub scopes: Scopes,
+    /// Routes that cannot be capped or metered are open to a token with metered limits.
+    pub allow_unmetered: bool,
     /// The rule section exactly as configured, canonical JSON (empty when there are no rules):
     /// this is what the shared-data record carries, and what two rule sets compare by.
     pub spec: Vec<u8>,
@@ -75,6 +80,14 @@ impl TokenRules {
     /// `max_tokens`, and a budget reserves the worst case, which depends on both.
     pub fn needs_body(&self) -> bool {
         self.models.is_some() || self.max_tokens.is_some() || self.limits.budget.is_some()
+    }
+
+    /// Whether a limit depends on knowing what a request can cost or generate: such a token
+    /// must not reach a route the filter cannot cap or meter, unless `allow_unmetered`.
+    pub fn has_metered_limits(&self) -> bool {
+        self.limits.budget.is_some()
+            || self.limits.tokens_per_minute.is_some()
+            || self.max_tokens.is_some()
     }
 }
 

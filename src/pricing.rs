@@ -12,6 +12,19 @@ use crate::usage::Usage;
 /// The date of Mistral's published prices the built-in table reproduces.
 pub const PRICE_TABLE_DATE: &str = "2026-08-12";
 
+/// OCR: $4 per 1000 pages.
+pub const OCR_NANO_PER_PAGE: NanoUsd = 4_000_000;
+/// The most pages one OCR request processes (Mistral's documented limit per document): the
+/// worst case of a request that does not name its `pages`.
+pub const OCR_MAX_PAGES: u64 = 1_000;
+/// Transcription: $0.003 per minute of audio.
+pub const AUDIO_NANO_PER_SECOND: NanoUsd = 50_000;
+
+/// Cost of `units` at `unit_price` (pages, seconds), saturating.
+pub fn unit_cost(units: u64, unit_price: NanoUsd) -> NanoUsd {
+    units.saturating_mul(unit_price)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelPrice {
     pub input_nano_per_mtok: u64,
@@ -185,6 +198,7 @@ mod tests {
             completion_tokens: completion,
             cached_prompt_tokens: cached,
             priority,
+            ..Usage::default()
         }
     }
 

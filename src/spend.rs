@@ -11,11 +11,14 @@
 //! - usage present → exact cost from `prompt_tokens` and `completion_tokens` (never `total_tokens`);
 //! - upstream error status without usage → 0 (Mistral bills nothing for errors);
 //! - a complete response without usage (e.g. `/v1/models`) → 0;
-//! - a response cut short (client abort, upstream reset, truncated body) → an estimate that is
-//!   never 0: the larger of the reservation and the streamed bytes / 4 as completion tokens.
+//! - a response cut short (client abort, upstream reset, truncated body), or in an encoding the
+//!   filter cannot read → an estimate that is never 0 and never more than the reservation
+//!   (see `estimate`);
+//! - routes the table marks free or unmetered → 0.
 
 use crate::money::NanoUsd;
 use crate::pricing::{self, ModelPrice, PriceTable};
+use crate::routes::RouteKind;
 use crate::usage::{ScanResult, Usage};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,15 +60,6 @@ impl Prices {
     }
 }
 
-pub fn reservation(
-    price: ModelPrice,
-    body_len: u64,
-    max_tokens: Option<u64>,
-    default_max_tokens: u64,
-) -> NanoUsd {
-    pricing::worst_case_cost(price, body_len, max_tokens.unwrap_or(default_max_tokens))
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Charge {
     pub cost: NanoUsd,
@@ -81,31 +75,42 @@ pub struct ResponseFacts<'a> {
     /// The stream reached its normal end (Envoy delivered end_of_stream) and the body was
     /// syntactically complete.
     pub complete: bool,
+    /// The response came with a content encoding the scanner cannot read (it asked for
+    /// `identity`, so the upstream ignored that).
+    pub unreadable: bool,
     pub bytes_seen: u64,
+    /// Length of the request body, when it was read: bounds the prompt of an estimate.
+    pub request_bytes: u64,
 }
 
+/// What a finished request is charged. `reserved` is the request's worst case when it had a
+/// budget (0 otherwise).
 pub fn charge(
     prices: &Prices,
+    kind: RouteKind,
     request_model: Option<&str>,
     reserved: NanoUsd,
     facts: &ResponseFacts<'_>,
 ) -> Charge {
+    if !kind.is_metered() || kind == RouteKind::Free {
+        return Charge::default();
+    }
     let model = facts
         .scan
         .model
         .as_deref()
         .filter(|m| prices.table.lookup(m).is_some())
         .or(request_model);
-    if let Some(usage) = &facts.scan.usage {
-        let cost = prices
-            .price_for(model)
-            .map_or(0, |p| pricing::cost(p, usage));
-        // A model the policy denies pricing for cannot have been admitted with a budget; if it
-        // still reports usage (no budget on the token), charge the most expensive price.
-        let cost = if prices.price_for(model).is_none() {
-            pricing::cost(prices.max_price, usage)
-        } else {
-            cost
+    // A model the policy denies pricing for cannot have been admitted with a budget; if it
+    // still reports usage (no budget on the token), charge the most expensive price.
+    let price = prices.price_for(model).unwrap_or(prices.max_price);
+    if let (Some(usage), false) = (&facts.scan.usage, facts.unreadable) {
+        let cost = match kind {
+            RouteKind::Ocr => pricing::unit_cost(usage.pages, pricing::OCR_NANO_PER_PAGE),
+            RouteKind::Audio => {
+                pricing::unit_cost(usage.audio_seconds, pricing::AUDIO_NANO_PER_SECOND)
+            }
+            _ => pricing::cost(price, usage),
         };
         return Charge {
             cost,
@@ -114,23 +119,53 @@ pub fn charge(
             estimated: false,
         };
     }
-    if facts.status >= 400 || facts.complete {
+    if facts.status >= 400 || (facts.complete && !facts.unreadable) {
         return Charge::default();
     }
-    let completion_tokens = facts.bytes_seen.div_ceil(4);
-    let price = prices.price_for(model).unwrap_or(prices.max_price);
-    let by_bytes = pricing::cost(
+    estimate(price, kind, reserved, facts)
+}
+
+/// A response that ended without readable usage: cut short (client gone, upstream reset,
+/// truncated body) or in an encoding the filter cannot read. Never 0, never more than the
+/// request's worst case. Text: the request body's bytes ÷ 4 as prompt tokens and the generated
+/// text's bytes ÷ 4 as completion tokens (JSON and SSE framing, padding and ids not counted).
+/// An unreadable body is charged the reservation (without a budget: all its bytes counted as
+/// generated text). Pages and audio seconds cannot be
+/// counted from a partial response: the worst case is charged.
+fn estimate(
+    price: ModelPrice,
+    kind: RouteKind,
+    reserved: NanoUsd,
+    facts: &ResponseFacts,
+) -> Charge {
+    let generated = if facts.unreadable {
+        facts.bytes_seen
+    } else {
+        facts.scan.generated_bytes
+    };
+    let (prompt_tokens, completion_tokens) = match kind {
+        RouteKind::Generation { .. } => (facts.request_bytes.div_ceil(4), generated.div_ceil(4)),
+        RouteKind::PromptOnly => (facts.request_bytes.div_ceil(4), 0),
+        _ => (0, 0),
+    };
+    let by_content = pricing::cost(
         price,
         &Usage {
-            prompt_tokens: 0,
+            prompt_tokens,
             completion_tokens,
-            cached_prompt_tokens: 0,
-            priority: false,
+            ..Usage::default()
         },
     );
+    let cost = match kind {
+        RouteKind::Ocr | RouteKind::Audio => reserved,
+        // What an unreadable body held cannot be known: its worst case.
+        _ if facts.unreadable && reserved > 0 => reserved,
+        _ if reserved > 0 => by_content.min(reserved),
+        _ => by_content,
+    };
     Charge {
-        cost: by_bytes.max(reserved).max(1),
-        prompt_tokens: 0,
+        cost: cost.max(1),
+        prompt_tokens,
         completion_tokens,
         estimated: true,
     }
@@ -139,17 +174,23 @@ pub fn charge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes;
 
     fn prices() -> Prices {
         Prices::new(PriceTable::builtin(), UnknownModel::MaxPrice)
+    }
+
+    fn chat() -> RouteKind {
+        routes::lookup(b"POST", "/v1/chat/completions")
+            .unwrap()
+            .kind
     }
 
     fn usage(prompt: u64, completion: u64) -> Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            cached_prompt_tokens: 0,
-            priority: false,
+            ..Usage::default()
         }
     }
 
@@ -158,7 +199,9 @@ mod tests {
             status,
             scan,
             complete,
+            unreadable: false,
             bytes_seen: bytes,
+            request_bytes: 0,
         }
     }
 
@@ -167,8 +210,15 @@ mod tests {
         let scan = ScanResult {
             usage: Some(usage(1000, 500)),
             model: Some("mistral-small-latest".into()),
+            generated_bytes: 10,
         };
-        let c = charge(&prices(), None, 9_999, &facts(200, &scan, true, 800));
+        let c = charge(
+            &prices(),
+            chat(),
+            None,
+            9_999,
+            &facts(200, &scan, true, 800),
+        );
         // 1000 × 0.15 + 500 × 0.60 USD per million tokens.
         assert_eq!(c.cost, 450_000);
         assert!(!c.estimated);
@@ -176,35 +226,90 @@ mod tests {
     }
 
     #[test]
-    fn errors_and_usage_free_responses_cost_nothing() {
+    fn pages_and_audio_seconds_are_billed_by_the_unit() {
+        let ocr = routes::lookup(b"POST", "/v1/ocr").unwrap().kind;
+        let scan = ScanResult {
+            usage: Some(Usage {
+                pages: 3,
+                ..Usage::default()
+            }),
+            ..ScanResult::default()
+        };
+        let c = charge(&prices(), ocr, None, 0, &facts(200, &scan, true, 10));
+        assert_eq!(c.cost, 3 * pricing::OCR_NANO_PER_PAGE);
+        let audio = routes::lookup(b"POST", "/v1/audio/transcriptions")
+            .unwrap()
+            .kind;
+        let scan = ScanResult {
+            usage: Some(Usage {
+                audio_seconds: 60,
+                prompt_tokens: 9,
+                ..Usage::default()
+            }),
+            ..ScanResult::default()
+        };
+        // $0.003 per minute.
+        assert_eq!(
+            charge(&prices(), audio, None, 0, &facts(200, &scan, true, 10)).cost,
+            3_000_000
+        );
+    }
+
+    #[test]
+    fn errors_free_routes_and_usage_free_responses_cost_nothing() {
         let empty = ScanResult::default();
+        for (status, complete) in [(429, true), (503, false), (200, true)] {
+            let c = charge(
+                &prices(),
+                chat(),
+                None,
+                5_000,
+                &facts(status, &empty, complete, 90),
+            );
+            assert_eq!(c.cost, 0, "{status}");
+        }
+        let models = routes::lookup(b"GET", "/v1/models").unwrap().kind;
         assert_eq!(
-            charge(&prices(), None, 5_000, &facts(429, &empty, true, 90)).cost,
-            0
-        );
-        assert_eq!(
-            charge(&prices(), None, 5_000, &facts(503, &empty, false, 0)).cost,
-            0
-        );
-        assert_eq!(
-            charge(&prices(), None, 5_000, &facts(200, &empty, true, 4000)).cost,
+            charge(&prices(), models, None, 0, &facts(200, &empty, false, 90)).cost,
             0
         );
     }
 
     #[test]
-    fn a_response_cut_short_is_never_free() {
-        let empty = ScanResult::default();
+    fn a_response_cut_short_is_estimated_from_generated_text_within_the_reservation() {
         let model = Some("mistral-small-latest");
-        // Nothing streamed yet: the reservation is charged, and never less than 1 nano-USD.
-        let c = charge(&prices(), model, 0, &facts(200, &empty, false, 0));
+        let empty = ScanResult::default();
+        // Nothing generated yet: never 0.
+        let c = charge(&prices(), chat(), model, 0, &facts(200, &empty, false, 0));
         assert!(c.estimated && c.cost >= 1);
-        let c = charge(&prices(), model, 70_000, &facts(200, &empty, false, 0));
+        // The prompt (request bytes / 4) and the generated text (bytes / 4) are counted,
+        // not the bytes on the wire.
+        let scan = ScanResult {
+            generated_bytes: 400,
+            ..ScanResult::default()
+        };
+        let mut f = facts(200, &scan, false, 40_000);
+        f.request_bytes = 4_000;
+        let c = charge(&prices(), chat(), model, 0, &f);
+        assert_eq!((c.prompt_tokens, c.completion_tokens), (1_000, 100));
+        assert_eq!(c.cost, 1_000 * 150 + 100 * 600);
+        // Never more than the worst case reserved for it.
+        let c = charge(&prices(), chat(), model, 70_000, &f);
         assert_eq!(c.cost, 70_000);
-        // Many bytes streamed: bytes / 4 as completion tokens, if that is more.
-        let c = charge(&prices(), model, 10, &facts(200, &empty, false, 400_000));
-        assert_eq!(c.completion_tokens, 100_000);
-        assert_eq!(c.cost, 100_000 * 600);
+    }
+
+    #[test]
+    fn an_unreadable_response_is_charged_its_reservation() {
+        let empty = ScanResult::default();
+        let mut f = facts(200, &empty, true, 500);
+        f.unreadable = true;
+        let c = charge(&prices(), chat(), Some("mistral-small-latest"), 9_000, &f);
+        assert_eq!(c.cost, 9_000);
+        assert!(c.estimated);
+        // Usage in a body the scanner could not read is no usage: a gzip body can contain
+        // anything once decoded.
+        let c = charge(&prices(), chat(), Some("mistral-small-latest"), 0, &f);
+        assert!(c.cost >= 1);
     }
 
     #[test]
@@ -223,22 +328,5 @@ mod tests {
         };
         let own = Prices::new(PriceTable::builtin(), UnknownModel::Price(fixed));
         assert_eq!(own.price_for(None), Some(fixed));
-    }
-
-    #[test]
-    fn the_reservation_covers_the_worst_case() {
-        let price = prices().price_for(Some("mistral-small-latest")).unwrap();
-        let reserved = reservation(price, 1_000, Some(2_000), 4_096);
-        let worst = Usage {
-            prompt_tokens: 1_000,
-            completion_tokens: 2_000,
-            cached_prompt_tokens: 0,
-            priority: true,
-        };
-        assert!(reserved >= pricing::cost(price, &worst));
-        assert_eq!(
-            reservation(price, 10, None, 4_096),
-            reservation(price, 10, Some(4_096), 1)
-        );
     }
 }

@@ -12,7 +12,10 @@ pub const HELP: &str = "\
        --rpm N  --tpm N                   requests / Mistral tokens per minute
        --cidrs 10.0.0.0/8,2001:db8::/32   allowed client networks
        --countries-allow FR,DE  --countries-deny RU  --countries-unknown allow|deny
-       --models 'mistral-small-*,mistral-embed'  --max-tokens N";
+       --models 'mistral-small-*,mistral-embed'  --max-tokens N
+       --scopes inference,read,manage|all  routes the token reaches (default inference)
+       --allow-unmetered true|false       let a token with a budget, tpm or max_tokens limit
+                                          use routes ShieldKey cannot cap or meter";
 
 /// A flag's value: `None` when absent, `Some(None)` for `none`, `Some(Some(v))` to set.
 type Change<T> = Option<Option<T>>;
@@ -29,6 +32,8 @@ pub struct RuleFlags {
     countries_unknown: Option<String>,
     models: Change<Vec<String>>,
     max_tokens: Change<u64>,
+    scopes: Change<Vec<String>>,
+    allow_unmetered: Change<bool>,
 }
 
 impl RuleFlags {
@@ -44,6 +49,8 @@ impl RuleFlags {
             countries_unknown: args.option("countries-unknown")?,
             models: list(args, "models")?,
             max_tokens: number(args, "max-tokens")?,
+            scopes: list(args, "scopes")?,
+            allow_unmetered: boolean(args, "allow-unmetered")?,
         })
     }
 
@@ -58,6 +65,8 @@ impl RuleFlags {
             && self.countries_unknown.is_none()
             && self.models.is_none()
             && self.max_tokens.is_none()
+            && self.scopes.is_none()
+            && self.allow_unmetered.is_none()
     }
 
     /// Applies the flags to a token; sections left with nothing in them are removed.
@@ -94,6 +103,8 @@ impl RuleFlags {
         if models.allow.is_some() || models.max_tokens.is_some() {
             token.models = Some(models);
         }
+        set(&mut token.scopes, self.scopes);
+        set(&mut token.allow_unmetered, self.allow_unmetered);
         Ok(())
     }
 
@@ -145,6 +156,17 @@ fn number(args: &mut Args, name: &str) -> Result<Change<u64>, CliError> {
                     .map_err(|_| usage(format!("--{name}: expected a whole number or none")))
             })
             .transpose()
+        })
+        .transpose()
+}
+
+fn boolean(args: &mut Args, name: &str) -> Result<Change<bool>, CliError> {
+    text(args, name)?
+        .map(|v| match v.as_deref() {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(_) => Err(usage(format!("--{name}: expected true, false or none"))),
         })
         .transpose()
 }

@@ -79,6 +79,11 @@ pub struct RawRequests {
     /// (default `x-shieldkey-country`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country_header: Option<String>,
+    /// Prompt tokens reserved on top of the body for routes whose prompt includes state stored
+    /// upstream (conversations, agents, `previous_response_id`); default 262144, the largest
+    /// context of Mistral's models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +147,14 @@ pub struct RawToken {
     pub countries: Option<RawCountries>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<RawModels>,
+    /// Which routes of the Mistral API the token reaches: `inference` (default), `read`,
+    /// `manage`, or `all` (every route, including ones ShieldKey does not know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// Lets a token with a budget, a tokens-per-minute limit or a `max_tokens` ceiling use routes
+    /// ShieldKey cannot cap or meter (management, batch jobs, audio). Default false: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_unmetered: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

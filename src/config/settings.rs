@@ -94,6 +94,15 @@ fn compile_requests(raw: &RawRequests, out: &mut Settings) -> Result<(), ConfigE
         }
         out.default_max_tokens = tokens;
     }
+    if let Some(tokens) = raw.max_context_tokens {
+        if tokens == 0 || tokens > 100_000_000 {
+            return Err(ConfigError::at(
+                "requests.max_context_tokens",
+                "must be between 1 and 100000000",
+            ));
+        }
+        out.max_context_tokens = tokens;
+    }
     if let Some(header) = &raw.country_header {
         let ok = !header.is_empty()
             && !header.starts_with(':')

@@ -12,6 +12,7 @@ use crate::budget_window::BudgetWindow;
 use crate::ledger::{Budget, Limits};
 use crate::money;
 use crate::policy::TokenRules;
+use crate::routes::Scopes;
 use crate::rules::country::CountryRule;
 use crate::rules::model_pattern::ModelPatterns;
 use crate::rules::source_ip::SourceNetworks;
@@ -30,6 +31,10 @@ pub struct RawTokenRules {
     pub countries: Option<RawCountries>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<RawModels>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_unmetered: Option<bool>,
 }
 
 impl RawTokenRules {
@@ -40,6 +45,8 @@ impl RawTokenRules {
             source_cidrs: token.source_cidrs.clone(),
             countries: token.countries.clone(),
             models: token.models.clone(),
+            scopes: token.scopes.clone(),
+            allow_unmetered: token.allow_unmetered,
         }
     }
 
@@ -104,6 +111,11 @@ pub fn compile_rules(raw: &RawTokenRules, path: &str) -> Result<TokenRules, Conf
         }
         rules.max_tokens = positive(models.max_tokens, &format!("{mpath}.max_tokens"))?;
     }
+    if let Some(scopes) = &raw.scopes {
+        rules.scopes =
+            Scopes::parse(scopes).map_err(|e| ConfigError::at(format!("{path}.scopes"), e))?;
+    }
+    rules.allow_unmetered = raw.allow_unmetered.unwrap_or(false);
     Ok(rules)
 }
 

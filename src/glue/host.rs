@@ -1,16 +1,28 @@
-//! Panic-free wrappers over the proxy-wasm host calls the filter uses.
+//! `stream::host::Host` over proxy-wasm host calls, panic-free: every host error becomes a value
+//! (the SDK's trait helpers unwrap, and a panic in the VM is an outage).
+
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use proxy_wasm::types::{BufferType, MapType, MetricType};
 
-pub fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+use super::host_store::HostStore;
+use crate::store::SharedStore;
+use crate::stream::host::{Host, LogLevel, MetricKind};
+
+/// The host of one HTTP stream. `alert_queue`: the shared queue budget alerts go to.
+pub struct WasmHost {
+    pub alert_queue: Option<u32>,
 }
 
-pub fn plugin_configuration() -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
+pub fn log(level: LogLevel, message: &str) {
+    let level = match level {
+        LogLevel::Debug => proxy_wasm::types::LogLevel::Debug,
+        LogLevel::Info => proxy_wasm::types::LogLevel::Info,
+        LogLevel::Warn => proxy_wasm::types::LogLevel::Warn,
+        LogLevel::Error => proxy_wasm::types::LogLevel::Error,
+    };
+    let _ = hostcalls::log(level, message);
 }
 
 pub fn now_unix_ms() -> Option<i64> {
@@ -19,48 +31,104 @@ pub fn now_unix_ms() -> Option<i64> {
     i64::try_from(since.as_millis()).ok()
 }
 
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+pub fn plugin_configuration() -> Option<Vec<u8>> {
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
         .ok()
         .flatten()
 }
 
-pub fn set_request_header(name: &str, value: &[u8]) -> bool {
-    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_ok()
+pub fn dispatch_post(
+    cluster: &str,
+    path: &str,
+    authority: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> bool {
+    let headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", authority),
+        ("content-type", "application/json"),
+    ];
+    hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout).is_ok()
 }
 
-pub fn remove_request_header(name: &str) -> bool {
-    hostcalls::remove_map_value(MapType::HttpRequestHeaders, name).is_ok()
-}
+impl Host for WasmHost {
+    fn now_unix_ms(&self) -> Option<i64> {
+        now_unix_ms()
+    }
 
-pub fn send_local_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body));
-}
+    fn log(&self, level: LogLevel, message: &str) {
+        log(level, message);
+    }
 
-/// Writes filter state `wasm.<name>`, which access logs read with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
-pub fn set_filter_state(name: &str, value: &[u8]) {
-    let _ = hostcalls::set_property(vec![name], Some(value));
-}
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
 
-pub fn response_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-        .ok()
-        .flatten()
-}
+    fn set_request_header(&self, name: &str, value: &[u8]) -> bool {
+        hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value)).is_ok()
+    }
 
-pub fn request_body(size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-        .ok()
-        .flatten()
-}
+    fn remove_request_header(&self, name: &str) -> bool {
+        hostcalls::remove_map_value(MapType::HttpRequestHeaders, name).is_ok()
+    }
 
-pub fn response_body(size: usize) -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
-        .ok()
-        .flatten()
-}
+    fn request_body(&self) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
+            .ok()
+            .flatten()
+    }
 
-/// An Envoy attribute such as `source.address`.
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn response_chunk(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    fn send_local_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body));
+    }
+
+    fn set_filter_state(&self, name: &str, value: &[u8]) {
+        let _ = hostcalls::set_property(vec![name], Some(value));
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        &HostStore
+    }
+
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        let kind = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Gauge => MetricType::Gauge,
+        };
+        hostcalls::define_metric(kind, name).ok()
+    }
+
+    fn increment_metric(&self, id: u32, by: i64) {
+        let _ = hostcalls::increment_metric(id, by);
+    }
+
+    fn record_metric(&self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
+    }
+
+    fn enqueue_alert(&self, body: &[u8]) {
+        if let Some(queue) = self.alert_queue {
+            let _ = hostcalls::enqueue_shared_queue(queue, Some(body));
+        }
+    }
 }

@@ -5,7 +5,6 @@
 mod host;
 mod host_store;
 mod http;
-mod metrics;
 mod root;
 
 proxy_wasm::main! {{

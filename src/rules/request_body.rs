@@ -6,14 +6,39 @@ use serde::Deserialize;
 pub struct RequestFacts {
     pub model: Option<String>,
     pub max_tokens: Option<u64>,
+    /// Choices asked for (chat, FIM, agents): completion tokens can reach `n × max_tokens`.
+    pub n: Option<u64>,
+    /// `completion_args.max_tokens`: the cap conversations read (not a top-level `max_tokens`).
+    pub completion_args_max_tokens: Option<u64>,
+    /// `max_output_tokens`: the cap of the Responses API.
+    pub max_output_tokens: Option<u64>,
+    /// How many pages an OCR request names (`pages`), if it names them.
+    pub pages: Option<u64>,
     pub stream: bool,
+}
+
+/// Longest model name accepted; Mistral's (fine-tuned ones included) are far shorter.
+pub const MAX_MODEL_NAME: usize = 128;
+
+/// A model name as Mistral spells them (`mistral-small-latest`,
+/// `ft:open-mistral-7b:587a6b29:20240514:7e773925`): anything else is refused before it can
+/// reach a log line, a stat or a price lookup.
+pub fn is_valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_MODEL_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:/@+".contains(&b))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyError {
-    /// Not JSON, or a field of the wrong type.
+    /// Not JSON, or a field of the wrong type, or a key given twice (Python servers take the
+    /// last, others the first: ambiguity is refused rather than guessed).
     NotJson,
     NotObject,
+    /// `model` is not a model name (control characters, too long, ...).
+    BadModelName,
 }
 
 /// Only these fields are decoded; serde skips the rest (messages, tools, ...) without building
@@ -25,7 +50,21 @@ struct Fields {
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
+    n: Option<u64>,
+    #[serde(default)]
+    completion_args: Option<CompletionArgs>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    pages: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
     stream: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct CompletionArgs {
+    #[serde(default)]
+    max_tokens: Option<u64>,
 }
 
 pub fn parse_request_body(body: &[u8]) -> Result<RequestFacts, BodyError> {
@@ -40,9 +79,20 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestFacts, BodyError> {
         );
     }
     let fields: Fields = serde_json::from_slice(body).map_err(|_| BodyError::NotJson)?;
+    if fields
+        .model
+        .as_deref()
+        .is_some_and(|m| !is_valid_model_name(m))
+    {
+        return Err(BodyError::BadModelName);
+    }
     Ok(RequestFacts {
         model: fields.model,
         max_tokens: fields.max_tokens,
+        n: fields.n,
+        completion_args_max_tokens: fields.completion_args.and_then(|c| c.max_tokens),
+        max_output_tokens: fields.max_output_tokens,
+        pages: fields.pages.map(|p| p.len() as u64),
         stream: fields.stream.unwrap_or(false),
     })
 }
@@ -59,7 +109,8 @@ mod tests {
             Ok(RequestFacts {
                 model: Some("mistral-small-latest".into()),
                 max_tokens: Some(64),
-                stream: true
+                stream: true,
+                ..Default::default()
             })
         );
         let embed = br#"{"model":"mistral-embed","input":["a","b"]}"#;
@@ -103,6 +154,56 @@ mod tests {
         assert_eq!(
             parse_request_body(br#"{"model":"a","model":"b"}"#),
             Err(BodyError::NotJson)
+        );
+        // An escaped key is the same key to every JSON parser: still a duplicate.
+        assert_eq!(
+            parse_request_body(br#"{"max_tokens":1,"max\u005ftokens":9000}"#),
+            Err(BodyError::NotJson)
+        );
+        assert_eq!(
+            parse_request_body(br#"{"completion_args":{"max_tokens":1,"max_tokens":2}}"#),
+            Err(BodyError::NotJson)
+        );
+        // Numbers Python would coerce are refused, not guessed.
+        for lax in [
+            &br#"{"max_tokens":"100"}"#[..],
+            br#"{"max_tokens":1e3}"#,
+            br#"{"n":2.0}"#,
+        ] {
+            assert_eq!(parse_request_body(lax), Err(BodyError::NotJson));
+        }
+        for name in [r"m\nx", r"m\u0000", "a b", r"\u00e9", r#"x\"y"#] {
+            let body = format!(r#"{{"model":"{name}"}}"#);
+            assert_eq!(
+                parse_request_body(body.as_bytes()),
+                Err(BodyError::BadModelName),
+                "{name}"
+            );
+        }
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_NAME + 1));
+        assert_eq!(
+            parse_request_body(long.as_bytes()),
+            Err(BodyError::BadModelName)
+        );
+    }
+
+    #[test]
+    fn reads_every_output_cap() {
+        let f = parse_request_body(
+            br#"{"model":"ft:open-mistral-7b:587a6b29:20240514:7e773925","n":3,"max_tokens":10,
+                 "completion_args":{"max_tokens":20,"temperature":0.1},"max_output_tokens":30,
+                 "pages":[0,1,2,3]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                f.n,
+                f.max_tokens,
+                f.completion_args_max_tokens,
+                f.max_output_tokens,
+                f.pages
+            ),
+            (Some(3), Some(10), Some(20), Some(30), Some(4))
         );
     }
 }

@@ -1,6 +1,11 @@
 //! An incremental JSON scanner that picks the billing facts out of a Mistral response body
 //! without holding it: top-level `model`, and under top-level `usage` the `prompt_tokens`,
-//! `completion_tokens`, `prompt_tokens_details.cached_tokens` and `service_tier`.
+//! `completion_tokens` (or the Responses API's `input_tokens` / `output_tokens`),
+//! `prompt_tokens_details.cached_tokens`, `service_tier` and `prompt_audio_seconds`; under
+//! `usage_info` (OCR) `pages_processed`; `outputs[].model` (conversations). A top-level `response` object (the Responses API's
+//! `response.completed` event) is read as if it were the top level. It also counts the bytes of
+//! generated text (string values of `content`, `text`, `arguments`, `delta`, at any depth), which
+//! is what an estimate of a cut-short response is based on.
 //!
 //! Constant memory: the container stack is a 64-bit set (deeper documents stop being scanned),
 //! keys are compared through a 24-byte buffer, and only the `model` string (up to 128 bytes) is
@@ -16,6 +21,11 @@ pub const MAX_MODEL_LEN: usize = 128;
 enum Key {
     Model,
     Usage,
+    Response,
+    Outputs,
+    PagesProcessed,
+    AudioSeconds,
+    Generated,
     PromptTokens,
     CompletionTokens,
     PromptDetails,
@@ -33,6 +43,10 @@ enum Slot {
     Completion,
     Cached,
     Tier,
+    Pages,
+    AudioSeconds,
+    /// A string value here is generated text.
+    Generated,
     Ignored,
 }
 
@@ -53,8 +67,12 @@ pub struct JsonFacts {
     pub completion_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     pub service_tier: Option<String>,
-    /// A `usage` object was seen at the top level.
+    pub pages_processed: Option<u64>,
+    pub audio_seconds: Option<u64>,
+    /// A `usage` (or `usage_info`) object was seen at the top level.
     pub saw_usage: bool,
+    /// Bytes of generated text seen (see the module comment).
+    pub generated_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -68,8 +86,8 @@ pub struct JsonScanner {
     key_buf: [u8; KEY_BUF],
     key_len: usize,
     key_overflow: bool,
-    /// The key of the current member at depth 1, 2 and 3 (what the path is).
-    path: [Key; 3],
+    /// The key of the current member at depth 1 to 4 (what the path is).
+    path: [Key; 4],
     slot: Slot,
     number: Option<u64>,
     text: Vec<u8>,
@@ -89,7 +107,7 @@ impl Default for JsonScanner {
             key_buf: [0; KEY_BUF],
             key_len: 0,
             key_overflow: false,
-            path: [Key::Other; 3],
+            path: [Key::Other; 4],
             slot: Slot::Ignored,
             number: None,
             text: Vec::new(),
@@ -254,6 +272,8 @@ impl JsonScanner {
                 }
                 None => self.key_overflow = true,
             }
+        } else if self.slot == Slot::Generated {
+            self.facts.generated_bytes = self.facts.generated_bytes.saturating_add(1);
         } else if matches!(self.slot, Slot::Model | Slot::Tier) {
             if self.text.len() < MAX_MODEL_LEN {
                 self.text.push(b);
@@ -270,9 +290,14 @@ impl JsonScanner {
         } else {
             match name {
                 b"model" => Key::Model,
-                b"usage" => Key::Usage,
-                b"prompt_tokens" => Key::PromptTokens,
-                b"completion_tokens" => Key::CompletionTokens,
+                b"usage" | b"usage_info" => Key::Usage,
+                b"response" => Key::Response,
+                b"outputs" => Key::Outputs,
+                b"prompt_tokens" | b"input_tokens" => Key::PromptTokens,
+                b"completion_tokens" | b"output_tokens" => Key::CompletionTokens,
+                b"pages_processed" => Key::PagesProcessed,
+                b"prompt_audio_seconds" => Key::AudioSeconds,
+                b"content" | b"text" | b"arguments" | b"delta" => Key::Generated,
                 b"prompt_tokens_details" => Key::PromptDetails,
                 b"cached_tokens" => Key::CachedTokens,
                 b"service_tier" => Key::ServiceTier,
@@ -283,14 +308,24 @@ impl JsonScanner {
         if let Some(k) = self.path.get_mut(d.wrapping_sub(1)) {
             *k = key;
         }
-        self.slot = match (d, self.path) {
+        // Inside a top-level `response` object, read as if it were the top level.
+        let (d, path) = match self.path {
+            [Key::Response, a, b, c] if d >= 2 => (d - 1, [a, b, c]),
+            [a, b, c, _] => (d, [a, b, c]),
+        };
+        self.slot = match (d, path) {
             (1, [Key::Model, ..]) => Slot::Model,
+            // Conversations name the model on each output entry, not at the top level.
+            (3, [Key::Outputs, _, Key::Model]) => Slot::Model,
             (1, [Key::Usage, ..]) => Slot::UsageObject,
             (1, [Key::ServiceTier, ..]) => Slot::Tier,
             (2, [Key::Usage, Key::PromptTokens, _]) => Slot::Prompt,
             (2, [Key::Usage, Key::CompletionTokens, _]) => Slot::Completion,
             (2, [Key::Usage, Key::ServiceTier, _]) => Slot::Tier,
+            (2, [Key::Usage, Key::PagesProcessed, _]) => Slot::Pages,
+            (2, [Key::Usage, Key::AudioSeconds, _]) => Slot::AudioSeconds,
             (3, [Key::Usage, Key::PromptDetails, Key::CachedTokens]) => Slot::Cached,
+            _ if key == Key::Generated => Slot::Generated,
             _ => Slot::Ignored,
         };
     }
@@ -333,6 +368,8 @@ impl JsonScanner {
                 Slot::Prompt => self.facts.prompt_tokens = Some(n),
                 Slot::Completion => self.facts.completion_tokens = Some(n),
                 Slot::Cached => self.facts.cached_tokens = Some(n),
+                Slot::Pages => self.facts.pages_processed = Some(n),
+                Slot::AudioSeconds => self.facts.audio_seconds = Some(n),
                 _ => {}
             }
         }

@@ -18,12 +18,19 @@ pub struct Usage {
     pub cached_prompt_tokens: u64,
     /// `usage.service_tier == "priority"`: billed at 1.75×.
     pub priority: bool,
+    /// OCR: `usage_info.pages_processed`.
+    pub pages: u64,
+    /// Transcription: `usage.prompt_audio_seconds`.
+    pub audio_seconds: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanResult {
     pub usage: Option<Usage>,
     pub model: Option<String>,
+    /// Bytes of generated text seen (content, text, tool-call arguments), without JSON or SSE
+    /// framing: what an estimate of a response cut short counts.
+    pub generated_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +50,9 @@ impl BodyKind {
     }
 }
 
+// One scanner lives inline in each stream's state; a few hundred bytes either way, and boxing
+// would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Inner {
     Json(JsonScanner),
@@ -57,7 +67,11 @@ pub struct UsageScanner {
 
 fn usage_of(facts: &JsonFacts) -> Option<Usage> {
     // Billing needs both counts; a `usage` object without them (or `usage: null`) is no usage.
-    if !facts.saw_usage || (facts.prompt_tokens.is_none() && facts.completion_tokens.is_none()) {
+    let counted = facts.prompt_tokens.is_some()
+        || facts.completion_tokens.is_some()
+        || facts.pages_processed.is_some()
+        || facts.audio_seconds.is_some();
+    if !facts.saw_usage || !counted {
         return None;
     }
     Some(Usage {
@@ -65,6 +79,8 @@ fn usage_of(facts: &JsonFacts) -> Option<Usage> {
         completion_tokens: facts.completion_tokens.unwrap_or(0),
         cached_prompt_tokens: facts.cached_tokens.unwrap_or(0),
         priority: facts.service_tier.as_deref() == Some("priority"),
+        pages: facts.pages_processed.unwrap_or(0),
+        audio_seconds: facts.audio_seconds.unwrap_or(0),
     })
 }
 
@@ -96,6 +112,7 @@ impl UsageScanner {
                 ScanResult {
                     usage: usage_of(s.facts()),
                     model: s.facts().model.clone(),
+                    generated_bytes: s.facts().generated_bytes,
                 }
             }
             Inner::Sse(s) => {
@@ -103,6 +120,7 @@ impl UsageScanner {
                 ScanResult {
                     usage: usage_of(&facts),
                     model,
+                    generated_bytes: facts.generated_bytes,
                 }
             }
         }

@@ -32,6 +32,8 @@ pub struct SseScanner {
     event_has_data: bool,
     last: JsonFacts,
     model: Option<String>,
+    /// Generated text of the events already dispatched.
+    generated_bytes: u64,
     saw_done: bool,
 }
 
@@ -48,6 +50,7 @@ impl Default for SseScanner {
             event_has_data: false,
             last: JsonFacts::default(),
             model: None,
+            generated_bytes: 0,
             saw_done: false,
         }
     }
@@ -78,6 +81,7 @@ impl SseScanner {
         if open.model.is_some() {
             model = open.model.clone();
         }
+        last.generated_bytes = self.generated_bytes.saturating_add(open.generated_bytes);
         (last, model)
     }
 
@@ -171,6 +175,7 @@ impl SseScanner {
         if facts.model.is_some() {
             self.model = facts.model.clone();
         }
+        self.generated_bytes = self.generated_bytes.saturating_add(facts.generated_bytes);
         self.event_has_data = false;
     }
 }

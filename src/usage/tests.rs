@@ -47,7 +47,8 @@ fn streamed_chat_with_padding_arrays_cache_and_priority() {
             prompt_tokens: 22,
             completion_tokens: 8,
             cached_prompt_tokens: 5,
-            priority: true
+            priority: true,
+            ..Usage::default()
         })
     );
     assert!(s.saw_done() && s.is_complete());
@@ -225,6 +226,7 @@ fn expected(doc: &Value) -> Option<Usage> {
             .as_u64()
             .unwrap_or(0),
         priority: u["service_tier"] == "priority",
+        ..Usage::default()
     })
 }
 
@@ -310,6 +312,29 @@ fn conversation_and_transcription_event_streams() {
     assert!(!s.saw_done() && s.is_complete());
     let transcription = "event: transcription.done\ndata: {\"type\":\"transcription.done\",\"model\":\"voxtral-mini-latest\",\"usage\":{\"prompt_audio_seconds\":12,\"prompt_tokens\":9,\"total_tokens\":632,\"completion_tokens\":375}}\n\n";
     let r = scan(BodyKind::EventStream, &[transcription.as_bytes()]).result();
-    // Billed from prompt and completion tokens, never from total_tokens.
-    assert_eq!(r.usage, usage(9, 375));
+    // Tokens from prompt and completion, never from total_tokens; the audio seconds too.
+    assert_eq!(
+        r.usage,
+        Some(Usage {
+            audio_seconds: 12,
+            ..usage(9, 375).unwrap()
+        })
+    );
+}
+
+#[test]
+fn responses_ocr_and_conversation_shapes() {
+    let conv = r#"{"object":"conversation.response","conversation_id":"c","outputs":[{"object":"entry","type":"message.output","model":"mistral-small-latest","content":"abcd"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+    let r = scan(BodyKind::Json, &[conv.as_bytes()]).result();
+    assert_eq!(r.model.as_deref(), Some("mistral-small-latest"));
+    assert_eq!(r.usage, usage(5, 2));
+    assert_eq!(r.generated_bytes, 4);
+    let responses = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hello\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"mistral-small-latest\",\"usage\":{\"input_tokens\":11,\"output_tokens\":3,\"total_tokens\":14}}}\n\n";
+    let r = scan(BodyKind::EventStream, &[responses.as_bytes()]).result();
+    assert_eq!(r.usage, usage(11, 3));
+    assert_eq!(r.model.as_deref(), Some("mistral-small-latest"));
+    assert_eq!(r.generated_bytes, 5);
+    let ocr = r#"{"pages":[{"index":0,"markdown":"x"}],"model":"mistral-ocr-2505","usage_info":{"pages_processed":4,"doc_size_bytes":10}}"#;
+    let r = scan(BodyKind::Json, &[ocr.as_bytes()]).result();
+    assert_eq!(r.usage.map(|u| u.pages), Some(4));
 }

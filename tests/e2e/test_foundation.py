@@ -224,9 +224,9 @@ def test_inline_filter_config_serves_and_an_unloadable_one_stops_envoy(tmp_path,
     token = d.mint("alice")
     doc = yaml.safe_load((harness.PROJECT / "envoy" / "demo.yaml").read_text())
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    assert hcm["http_filters"][0]["name"] == "shieldkey"
-    hcm["http_filters"][0] = {"name": "shieldkey",
-                              "typed_config": json.loads(d.cli("render", "wasm-filter", "--wasm", str(WASM)))}
+    index = [f["name"] for f in hcm["http_filters"]].index("shieldkey")
+    hcm["http_filters"][index] = {"name": "shieldkey",
+                                  "typed_config": json.loads(d.cli("render", "wasm-filter", "--wasm", str(WASM)))}
     d.bootstrap = tmp_path / "inline.yaml"
     d.bootstrap.write_text(yaml.safe_dump(doc))
 

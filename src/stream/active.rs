@@ -1,0 +1,119 @@
+//! What every request of one configuration shares: the compiled policy, the token verifier, the
+//! stats, and this worker's cache of token records read from shared data.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::host::{Host, LogLevel};
+use super::metrics::Metrics;
+use crate::config::compile::{compile, fingerprint, CompileOptions};
+use crate::config::raw::RawPolicy;
+use crate::config::ConfigError;
+use crate::ledger::{Ledger, SharedDataLedger};
+use crate::master_key::MasterKey;
+use crate::policy::{Policy, TokenPolicy};
+use crate::policy_store::{self, Published};
+use crate::token_digest::TokenVerifier;
+
+pub struct Active {
+    pub policy: Policy,
+    pub verifier: TokenVerifier,
+    pub metrics: Metrics,
+    /// Records of this configuration already read from shared data by this worker. Records of
+    /// one configuration never change (a policy change is a new configuration), so the cache
+    /// needs no invalidation; it holds at most the tokens that were actually used.
+    tokens: RefCell<HashMap<String, Rc<TokenPolicy>>>,
+}
+
+impl Active {
+    pub fn new(policy: Policy, verifier: TokenVerifier, metrics: Metrics) -> Self {
+        Active {
+            policy,
+            verifier,
+            metrics,
+            tokens: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Compiles a configuration (`raw` is `config` parsed), publishes its token records into
+    /// shared data and creates their counters: what every root context does in `on_configure`.
+    pub fn load(
+        host: &dyn Host,
+        config: &[u8],
+        raw: &RawPolicy,
+        master: &MasterKey,
+    ) -> Result<Active, ConfigError> {
+        let started_ms = host.now_unix_ms();
+        let mut policy = compile(
+            raw,
+            fingerprint(config),
+            &CompileOptions {
+                master_key: Some(master),
+            },
+        )?;
+        let verifier = TokenVerifier::new(master.digest_key()).ok_or_else(|| {
+            ConfigError::at("master_key_env", "cannot derive the token digest key")
+        })?;
+        let published = policy_store::publish(host.store(), &policy).map_err(|e| {
+            ConfigError::at(
+                ".",
+                format!("cannot publish the policy into shared data: {e:?}"),
+            )
+        })?;
+        // Counters are keyed by token id, not by configuration: they survive reloads. Creating
+        // them here lets every request-time update be a compare-and-swap.
+        let ledger = SharedDataLedger::new(host.store());
+        for token in policy.tokens.iter().filter(|t| t.rules.limits.is_tracked()) {
+            ledger.ensure(&token.id).map_err(|e| {
+                ConfigError::at(".", format!("cannot create counters in shared data: {e:?}"))
+            })?;
+        }
+        // Once in shared data, the token list is not needed in every worker's memory.
+        let (tokens, revoked) = (policy.tokens.len(), policy.revoked_count());
+        policy.tokens = Vec::new();
+        let level = if published == Published::Written {
+            LogLevel::Info
+        } else {
+            LogLevel::Debug
+        };
+        // Load time (parse, compile, open keys, publish) tells operators what a policy's size
+        // costs.
+        let took_ms = started_ms
+            .zip(host.now_unix_ms())
+            .map_or(-1, |(start, end)| end - start);
+        host.log(
+            level,
+            &format!(
+                "shieldkey: policy revision {} loaded (fingerprint {}): {} tokens ({} revoked), {} upstream keys, in {} ms",
+                policy.revision,
+                policy.fingerprint,
+                tokens,
+                revoked,
+                policy.upstream_keys.len(),
+                took_ms
+            ),
+        );
+        let metrics = Metrics::define(host);
+        Ok(Active::new(policy, verifier, metrics))
+    }
+
+    pub fn token(&self, host: &dyn Host, id: &str) -> Option<Rc<TokenPolicy>> {
+        if let Some(t) = self.tokens.borrow().get(id) {
+            return Some(t.clone());
+        }
+        let record = Rc::new(policy_store::lookup(
+            host.store(),
+            &self.policy.fingerprint,
+            id,
+        )?);
+        self.tokens
+            .borrow_mut()
+            .insert(id.to_string(), record.clone());
+        Some(record)
+    }
+
+    pub fn ledger<'h>(&self, host: &'h dyn Host) -> SharedDataLedger<'h> {
+        SharedDataLedger::new(host.store())
+    }
+}

@@ -1,0 +1,210 @@
+//! Envoy stats the filter reports. Fixed stats are defined once per configuration; per-token and
+//! per-model stats are defined the first time a worker needs them and cached, never per request.
+//!
+//! Names are built so that `stats_tags` regexes in the shipped Envoy configs turn the variable
+//! parts into Prometheus labels:
+//! - `shieldkey.reason.<code>.denied`                      → `shieldkey_denied{reason}`
+//! - `shieldkey.token_id.<id>.<metric>`                    → `shieldkey_<metric>{token_id}`
+//! - `shieldkey.token_id.<id>.reason.<code>.denied`        → `shieldkey_denied{token_id,reason}`
+//! - `shieldkey.model.<model>.<metric>`                    → `shieldkey_<metric>{model}`
+//!
+//! They appear as `wasmcustom.<name>`. Cardinality is bounded: token ids come from the policy
+//! (a stat is only defined for a token that authenticated), and model names only from the price
+//! table (anything else is reported as `unpriced`), never from raw client input.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::host::{Host, MetricKind};
+use crate::denial::Denial;
+use crate::money::NanoUsd;
+
+pub struct Metrics {
+    allowed: Option<u32>,
+    unreadable_responses: Option<u32>,
+    denied: HashMap<&'static str, u32>,
+    alerts: Option<u32>,
+    webhook_failures: Option<u32>,
+    tokens: RefCell<HashMap<String, Rc<TokenMetrics>>>,
+    models: RefCell<HashMap<String, Rc<ModelMetrics>>>,
+}
+
+pub struct TokenMetrics {
+    prefix: String,
+    requests: Option<u32>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    spend: Option<u32>,
+    estimated: Option<u32>,
+    budget_limit: Option<u32>,
+    budget_remaining: Option<u32>,
+    alerts: Option<u32>,
+    denied: RefCell<HashMap<&'static str, Option<u32>>>,
+}
+
+pub struct ModelMetrics {
+    requests: Option<u32>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    spend: Option<u32>,
+}
+
+/// What one finished request adds to the stats.
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: NanoUsd,
+    pub estimated: bool,
+}
+
+fn counter(host: &dyn Host, name: &str) -> Option<u32> {
+    host.define_metric(MetricKind::Counter, name)
+}
+
+fn gauge(host: &dyn Host, name: &str) -> Option<u32> {
+    host.define_metric(MetricKind::Gauge, name)
+}
+
+fn bump(host: &dyn Host, id: Option<u32>, by: u64) {
+    if let (Some(id), true) = (id, by > 0) {
+        host.increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+    }
+}
+
+fn set(host: &dyn Host, id: Option<u32>, value: u64) {
+    if let Some(id) = id {
+        host.record_metric(id, value);
+    }
+}
+
+impl Metrics {
+    pub fn define(host: &dyn Host) -> Self {
+        let denied = Denial::ALL_CODES
+            .iter()
+            .filter_map(|code| {
+                Some((
+                    *code,
+                    counter(host, &format!("shieldkey.reason.{code}.denied"))?,
+                ))
+            })
+            .collect();
+        Metrics {
+            allowed: counter(host, "shieldkey.allowed"),
+            unreadable_responses: counter(host, "shieldkey.unreadable_responses"),
+            denied,
+            alerts: counter(host, "shieldkey.budget_alerts"),
+            webhook_failures: counter(host, "shieldkey.webhook_failures"),
+            tokens: RefCell::new(HashMap::new()),
+            models: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn allowed(&self, host: &dyn Host) {
+        bump(host, self.allowed, 1);
+    }
+
+    /// A response arrived in an encoding the filter cannot read: charged its worst case.
+    pub fn unreadable_response(&self, host: &dyn Host) {
+        bump(host, self.unreadable_responses, 1);
+    }
+
+    pub fn denied(&self, host: &dyn Host, denial: &Denial) {
+        bump(host, self.denied.get(denial.code()).copied(), 1);
+    }
+
+    pub fn alert(&self, host: &dyn Host) {
+        bump(host, self.alerts, 1);
+    }
+
+    pub fn webhook_failed(&self, host: &dyn Host) {
+        bump(host, self.webhook_failures, 1);
+    }
+
+    pub fn token(&self, host: &dyn Host, id: &str) -> Rc<TokenMetrics> {
+        if let Some(m) = self.tokens.borrow().get(id) {
+            return m.clone();
+        }
+        let m = Rc::new(TokenMetrics::define(host, id));
+        self.tokens.borrow_mut().insert(id.to_string(), m.clone());
+        m
+    }
+
+    /// `model` must be a name from the price table (or `unpriced`).
+    pub fn model(&self, host: &dyn Host, model: &str) -> Rc<ModelMetrics> {
+        if let Some(m) = self.models.borrow().get(model) {
+            return m.clone();
+        }
+        let name = model.replace('.', "_");
+        let p = format!("shieldkey.model.{name}");
+        let m = Rc::new(ModelMetrics {
+            requests: counter(host, &format!("{p}.requests")),
+            prompt_tokens: counter(host, &format!("{p}.prompt_tokens")),
+            completion_tokens: counter(host, &format!("{p}.completion_tokens")),
+            spend: counter(host, &format!("{p}.spend_nano_usd")),
+        });
+        self.models
+            .borrow_mut()
+            .insert(model.to_string(), m.clone());
+        m
+    }
+}
+
+impl TokenMetrics {
+    fn define(host: &dyn Host, id: &str) -> Self {
+        let prefix = format!("shieldkey.token_id.{id}");
+        TokenMetrics {
+            requests: counter(host, &format!("{prefix}.requests")),
+            prompt_tokens: counter(host, &format!("{prefix}.prompt_tokens")),
+            completion_tokens: counter(host, &format!("{prefix}.completion_tokens")),
+            spend: counter(host, &format!("{prefix}.spend_nano_usd")),
+            estimated: counter(host, &format!("{prefix}.estimated_charges")),
+            budget_limit: gauge(host, &format!("{prefix}.budget_limit_nano_usd")),
+            budget_remaining: gauge(host, &format!("{prefix}.budget_remaining_nano_usd")),
+            alerts: counter(host, &format!("{prefix}.budget_alerts")),
+            denied: RefCell::new(HashMap::new()),
+            prefix,
+        }
+    }
+
+    pub fn allowed(&self, host: &dyn Host) {
+        bump(host, self.requests, 1);
+    }
+
+    pub fn denied(&self, host: &dyn Host, denial: &Denial) {
+        let code = denial.code();
+        let id = *self
+            .denied
+            .borrow_mut()
+            .entry(code)
+            .or_insert_with(|| counter(host, &format!("{}.reason.{code}.denied", self.prefix)));
+        bump(host, id, 1);
+    }
+
+    pub fn settled(&self, host: &dyn Host, usage: &Usage) {
+        bump(host, self.prompt_tokens, usage.prompt_tokens);
+        bump(host, self.completion_tokens, usage.completion_tokens);
+        bump(host, self.spend, usage.cost);
+        if usage.estimated {
+            bump(host, self.estimated, 1);
+        }
+    }
+
+    pub fn budget(&self, host: &dyn Host, limit: NanoUsd, remaining: NanoUsd) {
+        set(host, self.budget_limit, limit);
+        set(host, self.budget_remaining, remaining);
+    }
+
+    pub fn alert(&self, host: &dyn Host) {
+        bump(host, self.alerts, 1);
+    }
+}
+
+impl ModelMetrics {
+    pub fn settled(&self, host: &dyn Host, usage: &Usage) {
+        bump(host, self.requests, 1);
+        bump(host, self.prompt_tokens, usage.prompt_tokens);
+        bump(host, self.completion_tokens, usage.completion_tokens);
+        bump(host, self.spend, usage.cost);
+    }
+}

@@ -1,0 +1,333 @@
+//! One stream driven natively through every phase and every early end. Each test asserts the
+//! outcome (what went upstream, what was replied, what was charged), never the order of host
+//! calls.
+
+use serde_json::{json, Value};
+
+use super::fake::{Gateway, REAL_KEY};
+use super::Flow;
+use crate::ledger::SharedDataLedger;
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn budgeted() -> Value {
+    json!({"budget": {"limit_usd": "1", "window": "daily"},
+           "models": {"allow": ["mistral-small-*"], "max_tokens": 100}})
+}
+
+fn gateway() -> Gateway {
+    Gateway::new(
+        &[
+            ("alice", budgeted()),
+            ("open", json!({})),
+            ("admin", json!({"scopes": ["all"]})),
+        ],
+        json!({}),
+    )
+}
+
+fn balance(gw: &Gateway, id: &str) -> (u64, u64) {
+    SharedDataLedger::new(&gw.host.store)
+        .balance(id)
+        .unwrap_or_default()
+}
+
+fn code(gw: &Gateway) -> Option<(u32, String)> {
+    gw.host
+        .replied()
+        .map(|(status, body)| (status, body["code"].as_str().unwrap_or("").to_string()))
+}
+
+const SMALL: &[u8] = br#"{"model":"mistral-small-latest","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+const USAGE: &[u8] = br#"{"id":"x","model":"mistral-small-latest","choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#;
+
+#[test]
+fn an_allowed_request_goes_upstream_with_the_real_key_uncompressed_and_is_charged_exactly() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Continue);
+    assert_eq!(gw.body(&mut s, &SMALL[..20], false), Flow::Pause);
+    assert_eq!(gw.body(&mut s, &SMALL[20..], true), Flow::Continue);
+    assert_eq!(code(&gw), None);
+    assert_eq!(
+        gw.host.header("authorization"),
+        Some(format!("Bearer {REAL_KEY}"))
+    );
+    assert_eq!(
+        gw.host.header("accept-encoding").as_deref(),
+        Some("identity")
+    );
+    assert!(balance(&gw, "alice").1 > 0, "reserved while in flight");
+    gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+    gw.response_chunk(&mut s, USAGE, true);
+    s.on_log(&gw.host);
+    // 10 × 0.15 + 5 × 0.60 USD per million tokens.
+    assert_eq!(balance(&gw, "alice"), (4_500, 0));
+    assert_eq!(gw.spend("alice"), 4_500);
+    assert_eq!(
+        gw.host.filter_state.borrow()["shieldkey_decision"],
+        "allowed"
+    );
+}
+
+#[test]
+fn a_body_ended_by_trailers_is_judged_before_anything_goes_upstream() {
+    let gw = gateway();
+    let greedy = br#"{"model":"mistral-small-latest","max_tokens":4000}"#;
+    let mut s = gw.request("POST", CHAT, "alice");
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Continue);
+    // HTTP/2 DATA without END_STREAM, then trailers.
+    assert_eq!(gw.body(&mut s, greedy, false), Flow::Pause);
+    assert_eq!(s.on_request_trailers(&gw.host), Flow::Pause);
+    assert_eq!(
+        code(&gw),
+        Some((400, "shield_max_tokens_exceeded".to_string()))
+    );
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0), "admission given back");
+
+    // The same framing with an acceptable body is forwarded at the trailers and charged.
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, false);
+    assert_eq!(s.on_request_trailers(&gw.host), Flow::Continue);
+    assert_eq!(code(&gw), None);
+    gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+    gw.response_chunk(&mut s, USAGE, true);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice").0, 4_500);
+}
+
+#[test]
+fn a_client_that_leaves_during_the_body_gives_its_reservation_back() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, &SMALL[..10], false);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+    assert_eq!(gw.spend("alice"), 0);
+}
+
+#[test]
+fn a_body_over_the_inspection_limit_is_refused() {
+    let gw = Gateway::new(
+        &[("alice", budgeted())],
+        json!({"requests": {"max_body_bytes": 64}}),
+    );
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    assert_eq!(gw.body(&mut s, &[b' '; 65], false), Flow::Pause);
+    assert_eq!(code(&gw), Some((413, "shield_body_too_large".to_string())));
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+}
+
+#[test]
+fn a_compressed_response_is_charged_its_reservation_and_counted() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, true);
+    let (_, reserved) = balance(&gw, "alice");
+    gw.respond(
+        &mut s,
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+    );
+    gw.response_chunk(&mut s, b"\x1f\x8b\x08\x00garbage", true);
+    s.on_log(&gw.host);
+    assert!(reserved > 0);
+    assert_eq!(balance(&gw, "alice"), (reserved, 0));
+    assert_eq!(gw.host.stat("shieldkey.unreadable_responses"), 1);
+    assert_eq!(
+        gw.host.stat("shieldkey.token_id.alice.estimated_charges"),
+        1
+    );
+}
+
+#[test]
+fn an_upstream_reset_mid_stream_is_estimated_within_the_reservation() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, true);
+    let (_, reserved) = balance(&gw, "alice");
+    gw.respond(&mut s, 200, &[("content-type", "text/event-stream")]);
+    let event = br#"data: {"choices":[{"index":0,"delta":{"content":"abcdefgh"}}],"p":"padding-padding-padding"}
+
+"#;
+    gw.response_chunk(&mut s, event, false);
+    // No end of stream: the upstream reset.
+    s.on_log(&gw.host);
+    let (spent, held) = balance(&gw, "alice");
+    assert_eq!(held, 0);
+    // Prompt: body bytes / 4; completion: 8 generated bytes / 4 (not the padding or framing).
+    let prompt = (SMALL.len() as u64).div_ceil(4);
+    assert_eq!(spent, prompt * 150 + 2 * 600);
+    assert!(spent > 0 && spent <= reserved);
+}
+
+#[test]
+fn routes_outside_the_table_or_the_scopes_are_refused_before_anything_is_forwarded() {
+    let gw = gateway();
+    for (method, path, token, want) in [
+        (
+            "DELETE",
+            "/v1/models/ft:x",
+            "open",
+            (403, "shield_route_denied"),
+        ),
+        ("GET", "/v1/files", "open", (403, "shield_route_denied")),
+        ("POST", "/v1/unknown", "open", (403, "shield_route_denied")),
+        (
+            "POST",
+            "/v1/batch/jobs",
+            "alice",
+            (403, "shield_route_denied"),
+        ),
+        (
+            "POST",
+            "/v1/%63hat/completions",
+            "alice",
+            (400, "shield_path_not_canonical"),
+        ),
+        (
+            "POST",
+            "/v1//chat/completions",
+            "open",
+            (400, "shield_path_not_canonical"),
+        ),
+        (
+            "POST",
+            "/v1/./chat/completions",
+            "open",
+            (400, "shield_path_not_canonical"),
+        ),
+    ] {
+        let mut s = gw.request(method, path, token);
+        assert_eq!(
+            s.on_request_headers(&gw.host, false),
+            Flow::Pause,
+            "{method} {path}"
+        );
+        assert_eq!(
+            code(&gw),
+            Some((want.0, want.1.to_string())),
+            "{method} {path}"
+        );
+        assert_eq!(
+            gw.host
+                .header("authorization")
+                .map(|a| a.contains(REAL_KEY)),
+            Some(false),
+            "{method} {path}: the real key was not swapped in"
+        );
+        s.on_log(&gw.host);
+    }
+    // `all` reaches routes ShieldKey does not know; they cost nothing it can see.
+    let mut s = gw.request("POST", "/v1/unknown?x=1", "admin");
+    assert_eq!(s.on_request_headers(&gw.host, true), Flow::Continue);
+    assert_eq!(code(&gw), None);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+}
+
+#[test]
+fn a_budgeted_token_never_reaches_a_route_it_cannot_meter() {
+    let gw = Gateway::new(
+        &[(
+            "bob",
+            json!({"scopes": ["all"], "budget": {"limit_usd": "1", "window": "daily"}}),
+        )],
+        json!({}),
+    );
+    let mut s = gw.request("POST", "/v1/batch/jobs", "bob");
+    s.on_request_headers(&gw.host, false);
+    assert_eq!(code(&gw), Some((403, "shield_route_unmetered".to_string())));
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "bob"), (0, 0));
+}
+
+#[test]
+fn n_choices_multiply_the_reservation_and_the_ceiling() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(
+        &mut s,
+        br#"{"model":"mistral-small-latest","max_tokens":50,"n":3}"#,
+        true,
+    );
+    assert_eq!(
+        code(&gw),
+        Some((400, "shield_max_tokens_exceeded".to_string()))
+    );
+}
+
+#[test]
+fn a_model_name_that_could_forge_a_log_line_is_refused() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(
+        &mut s,
+        b"{\"model\":\"mistral-small-x\\n[x] token=bob decision=allowed\",\"max_tokens\":1}",
+        true,
+    );
+    assert_eq!(code(&gw), Some((400, "shield_model_invalid".to_string())));
+    s.on_log(&gw.host);
+    let state = gw.host.filter_state.borrow();
+    assert!(state.values().all(|v| !v.contains('\n')));
+}
+
+#[test]
+fn an_upstream_error_costs_nothing_and_releases_the_reservation() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, true);
+    gw.respond(&mut s, 503, &[("content-type", "application/json")]);
+    gw.response_chunk(&mut s, br#"{"object":"error","message":"busy"}"#, true);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+}
+
+#[test]
+fn a_denied_request_is_never_accounted_and_leaves_no_reservation() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(
+        &mut s,
+        br#"{"model":"mistral-large-latest","max_tokens":5}"#,
+        true,
+    );
+    assert_eq!(code(&gw), Some((403, "shield_model_denied".to_string())));
+    // Envoy runs the local reply through the response phases, then logs.
+    gw.respond(&mut s, 403, &[("content-type", "application/json")]);
+    gw.response_chunk(&mut s, b"{}", true);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+    assert_eq!(
+        gw.host.stat("shieldkey.reason.shield_model_denied.denied"),
+        1
+    );
+    assert_eq!(gw.host.stat("shieldkey.allowed"), 0);
+}
+
+#[test]
+fn a_request_without_a_token_is_refused_and_nothing_is_swapped() {
+    let gw = gateway();
+    let mut s = gw.request(
+        "POST",
+        CHAT,
+        "sk_shield_t_nobody_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    );
+    assert_eq!(s.on_request_headers(&gw.host, true), Flow::Pause);
+    assert_eq!(code(&gw), Some((401, "shield_token_unknown".to_string())));
+    s.on_log(&gw.host);
+    assert!(gw.host.stat_names().iter().all(|n| !n.contains("nobody")));
+}
