@@ -2,9 +2,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -45,12 +48,16 @@ impl Workspace {
             .env("SHIELDKEY_MASTER_KEY", &self.master)
             .env_remove("SHIELDKEY_PUBLISH")
             .env_remove("SHIELDKEY_WASM")
+            .env_remove("SHIELDKEY_ADMIN")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        // A command that fails before reading stdin closes it: that is not the test's failure.
+        if let Err(e) = pipe.write_all(stdin.unwrap_or("").as_bytes()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        }
         drop(pipe);
         child.wait_with_output().unwrap()
     }
@@ -346,4 +353,358 @@ fn rules_are_set_at_mint_and_changed_with_limit() {
         .fails(&["limit", "nobody", "--rpm", "5"], None, 1)
         .contains("no token with id 'nobody'"));
     assert_eq!(fs::read(ws.policy()).unwrap(), before);
+}
+
+/// A workspace with one token, published once to `filter/shieldkey.json` with the given flags.
+fn published(name: &str, publish_flags: &[&str]) -> Workspace {
+    let ws = Workspace::new(name);
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(&["mint", "--id", "carol", "--upstream-key", "prod"], None);
+    fs::create_dir(ws.dir.join("filter")).unwrap();
+    let mut args = vec!["publish", "--to", "filter/shieldkey.json"];
+    args.extend_from_slice(publish_flags);
+    ws.ok(&args, None);
+    ws
+}
+
+fn vm_config(ws: &Workspace) -> serde_json::Value {
+    read_json(&ws.dir.join("filter/shieldkey.json"))["resources"][0]["typed_config"]["config"]
+        ["vm_config"]
+        .clone()
+}
+
+fn revision(ws: &Workspace) -> u64 {
+    read_json(&ws.policy())["revision"].as_u64().unwrap()
+}
+
+#[test]
+fn publishing_over_a_published_file_keeps_its_filter_settings() {
+    let ws = published(
+        "keep",
+        &[
+            "--wasm",
+            "/abs/path/shieldkey.wasm",
+            "--vm-id",
+            "edge",
+            "--runtime",
+            "envoy.wasm.runtime.wasmtime",
+        ],
+    );
+    // The documented revocation, without --wasm: the file keeps what it had.
+    ws.ok(
+        &["revoke", "carol", "--publish", "filter/shieldkey.json"],
+        None,
+    );
+    let vm = vm_config(&ws);
+    assert_eq!(vm["code"]["local"]["filename"], "/abs/path/shieldkey.wasm");
+    assert_eq!(vm["vm_id"], "edge");
+    assert_eq!(vm["runtime"], "envoy.wasm.runtime.wasmtime");
+    let ecds = read_json(&ws.dir.join("filter/shieldkey.json"));
+    assert_eq!(ecds["version_info"], revision(&ws).to_string());
+    ws.ok(&["publish", "--to", "filter/shieldkey.json"], None);
+    assert_eq!(
+        vm_config(&ws)["code"]["local"]["filename"],
+        "/abs/path/shieldkey.wasm"
+    );
+    // An explicit flag still wins, and only changes what it names.
+    ws.ok(
+        &[
+            "unrevoke",
+            "carol",
+            "--publish",
+            "filter/shieldkey.json",
+            "--wasm",
+            "/new/shieldkey.wasm",
+        ],
+        None,
+    );
+    let vm = vm_config(&ws);
+    assert_eq!(vm["code"]["local"]["filename"], "/new/shieldkey.wasm");
+    assert_eq!(vm["vm_id"], "edge");
+    assert_eq!(
+        vm["environment_variables"]["host_env_keys"],
+        serde_json::json!(["SHIELDKEY_MASTER_KEY"])
+    );
+}
+
+#[test]
+fn publishing_refuses_to_replace_a_file_that_is_not_shieldkeys() {
+    let ws = published("foreign", &["--wasm", "/opt/shieldkey.wasm"]);
+    let target = ws.dir.join("filter/shieldkey.json");
+    let mut other_filter = read_json(&target);
+    other_filter["resources"][0]["typed_config"]["config"]["root_id"] = "ratelimit".into();
+    let foreign = [
+        "static_resources: {}\n".to_string(),
+        String::new(),
+        r#"{"resources": []}"#.to_string(),
+        other_filter.to_string(),
+    ];
+    for content in foreign {
+        fs::write(&target, &content).unwrap();
+        let policy_before = fs::read(ws.policy()).unwrap();
+        let err = ws.fails(&["publish", "--to", "filter/shieldkey.json"], None, 1);
+        assert!(
+            err.contains("is not a ShieldKey ECDS file") && err.contains("refusing to replace it"),
+            "{err}"
+        );
+        // Not even with --wasm: the other settings would still be guessed.
+        ws.fails(
+            &[
+                "publish",
+                "--to",
+                "filter/shieldkey.json",
+                "--wasm",
+                "/x.wasm",
+            ],
+            None,
+            1,
+        );
+        // A changing command refuses before it writes anything.
+        let err = ws.fails(
+            &["revoke", "carol", "--publish", "filter/shieldkey.json"],
+            None,
+            1,
+        );
+        assert!(err.contains("refusing to replace it"), "{err}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), content);
+        assert_eq!(fs::read(ws.policy()).unwrap(), policy_before);
+    }
+    // A path that cannot be read as a file is refused too.
+    fs::remove_file(&target).unwrap();
+    fs::create_dir(&target).unwrap();
+    let err = ws.fails(&["publish", "--to", "filter/shieldkey.json"], None, 1);
+    assert!(err.contains("cannot be read"), "{err}");
+}
+
+#[test]
+fn render_http_filters_prints_the_mandatory_chain_in_order() {
+    let ws = Workspace::new("chain");
+    let yaml = ws.ok(&["render", "http-filters"], None);
+    let pos = |what: &str| {
+        yaml.find(what)
+            .unwrap_or_else(|| panic!("{what} missing from:\n{yaml}"))
+    };
+    let compressor = pos("- name: envoy.filters.http.compressor");
+    let strip = pos("- remove: x-shieldkey-country");
+    let shieldkey = pos("- name: shieldkey");
+    let buffer = pos("- name: envoy.filters.http.buffer");
+    let router = pos("- name: envoy.filters.http.router");
+    assert!(compressor < strip && strip < shieldkey && shieldkey < buffer && buffer < router);
+    // geoip is optional: shown commented out, between the header removal and ShieldKey.
+    let geoip = pos("# - name: envoy.filters.http.geoip");
+    assert!(strip < geoip && geoip < shieldkey);
+    assert!(
+        yaml.contains("content_type_matcher:\n        - exact: application/json\n"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("path_with_escaped_slashes_action: REJECT_REQUEST"));
+
+    let json = ws.ok(
+        &[
+            "render",
+            "http-filters",
+            "--json",
+            "--country-header",
+            "x-geo",
+            "--geoip",
+            "/var/geo.mmdb",
+        ],
+        None,
+    );
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let filters = doc["http_filters"].as_array().unwrap();
+    let names: Vec<&str> = filters
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.compressor",
+            "strip-client-country",
+            "envoy.filters.http.geoip",
+            "shieldkey",
+            "envoy.filters.http.buffer",
+            "envoy.filters.http.router"
+        ]
+    );
+    assert_eq!(
+        filters[1]["typed_config"]["mutations"]["request_mutations"][0]["remove"],
+        "x-geo"
+    );
+    let geo = &filters[2]["typed_config"]["provider"]["typed_config"];
+    assert_eq!(
+        geo["common_provider_config"]["geo_field_keys"]["country"],
+        "x-geo"
+    );
+    assert_eq!(geo["country_db_path"], "/var/geo.mmdb");
+    assert!(ws
+        .fails(
+            &["render", "http-filters", "--country-header", "X-Geo"],
+            None,
+            2
+        )
+        .contains("lower-case"));
+}
+
+/// ECDS stats as Envoy's admin `/stats` prints them.
+fn ecds_stats(version: &str, success: u64, rejected: u64) -> String {
+    format!(
+        "extension_config_discovery.http_filter.shieldkey.version_text: \"{version}\"\n\
+         extension_config_discovery.http_filter.shieldkey.update_failure: 0\n\
+         extension_config_discovery.http_filter.shieldkey.update_rejected: {rejected}\n\
+         extension_config_discovery.http_filter.shieldkey.update_success: {success}\n"
+    )
+}
+
+/// A stand-in for Envoy's admin API: answers the n-th request (0-based) with `answer(n)`.
+fn fake_admin(answer: impl Fn(usize) -> String + Send + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&request);
+            assert!(head.starts_with("GET /stats?filter=extension_config_discovery HTTP/1.1\r\n"));
+            let body = answer(count.fetch_add(1, Ordering::SeqCst));
+            // Chunked, as Envoy's admin answers.
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
+                 {:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn publish_with_admin_waits_for_envoys_verdict() {
+    let ws = published("admin", &["--wasm", "/opt/shieldkey.wasm"]);
+    let serving = revision(&ws);
+    let next = (serving + 1).to_string();
+    let serving_text = serving.to_string();
+
+    // Applied: Envoy reports the new revision after a few polls.
+    let (s, n) = (serving_text.clone(), next.clone());
+    let url = fake_admin(move |i| match i {
+        0..=2 => ecds_stats(&s, 1, 0),
+        _ => ecds_stats(&n, 2, 0),
+    });
+    let out = ws.run(
+        &[
+            "revoke",
+            "carol",
+            "--publish",
+            "filter/shieldkey.json",
+            "--admin",
+            &url,
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "published revision {next} to filter/shieldkey.json; Envoy applied it"
+        )),
+        "{err}"
+    );
+
+    // Rejected: exit 1 with the reason; the file is put back to what Envoy serves.
+    let serving = revision(&ws);
+    let before = fs::read(ws.dir.join("filter/shieldkey.json")).unwrap();
+    let s = serving.to_string();
+    let url = fake_admin(move |i| match i {
+        0 => ecds_stats(&s, 2, 0),
+        _ => ecds_stats(&s, 2, 1),
+    });
+    let err = ws.fails(
+        &[
+            "unrevoke",
+            "carol",
+            "--publish",
+            "filter/shieldkey.json",
+            "--admin",
+            &url,
+            "--wasm",
+            "/nonexistent.wasm",
+        ],
+        None,
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "Envoy rejected revision {} (see its log: update_rejected went 0 -> 1); \
+             the previous policy (revision {serving}) is still serving",
+            serving + 1
+        )),
+        "{err}"
+    );
+    assert!(err.contains("run `shieldkey publish`"), "{err}");
+    assert_eq!(
+        fs::read(ws.dir.join("filter/shieldkey.json")).unwrap(),
+        before
+    );
+
+    // No verdict in time: exit 1, saying so.
+    let s = revision(&ws).to_string();
+    let url = fake_admin(move |_| ecds_stats(&s, 2, 1));
+    let err = ws.fails(
+        &[
+            "publish",
+            "--to",
+            "filter/shieldkey.json",
+            "--admin",
+            &url,
+            "--wait-secs",
+            "0.3",
+        ],
+        None,
+        1,
+    );
+    assert!(err.contains("did not report applying revision"), "{err}");
+
+    // An admin that cannot be asked, or has no such filter: nothing is written.
+    let policy_before = fs::read(ws.policy()).unwrap();
+    let file_before = fs::read(ws.dir.join("filter/shieldkey.json")).unwrap();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let no_filter = fake_admin(|_| "server.live: 1\n".to_string());
+    for url in [closed.as_str(), no_filter.as_str()] {
+        let err = ws.fails(
+            &[
+                "revoke",
+                "carol",
+                "--publish",
+                "filter/shieldkey.json",
+                "--admin",
+                url,
+            ],
+            None,
+            1,
+        );
+        assert!(err.contains("nothing was changed"), "{err}");
+    }
+    assert!(ws
+        .fails(&["revoke", "carol", "--admin", &closed], None, 2)
+        .contains("--admin needs --publish"));
+    assert_eq!(fs::read(ws.policy()).unwrap(), policy_before);
+    assert_eq!(
+        fs::read(ws.dir.join("filter/shieldkey.json")).unwrap(),
+        file_before
+    );
 }

@@ -3,11 +3,13 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::json;
 
+use super::admin::{wait_applied, Admin, EcdsStats, WaitError};
 use super::args::Args;
 use super::duration::parse_ttl;
 use super::error::{failed, usage, CliError};
@@ -15,10 +17,14 @@ use super::policy_file::{load, save, validate, write_atomic};
 use super::random;
 use super::rule_flags::RuleFlags;
 use crate::config::raw::{RawPolicy, RawStatus, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION};
-use crate::envoy_render::{ecds_file, wasm_filter, FilterSettings};
+use crate::envoy_render::{
+    ecds_file, http_filters, http_filters_yaml, read_published, wasm_filter, ChainOptions,
+    FilterSettings, PublishedFilter,
+};
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV, MASTER_KEY_LEN};
 use crate::seal::{self, NONCE_LEN};
 use crate::secret::{wipe, SecretBytes};
+use crate::settings::DEFAULT_COUNTRY_HEADER;
 use crate::time::{format_rfc3339, parse_rfc3339};
 use crate::token::{self, SECRET_BYTES};
 use crate::token_digest::TokenVerifier;
@@ -98,20 +104,86 @@ pub fn init(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `--publish PATH [--wasm PATH]` of the changing commands.
-struct Publish {
-    to: Option<String>,
+/// Filter settings given explicitly (flags or their environment defaults). `None` keeps what the
+/// published file being replaced says, or the default when there is none.
+struct FilterFlags {
     wasm: Option<String>,
+    vm_id: Option<String>,
+    runtime: Option<String>,
+    filter_name: Option<String>,
 }
 
-fn publish_options(args: &mut Args) -> Result<Publish, CliError> {
-    Ok(Publish {
-        to: env_or(args.option("publish")?, "SHIELDKEY_PUBLISH"),
+fn filter_flags(args: &mut Args) -> Result<FilterFlags, CliError> {
+    let flags = FilterFlags {
         wasm: env_or(args.option("wasm")?, "SHIELDKEY_WASM"),
+        vm_id: args.option("vm-id")?,
+        runtime: args.option("runtime")?,
+        filter_name: args.option("filter-name")?,
+    };
+    if let Some(r) = &flags.runtime {
+        if !r.starts_with("envoy.wasm.runtime.") {
+            return Err(usage(format!(
+                "--runtime {r}: expected an Envoy Wasm runtime such as envoy.wasm.runtime.v8"
+            )));
+        }
+    }
+    for (flag, value) in [
+        ("--wasm", &flags.wasm),
+        ("--filter-name", &flags.filter_name),
+    ] {
+        if value.as_deref() == Some("") {
+            return Err(usage(format!("{flag} must not be empty")));
+        }
+    }
+    Ok(flags)
+}
+
+/// Where and how to publish: `--publish PATH` (or `publish --to PATH`), the filter settings,
+/// and `--admin URL [--wait-secs N]` to wait for Envoy's verdict.
+struct Publish {
+    to: Option<String>,
+    flags: FilterFlags,
+    admin: Option<String>,
+    wait: Duration,
+}
+
+const DEFAULT_WAIT_SECS: f64 = 10.0;
+
+fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> {
+    let to = env_or(args.option(to_flag)?, "SHIELDKEY_PUBLISH");
+    let flags = filter_flags(args)?;
+    let admin_flag = args.option("admin")?;
+    let wait_flag = args.option("wait-secs")?;
+    if to.is_none() {
+        for (flag, given) in [
+            ("--admin", admin_flag.is_some()),
+            ("--wait-secs", wait_flag.is_some()),
+        ] {
+            if given {
+                return Err(usage(format!("{flag} needs --{to_flag} PATH")));
+            }
+        }
+    }
+    let wait = match wait_flag {
+        None => Duration::from_secs_f64(DEFAULT_WAIT_SECS),
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && (0.0..=3600.0).contains(s))
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| usage(format!("--wait-secs {text}: seconds between 0 and 3600")))?,
+    };
+    Ok(Publish {
+        to,
+        flags,
+        admin: env_or(admin_flag, "SHIELDKEY_ADMIN"),
+        wait,
     })
 }
 
-/// Runs a change to the policy: load, change, validate, write, and publish if asked.
+/// Runs a change to the policy: load, change, validate, write, and publish if asked. Everything
+/// publishing needs (the settings of the published file, Envoy's counters) is read first, so a
+/// publish that cannot happen changes nothing.
 fn change(
     ctx: &Context,
     publish: Publish,
@@ -124,13 +196,17 @@ fn change(
     } else {
         master_key(Some(&policy))?
     };
+    let target = match &publish.to {
+        Some(to) => Some(PublishTarget::prepare(Path::new(to), &publish)?),
+        None => None,
+    };
     let done = edit(&mut policy, master.as_ref())?;
     save(&ctx.policy_path, &mut policy, master.as_ref())?;
     eprintln!("{done} (policy revision {})", policy.revision);
-    if let Some(to) = publish.to {
-        publish_policy(&policy, Path::new(&to), publish.wasm, master.as_ref()).map_err(|e| {
+    if let Some(target) = target {
+        target.publish(&policy, master.as_ref()).map_err(|e| {
             failed(format!(
-                "{e}; the policy file has the change (revision {}) but Envoy does not: \
+                "{e}\nthe policy file has revision {} but Envoy does not serve it: \
                  fix the problem and run `shieldkey publish`",
                 policy.revision
             ))
@@ -143,7 +219,7 @@ pub fn seal_key(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     let id = args.required("id")?;
     let from_env = args.option("from-env")?;
     token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
-    let publish = publish_options(&mut args)?;
+    let publish = publish_options(&mut args, "publish")?;
     args.finish()?;
     let plaintext = read_upstream_key(from_env.as_deref())?;
     change(ctx, publish, true, |policy, master| {
@@ -210,7 +286,7 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     let expires_at = args.option("expires-at")?;
     let ttl = args.option("ttl")?;
     let rules = RuleFlags::take(&mut args)?;
-    let publish = publish_options(&mut args)?;
+    let publish = publish_options(&mut args, "publish")?;
     args.finish()?;
     token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
     for (flag, value) in [("--not-before", &not_before), ("--expires-at", &expires_at)] {
@@ -276,7 +352,7 @@ fn token_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawToken
 }
 
 pub fn set_status(ctx: &Context, mut args: Args, status: RawStatus) -> Result<(), CliError> {
-    let publish = publish_options(&mut args)?;
+    let publish = publish_options(&mut args, "publish")?;
     let id = args.positional("token id")?;
     args.finish()?;
     change(ctx, publish, false, |policy, _| {
@@ -291,7 +367,7 @@ pub fn set_status(ctx: &Context, mut args: Args, status: RawStatus) -> Result<()
 
 /// `limit ID <rule flags>`: changes a token's rules (budget, rates, networks, countries, models).
 pub fn limit(ctx: &Context, mut args: Args) -> Result<(), CliError> {
-    let publish = publish_options(&mut args)?;
+    let publish = publish_options(&mut args, "publish")?;
     let rules = RuleFlags::take(&mut args)?;
     let id = args.positional("token id")?;
     args.finish()?;
@@ -307,7 +383,7 @@ pub fn limit(ctx: &Context, mut args: Args) -> Result<(), CliError> {
 }
 
 pub fn remove(ctx: &Context, mut args: Args) -> Result<(), CliError> {
-    let publish = publish_options(&mut args)?;
+    let publish = publish_options(&mut args, "publish")?;
     let id = args.positional("token id")?;
     args.finish()?;
     change(ctx, publish, false, |policy, _| {
@@ -406,15 +482,17 @@ pub fn check(ctx: &Context, args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-fn settings(policy: &RawPolicy, wasm: Option<String>) -> FilterSettings {
-    let mut s = FilterSettings {
+/// Settings for `render`: the defaults with what the flags give.
+fn rendered_settings(policy: &RawPolicy, flags: FilterFlags) -> FilterSettings {
+    let d = FilterSettings::default();
+    FilterSettings {
+        filter_name: flags.filter_name.unwrap_or(d.filter_name),
+        wasm_path: flags.wasm.unwrap_or(d.wasm_path),
+        vm_id: flags.vm_id.unwrap_or(d.vm_id),
+        runtime: flags.runtime.unwrap_or(d.runtime),
         master_key_env: master_env_name(Some(policy)),
-        ..FilterSettings::default()
-    };
-    if let Some(path) = wasm {
-        s.wasm_path = path;
+        other_env_keys: Vec::new(),
     }
-    s
 }
 
 fn compact(policy: &RawPolicy) -> Result<String, CliError> {
@@ -422,22 +500,29 @@ fn compact(policy: &RawPolicy) -> Result<String, CliError> {
 }
 
 pub fn render(ctx: &Context, mut args: Args) -> Result<(), CliError> {
-    let what = args.positional("what to render (plugin-config or ecds)")?;
-    let wasm = env_or(args.option("wasm")?, "SHIELDKEY_WASM");
+    let what =
+        args.positional("what to render (plugin-config, wasm-filter, ecds or http-filters)")?;
+    if what == "http-filters" {
+        return render_http_filters(ctx, args);
+    }
+    let flags = filter_flags(&mut args)?;
     args.finish()?;
     let policy = load(&ctx.policy_path)?;
     let json = compact(&policy)?;
     validate(json.as_bytes(), master_key(Some(&policy))?.as_ref())?;
     let out = match what.as_str() {
         "plugin-config" => json,
-        "wasm-filter" => format!("{:#}", wasm_filter(&settings(&policy, wasm), &json)),
+        "wasm-filter" => format!(
+            "{:#}",
+            wasm_filter(&rendered_settings(&policy, flags), &json)
+        ),
         "ecds" => format!(
             "{:#}",
-            ecds_file(&settings(&policy, wasm), &json, policy.revision)
+            ecds_file(&rendered_settings(&policy, flags), &json, policy.revision)
         ),
         other => {
             return Err(usage(format!(
-                "cannot render '{other}': choose plugin-config, wasm-filter or ecds"
+                "cannot render '{other}': choose plugin-config, wasm-filter, ecds or http-filters"
             )))
         }
     };
@@ -445,34 +530,255 @@ pub fn render(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn publish(ctx: &Context, mut args: Args) -> Result<(), CliError> {
-    let to = env_or(args.option("to")?, "SHIELDKEY_PUBLISH")
-        .ok_or_else(|| usage("--to PATH is required (or set SHIELDKEY_PUBLISH)"))?;
-    let wasm = env_or(args.option("wasm")?, "SHIELDKEY_WASM");
-    args.finish()?;
-    let policy = load(&ctx.policy_path)?;
-    let master = master_key(Some(&policy))?;
-    publish_policy(&policy, Path::new(&to), wasm, master.as_ref())
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// Writes the ECDS file Envoy watches, atomically, after the same validation the filter runs.
-fn publish_policy(
-    policy: &RawPolicy,
-    to: &Path,
-    wasm: Option<String>,
-    master: Option<&MasterKey>,
-) -> Result<(), CliError> {
-    let json = compact(policy)?;
-    validate(json.as_bytes(), master)?;
-    let doc = ecds_file(&settings(policy, wasm), &json, policy.revision);
-    let mut bytes = format!("{doc:#}").into_bytes();
-    bytes.push(b'\n');
-    // The file carries sealed keys and digests, not secrets, but no one else needs to read it.
-    write_atomic(to, &bytes, 0o640)?;
-    eprintln!(
-        "published policy revision {} to {}",
-        policy.revision,
-        to.display()
-    );
+/// `render http-filters`: the chain every listener in front of ShieldKey needs, to copy.
+fn render_http_filters(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+    let header = args.option("country-header")?;
+    let geoip_db = args.option("geoip")?;
+    let ecds_path = args.option("ecds-path")?;
+    let filter_name = args.option("filter-name")?;
+    let as_json = args.flag("json");
+    args.finish()?;
+    let country_header = match header {
+        Some(h) => h,
+        // The policy's own header when there is a policy: it is the one the filter reads.
+        None if ctx.policy_path.exists() => load(&ctx.policy_path)?
+            .requests
+            .and_then(|r| r.country_header)
+            .unwrap_or_else(|| DEFAULT_COUNTRY_HEADER.to_string()),
+        None => DEFAULT_COUNTRY_HEADER.to_string(),
+    };
+    if !is_header_name(&country_header) {
+        return Err(usage(format!(
+            "--country-header {country_header}: must be a lower-case HTTP header name"
+        )));
+    }
+    let d = ChainOptions::default();
+    let options = ChainOptions {
+        country_header,
+        filter_name: filter_name.unwrap_or(d.filter_name),
+        ecds_path: ecds_path.unwrap_or(d.ecds_path),
+        geoip_db,
+    };
+    if as_json {
+        println!("{:#}", http_filters(&options));
+    } else {
+        print!("{}", http_filters_yaml(&options));
+    }
     Ok(())
+}
+
+pub fn publish(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+    let options = publish_options(&mut args, "to")?;
+    args.finish()?;
+    let to = options
+        .to
+        .clone()
+        .ok_or_else(|| usage("--to PATH is required (or set SHIELDKEY_PUBLISH)"))?;
+    let policy = load(&ctx.policy_path)?;
+    let master = master_key(Some(&policy))?;
+    PublishTarget::prepare(Path::new(&to), &options)?.publish(&policy, master.as_ref())
+}
+
+/// The file mode of the published ECDS file. It carries sealed keys and digests, not secrets,
+/// but no one else needs to read it.
+const ECDS_MODE: u32 = 0o640;
+
+/// How a publish confirmed with Envoy can end.
+enum Verdict {
+    Applied,
+    /// Envoy refused the file (the previous configuration keeps serving).
+    Refused(CliError),
+    /// No verdict (timeout, admin unreachable).
+    Unknown(CliError),
+}
+
+/// A publish about to happen: the settings it will write, the file it replaces, and Envoy's
+/// counters before the write when the result is to be confirmed.
+struct PublishTarget {
+    to: PathBuf,
+    settings: FilterSettings,
+    /// The bytes of the file being replaced, when it is the one Envoy serves: put back if Envoy
+    /// refuses the new one, so the file again shows what serves and the next publish starts from
+    /// settings that work.
+    serving: Option<Vec<u8>>,
+    confirm: Option<(Admin, EcdsStats, Duration)>,
+}
+
+impl PublishTarget {
+    fn prepare(to: &Path, options: &Publish) -> Result<PublishTarget, CliError> {
+        let (settings, existing) = resolve_settings(to, &options.flags)?;
+        let confirm = match &options.admin {
+            None => None,
+            Some(url) => {
+                let admin = Admin::parse(url)?;
+                let before = admin
+                    .ecds_stats(&settings.filter_name, Duration::from_secs(2))
+                    .map_err(|e| {
+                        failed(format!(
+                            "cannot ask Envoy at {} before publishing: {e}; nothing was changed",
+                            admin.url()
+                        ))
+                    })?;
+                Some((admin, before, options.wait))
+            }
+        };
+        let serving = match (&confirm, existing) {
+            (Some((_, before, _)), Some((bytes, published)))
+                if !before.version_text.is_empty()
+                    && published.version_info.as_deref() == Some(before.version_text.as_str()) =>
+            {
+                Some(bytes)
+            }
+            _ => None,
+        };
+        Ok(PublishTarget {
+            to: to.to_path_buf(),
+            settings,
+            serving,
+            confirm,
+        })
+    }
+
+    /// Writes the ECDS file Envoy watches, atomically, after the same validation the filter runs;
+    /// with `--admin`, waits for Envoy's verdict.
+    fn publish(mut self, policy: &RawPolicy, master: Option<&MasterKey>) -> Result<(), CliError> {
+        let json = compact(policy)?;
+        validate(json.as_bytes(), master)?;
+        // The policy names the variable the filter reads the master key from: it must be passed.
+        self.settings.master_key_env = master_env_name(Some(policy));
+        let doc = ecds_file(&self.settings, &json, policy.revision);
+        let mut bytes = format!("{doc:#}").into_bytes();
+        bytes.push(b'\n');
+        write_atomic(&self.to, &bytes, ECDS_MODE)?;
+        let Some((admin, before, wait)) = &self.confirm else {
+            eprintln!(
+                "published revision {} to {} (not confirmed: with --admin URL the CLI waits until \
+                 Envoy applies it)",
+                policy.revision,
+                self.to.display()
+            );
+            return Ok(());
+        };
+        let verdict = match wait_applied(
+            admin,
+            &self.settings.filter_name,
+            policy.revision,
+            before,
+            *wait,
+        ) {
+            Ok(took) => {
+                eprintln!(
+                    "published revision {} to {}; Envoy applied it ({} ms)",
+                    policy.revision,
+                    self.to.display(),
+                    took.as_millis()
+                );
+                Verdict::Applied
+            }
+            Err(WaitError::Refused(m)) => Verdict::Refused(failed(m)),
+            Err(WaitError::Unknown(m)) => Verdict::Unknown(failed(m)),
+        };
+        match verdict {
+            Verdict::Applied => Ok(()),
+            Verdict::Unknown(e) => Err(e),
+            Verdict::Refused(e) => match &self.serving {
+                None => Err(e),
+                Some(old) => match write_atomic(&self.to, old, ECDS_MODE) {
+                    Ok(()) => Err(failed(format!(
+                        "{e}; {} was put back to the revision Envoy serves",
+                        self.to.display()
+                    ))),
+                    Err(w) => Err(failed(format!(
+                        "{e}; putting the previous file back failed: {w}"
+                    ))),
+                },
+            },
+        }
+    }
+}
+
+/// A published file being replaced: its bytes and what it says.
+type Existing = (Vec<u8>, PublishedFilter);
+
+/// The settings to publish with: explicit flags first, then those of the ShieldKey ECDS file
+/// being replaced, then the defaults (only when there is no file). A file that exists but cannot
+/// be read as ShieldKey's is never overwritten: its settings would be lost.
+fn resolve_settings(
+    to: &Path,
+    flags: &FilterFlags,
+) -> Result<(FilterSettings, Option<Existing>), CliError> {
+    let refuse = |why: String| {
+        failed(format!(
+            "{} exists but {why}; refusing to replace it, since its settings (wasm path, vm_id, \
+             runtime, filter name) could not be kept: remove it, or publish to another path",
+            to.display()
+        ))
+    };
+    let existing = match std::fs::read(to) {
+        Ok(bytes) => {
+            let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                refuse(format!(
+                    "is not a ShieldKey ECDS file (not JSON, which `shieldkey publish` writes: {e})"
+                ))
+            })?;
+            let published = read_published(&doc)
+                .map_err(|why| refuse(format!("is not a ShieldKey ECDS file ({why})")))?;
+            Some((bytes, published))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(refuse(format!("cannot be read ({e})"))),
+    };
+    let d = FilterSettings::default();
+    let settings = match &existing {
+        None => {
+            if flags.wasm.is_none() {
+                eprintln!(
+                    "note: no --wasm given and no published file to keep it from: Envoy will load \
+                     '{}' relative to its working directory",
+                    d.wasm_path
+                );
+            }
+            FilterSettings {
+                filter_name: flags.filter_name.clone().unwrap_or(d.filter_name),
+                wasm_path: flags.wasm.clone().unwrap_or(d.wasm_path),
+                vm_id: flags.vm_id.clone().unwrap_or(d.vm_id),
+                runtime: flags.runtime.clone().unwrap_or(d.runtime),
+                master_key_env: d.master_key_env,
+                other_env_keys: Vec::new(),
+            }
+        }
+        Some((_, p)) => {
+            let wasm_path = match (&flags.wasm, &p.wasm_path) {
+                (Some(w), _) | (None, Some(w)) => w.clone(),
+                (None, None) => {
+                    return Err(failed(format!(
+                        "{} loads the filter from somewhere other than \
+                         vm_config.code.local.filename, which `shieldkey publish` cannot keep: \
+                         give --wasm PATH",
+                        to.display()
+                    )))
+                }
+            };
+            FilterSettings {
+                filter_name: flags
+                    .filter_name
+                    .clone()
+                    .unwrap_or_else(|| p.filter_name.clone()),
+                wasm_path,
+                vm_id: flags.vm_id.clone().unwrap_or_else(|| p.vm_id.clone()),
+                runtime: flags.runtime.clone().unwrap_or_else(|| p.runtime.clone()),
+                master_key_env: d.master_key_env,
+                other_env_keys: p.host_env_keys.clone(),
+            }
+        }
+    };
+    Ok((settings, existing))
 }

@@ -1,6 +1,7 @@
 //! `shieldkey`: the operator's CLI. Mint, seal, revoke, check and publish policy, with the
 //! filter's own validation, never taking a secret from argv.
 
+mod admin;
 mod args;
 mod commands;
 mod duration;
@@ -33,15 +34,27 @@ usage: shieldkey [--policy PATH] <command> [options]
   revoke ID | unrevoke ID | remove ID
   list [--json]                   tokens and their state (never digests or keys)
   check                           validate the policy with the filter's own code
-  render plugin-config|wasm-filter|ecds [--wasm PATH]
-  publish --to PATH [--wasm PATH] write the ECDS file Envoy watches, atomically
+  render plugin-config|wasm-filter|ecds [filter settings]
+  render http-filters [--country-header NAME] [--geoip DB_PATH] [--ecds-path PATH]
+       [--filter-name NAME] [--json]
+                                  the http_filters chain every listener needs (YAML, or JSON)
+  publish --to PATH [filter settings] [--admin URL [--wait-secs N]]
+                                  write the ECDS file Envoy watches, atomically
 
 Changing commands (seal, mint, limit, revoke, unrevoke, remove) also take --publish PATH
-[--wasm PATH] to publish right after writing the policy.
+[filter settings] [--admin URL [--wait-secs N]] to publish right after writing the policy.
+
+Filter settings: --wasm PATH, --vm-id ID, --runtime envoy.wasm.runtime.v8 (or .wasmtime),
+--filter-name NAME. Publishing over an existing file keeps that file's settings unless given;
+a file that is not a ShieldKey ECDS file is never overwritten. Without a file and a flag, the
+defaults are shieldkey.wasm (relative to Envoy's working directory), vm_id shieldkey, V8.
+
+--admin URL (Envoy's admin, e.g. http://127.0.0.1:9901): after writing, wait up to --wait-secs
+(default 10) until Envoy applied the new revision; exit 1 if it rejected it or did not apply it.
 
 Environment: SHIELDKEY_POLICY (policy file, default policy.json), SHIELDKEY_MASTER_KEY (or the
-variable the policy's master_key_env names), SHIELDKEY_PUBLISH, SHIELDKEY_WASM (defaults for
---publish/--to and --wasm). Times are RFC 3339, e.g. 2027-01-31T00:00:00Z.
+variable the policy's master_key_env names), SHIELDKEY_PUBLISH, SHIELDKEY_WASM, SHIELDKEY_ADMIN
+(defaults for --publish/--to, --wasm and --admin). Times are RFC 3339, e.g. 2027-01-31T00:00:00Z.
 ";
 
 fn print_help() {
