@@ -103,7 +103,7 @@ Python SDK (pip install mistralai):
         messages=[{"role": "user", "content": "Hello"}]).choices[0].message.content)
 
 Revoke it live (another shell, in this directory):
-  SHIELDKEY_POLICY=$SHOWN_RUN/policy.json target/release/shieldkey revoke demo --publish $SHOWN_RUN/filter/shieldkey.json
+  SHIELDKEY_POLICY=$SHOWN_RUN/policy.json target/release/shieldkey revoke demo --publish $SHOWN_RUN/filter/shieldkey.json --admin http://127.0.0.1:$ADMIN_PORT
 
 Ctrl-C stops Envoy and the mock.
 MSG

@@ -101,6 +101,8 @@ def test_the_first_command_runs_shieldkey_and_its_printed_snippets_work(running)
     revoke = running.block_after("Revoke it live")
     result = sh(revoke)
     assert result.returncode == 0, result.stderr
+    # With --admin the CLI returns only once Envoy reports the revision applied.
+    assert "Envoy applied it" in result.stderr, result.stderr
     deadline = time.monotonic() + 2
     while True:
         reply = json.loads(sh(curl).stdout)
