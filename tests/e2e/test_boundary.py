@@ -93,8 +93,11 @@ def test_a_response_the_filter_cannot_read_is_charged_its_reservation(dep, mock_
     assert dep.envoy.stat("wasmcustom.shieldkey.unreadable_responses") >= 1
 
 
-def h2_request_with_trailers(url: str, token: str, body: bytes) -> tuple[int, bytes]:
-    """HEADERS, DATA without END_STREAM, then trailers: the framing that used to skip judging."""
+def h2_request(url: str, token: str, body: bytes | None, *, method: str = "POST",
+               path: str = "/v1/chat/completions", trailers: bool = False,
+               headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One HTTP/2 (prior knowledge) request. With `trailers`, the body goes as two DATA frames
+    without END_STREAM and the stream ends with trailers: the framing that used to skip judging."""
     import h2.config
     import h2.connection
     import h2.events
@@ -104,23 +107,28 @@ def h2_request_with_trailers(url: str, token: str, body: bytes) -> tuple[int, by
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "POST"), (":path", "/v1/chat/completions"),
-                            (":scheme", "http"), (":authority", "shieldkey"),
-                            ("authorization", f"Bearer {token}"),
-                            ("content-type", "application/json")])
-    half = len(body) // 2
-    conn.send_data(sid, body[:half])
-    conn.send_data(sid, body[half:])
-    conn.send_headers(sid, [("x-trailer", "1")], end_stream=True)
+    conn.send_headers(sid, [(":method", method), (":path", path), (":scheme", "http"),
+                            (":authority", "shieldkey"), ("authorization", f"Bearer {token}"),
+                            ("content-type", "application/json"), *(headers or {}).items()],
+                      end_stream=body is None)
+    if body is not None:
+        half = len(body) // 2
+        conn.send_data(sid, body[:half])
+        if trailers:
+            conn.send_data(sid, body[half:])
+            conn.send_headers(sid, [("x-trailer", "1")], end_stream=True)
+        else:
+            conn.send_data(sid, body[half:], end_stream=True)
     sock.sendall(conn.data_to_send())
-    status, data, done = 0, b"", False
+    status, got, data, done = 0, {}, b"", False
     while not done:
         chunk = sock.recv(65536)
         if not chunk:
             break
         for event in conn.receive_data(chunk):
             if isinstance(event, h2.events.ResponseReceived):
-                status = int(dict(event.headers)[b":status"])
+                got = {k.decode(): v.decode() for k, v in event.headers}
+                status = int(got[":status"])
             elif isinstance(event, h2.events.DataReceived):
                 data += event.data
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -128,19 +136,19 @@ def h2_request_with_trailers(url: str, token: str, body: bytes) -> tuple[int, by
                 done = True
         sock.sendall(conn.data_to_send())
     sock.close()
-    return status, data
+    return status, got, data
 
 
 def test_http2_request_trailers_do_not_skip_the_body_rules(dep, mock_mistral):
     greedy = json.dumps({"model": "mistral-small-latest", "max_tokens": 4000,
                          "messages": [{"role": "user", "content": "hi"}]}).encode()
-    status, body = h2_request_with_trailers(dep.url, dep.tokens["capped"], greedy)
+    status, _, body = h2_request(dep.url, dep.tokens["capped"], greedy, trailers=True)
     assert status == 400 and error_code(body) == "shield_max_tokens_exceeded"
     assert mock_mistral.requests() == []
     fine = json.dumps({"model": "mistral-small-latest", "max_tokens": 100,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
     before = spend(dep, "capped")
-    status, body = h2_request_with_trailers(dep.url, dep.tokens["capped"], fine)
+    status, _, body = h2_request(dep.url, dep.tokens["capped"], fine, trailers=True)
     assert status == 200, body
     usage = json.loads(body)["usage"]
     want = before + cost(usage["prompt_tokens"], usage["completion_tokens"])
@@ -272,6 +280,8 @@ ROUTES = [
     ("/v1/conversations/conv_1/restart", {"inputs": "again", "from_entry_id": "e1",
                                           "completion_args": {"max_tokens": 20}}, "tokens"),
     ("/v1/responses", {"model": "mistral-small-latest", "input": "hi", "max_output_tokens": 20}, "responses"),
+    ("/v1/agents/completions", {"agent_id": "ag_1", "max_tokens": 20,
+                                "messages": [{"role": "user", "content": "hi"}]}, "tokens"),
     ("/v1/ocr", {"model": "mistral-ocr-latest", "pages": [0, 1],
                  "document": {"type": "document_url", "document_url": "https://x/y.pdf"}}, "pages"),
 ]
@@ -279,7 +289,7 @@ ROUTES = [
 
 @pytest.mark.parametrize("path,body,unit", ROUTES, ids=[r[0] for r in ROUTES])
 def test_every_inference_route_is_metered_as_the_table_says(dep, mock_mistral, path, body, unit):
-    mock_mistral.behaviour(conversation_model="mistral-small-latest")
+    mock_mistral.behaviour(conversation_model="mistral-small-latest", agent_model="mistral-small-latest")
     before = spend(dep, "meter")
     status, _, raw = request(dep.url, path, token=dep.tokens["meter"], body=body)
     assert status == 200, raw
@@ -347,3 +357,58 @@ def test_a_model_name_with_a_newline_cannot_forge_an_access_log_line(dep, mock_m
     time.sleep(0.3)
     assert dep.envoy.log_text().count("token=alice") == lines_before
     assert mock_mistral.requests() == []
+
+
+STREAMS = [
+    ("/v1/chat/completions", {"model": "mistral-small-latest", "max_tokens": 20, "stream": True,
+                              "messages": [{"role": "user", "content": "hello"}]}),
+    ("/v1/conversations", {"model": "mistral-small-latest", "inputs": "hi", "stream": True,
+                           "completion_args": {"max_tokens": 20}}),
+    ("/v1/responses", {"model": "mistral-small-latest", "input": "hi", "stream": True,
+                       "max_output_tokens": 20}),
+]
+
+
+def sse_usage(raw: bytes) -> dict:
+    """The usage of the last event that carried one, read the way a client would."""
+    usage = None
+    for line in raw.decode().splitlines():
+        if line.startswith("data: {"):
+            doc = json.loads(line[6:])
+            usage = doc.get("usage") or doc.get("response", {}).get("usage") or usage
+    assert usage, raw[-400:]
+    return usage
+
+
+@pytest.mark.parametrize("path,body", STREAMS, ids=[s[0] for s in STREAMS])
+def test_streamed_routes_are_charged_exactly(dep, mock_mistral, path, body):
+    before = spend(dep, "meter")
+    status, headers, raw = request(dep.url, path, token=dep.tokens["meter"], body=body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    usage = sse_usage(raw)
+    want = before + cost(usage.get("prompt_tokens", usage.get("input_tokens")),
+                         usage.get("completion_tokens", usage.get("output_tokens")))
+    assert wait_stat(dep, "meter", "spend_nano_usd", want) == want
+
+
+def test_http2_clients_meet_the_same_boundary(dep, mock_mistral):
+    """The same refusals and exact charges over HTTP/2 (prior knowledge)."""
+    token = dep.tokens["capped"]
+    greedy = json.dumps({"model": "mistral-small-latest", "max_tokens": 4000, "messages": []}).encode()
+    status, _, body = h2_request(dep.url, token, greedy)
+    assert status == 400 and error_code(body) == "shield_max_tokens_exceeded"
+    status, _, body = h2_request(dep.url, token, None, method="DELETE", path="/v1/models/ft:x")
+    assert status == 403 and error_code(body) == "shield_route_denied"
+    status, _, body = h2_request(dep.url, token, greedy, path="/v1/%63hat/completions")
+    assert status == 400
+    assert mock_mistral.requests() == []
+    before = spend(dep, "capped")
+    fine = json.dumps({"model": "mistral-small-latest", "max_tokens": 50,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, headers, body = h2_request(dep.url, token, fine, headers={"accept-encoding": "gzip"})
+    assert status == 200
+    # Envoy's compressor gzips for the client after ShieldKey read the plain response.
+    assert headers.get("content-encoding") == "gzip"
+    usage = json.loads(gzip.decompress(body))["usage"]
+    want = before + cost(usage["prompt_tokens"], usage["completion_tokens"])
+    assert wait_stat(dep, "capped", "spend_nano_usd", want) == want
