@@ -99,7 +99,11 @@ mod tests {
             tokens: records,
             settings: Default::default(),
         };
-        policy_store::publish(&store, &policy).unwrap();
+        // The first configuration published into a fresh store is generation 1.
+        assert_eq!(
+            policy_store::publish(&store, &policy).unwrap().generation,
+            1
+        );
         Fixture {
             store,
             verifier,
@@ -112,7 +116,7 @@ mod tests {
             authorization: header.map(str::as_bytes),
             x_api_key: None,
         };
-        let lookup = |id: &str| policy_store::lookup(&f.store, FP, id).map(Rc::new);
+        let lookup = |id: &str| policy_store::lookup(&f.store, 1, id).map(Rc::new);
         authenticate(&lookup, &f.verifier, &creds, now).map(|t| t.id.clone())
     }
 
@@ -167,7 +171,7 @@ mod tests {
         };
         assert_eq!(
             authenticate(
-                &|id: &str| policy_store::lookup(&f.store, FP, id).map(Rc::new),
+                &|id: &str| policy_store::lookup(&f.store, 1, id).map(Rc::new),
                 &other,
                 &creds,
                 0

@@ -16,8 +16,8 @@ use crate::token_digest::DIGEST_LEN;
 #[derive(Debug)]
 pub struct Policy {
     pub revision: u64,
-    /// Hex prefix of SHA-256 over the configuration bytes: the namespace its token records are
-    /// published under, so two configurations can never read each other's records.
+    /// Hex prefix of SHA-256 over the configuration bytes: which configuration a shared-data
+    /// generation belongs to (`policy_store`), and what the load log line names.
     pub fingerprint: String,
     pub master_key_env: String,
     pub upstream_keys: Vec<UpstreamKey>,

@@ -48,6 +48,10 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Every key ever written, emptied ones included: Envoy never frees a shared-data key.
+    pub fn key_count(&self) -> usize {
+        self.entries.borrow().len()
+    }
 }
 
 impl SharedStore for MemoryStore {

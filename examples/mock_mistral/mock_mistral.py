@@ -103,6 +103,7 @@ Behaviours (POST /__mock/behaviour or MockMistral.behaviour(**kw); all merged, r
   chunk_delay_ms N        delay before each content chunk
   abort_after_chunks N    drop the connection after N content chunks (counted over all choices)
   status N                answer every authorized /v1 request with a Mistral error of that status
+                          (a request header `x-mock-status: N` does the same for one request)
   service_tier            usage.service_tier on chat (default standard)
   agent_model             the model that answers agent requests (default mistral-medium-latest)
   conversation_model      the model of a conversation the mock does not know (default
@@ -625,8 +626,10 @@ class Handler(BaseHTTPRequestHandler):
         if not self.authorized():
             return
         behaviour = self.state.current()
-        if behaviour.get("status"):
-            return self.error(int(behaviour["status"]), "Service unavailable (mock)", "server_error", "1000")
+        # Header x-mock-status N: this one request fails, for mixed traffic (soak tests).
+        status = behaviour.get("status") or entry["headers"].get("x-mock-status")
+        if status:
+            return self.error(int(status), "Service unavailable (mock)", "server_error", "1000")
         found = match_route(method, path)
         if found is None:
             return self.send_json(404, {"detail": "Not Found"})

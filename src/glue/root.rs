@@ -15,9 +15,15 @@ use crate::config::{raw, ConfigError};
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
 use crate::stream::active::Active;
 use crate::stream::host::LogLevel;
+use crate::stream::metrics::MetricIds;
 use crate::stream::Stream;
 
 const ALERT_QUEUE: &str = "shieldkey.alerts";
+
+thread_local! {
+    /// Stat ids defined by this VM, shared by every configuration it runs (a VM is one thread).
+    static METRIC_IDS: Rc<MetricIds> = Rc::new(MetricIds::default());
+}
 /// Alerts sent per tick and worker: a flood of alerts must not starve the worker.
 const ALERTS_PER_TICK: usize = 16;
 
@@ -156,6 +162,7 @@ fn configure() -> Result<(Active, Option<u32>), ConfigError> {
             })?),
             None => None,
         };
-    let active = Active::load(&WasmHost { alert_queue }, &bytes, &raw, &master)?;
+    let ids = METRIC_IDS.with(Rc::clone);
+    let active = Active::load(&WasmHost { alert_queue }, &bytes, &raw, &master, &ids)?;
     Ok((active, alert_queue))
 }

@@ -6,18 +6,20 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::host::{Host, LogLevel};
-use super::metrics::Metrics;
+use super::metrics::{MetricIds, Metrics};
 use crate::config::compile::{compile, fingerprint, CompileOptions};
 use crate::config::raw::RawPolicy;
 use crate::config::ConfigError;
 use crate::ledger::{Ledger, SharedDataLedger};
 use crate::master_key::MasterKey;
 use crate::policy::{Policy, TokenPolicy};
-use crate::policy_store::{self, Published};
+use crate::policy_store;
 use crate::token_digest::TokenVerifier;
 
 pub struct Active {
     pub policy: Policy,
+    /// The shared-data generation this configuration reads its token records at.
+    generation: u64,
     pub verifier: TokenVerifier,
     pub metrics: Metrics,
     /// Records of this configuration already read from shared data by this worker. Records of
@@ -27,9 +29,10 @@ pub struct Active {
 }
 
 impl Active {
-    pub fn new(policy: Policy, verifier: TokenVerifier, metrics: Metrics) -> Self {
+    pub fn new(policy: Policy, generation: u64, verifier: TokenVerifier, metrics: Metrics) -> Self {
         Active {
             policy,
+            generation,
             verifier,
             metrics,
             tokens: RefCell::new(HashMap::new()),
@@ -43,6 +46,7 @@ impl Active {
         config: &[u8],
         raw: &RawPolicy,
         master: &MasterKey,
+        ids: &Rc<MetricIds>,
     ) -> Result<Active, ConfigError> {
         let started_ms = host.now_unix_ms();
         let mut policy = compile(
@@ -55,7 +59,7 @@ impl Active {
         let verifier = TokenVerifier::new(master.digest_key()).ok_or_else(|| {
             ConfigError::at("master_key_env", "cannot derive the token digest key")
         })?;
-        let published = policy_store::publish(host.store(), &policy).map_err(|e| {
+        let publication = policy_store::publish(host.store(), &policy).map_err(|e| {
             ConfigError::at(
                 ".",
                 format!("cannot publish the policy into shared data: {e:?}"),
@@ -72,7 +76,8 @@ impl Active {
         // Once in shared data, the token list is not needed in every worker's memory.
         let (tokens, revoked) = (policy.tokens.len(), policy.revoked_count());
         policy.tokens = Vec::new();
-        let level = if published == Published::Written {
+        // One root context per configuration writes; the others find the records there.
+        let level = if publication.written > 0 {
             LogLevel::Info
         } else {
             LogLevel::Debug
@@ -85,28 +90,31 @@ impl Active {
         host.log(
             level,
             &format!(
-                "shieldkey: policy revision {} loaded (fingerprint {}): {} tokens ({} revoked), {} upstream keys, in {} ms",
+                "shieldkey: policy revision {} loaded (fingerprint {}, generation {}, {} records written): {} tokens ({} revoked), {} upstream keys, in {} ms",
                 policy.revision,
                 policy.fingerprint,
+                publication.generation,
+                publication.written,
                 tokens,
                 revoked,
                 policy.upstream_keys.len(),
                 took_ms
             ),
         );
-        let metrics = Metrics::define(host);
-        Ok(Active::new(policy, verifier, metrics))
+        let metrics = Metrics::define(host, ids);
+        Ok(Active::new(
+            policy,
+            publication.generation,
+            verifier,
+            metrics,
+        ))
     }
 
     pub fn token(&self, host: &dyn Host, id: &str) -> Option<Rc<TokenPolicy>> {
         if let Some(t) = self.tokens.borrow().get(id) {
             return Some(t.clone());
         }
-        let record = Rc::new(policy_store::lookup(
-            host.store(),
-            &self.policy.fingerprint,
-            id,
-        )?);
+        let record = Rc::new(policy_store::lookup(host.store(), self.generation, id)?);
         self.tokens
             .borrow_mut()
             .insert(id.to_string(), record.clone());

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::active::Active;
 use super::host::{Host, LogLevel, MetricKind};
+use super::metrics::MetricIds;
 use super::{Flow, Stream};
 use crate::config::raw;
 use crate::master_key::MasterKey;
@@ -34,6 +35,8 @@ pub struct FakeHost {
     pub filter_state: RefCell<HashMap<String, String>>,
     pub store: MemoryStore,
     metrics: RefCell<Vec<(String, i64)>>,
+    /// How often each name was defined (Envoy allocates an entry every time).
+    pub definitions: RefCell<HashMap<String, usize>>,
     pub logs: RefCell<Vec<String>>,
     pub alerts: RefCell<Vec<Vec<u8>>>,
 }
@@ -124,6 +127,11 @@ impl Host for FakeHost {
         &self.store
     }
     fn define_metric(&self, _kind: MetricKind, name: &str) -> Option<u32> {
+        *self
+            .definitions
+            .borrow_mut()
+            .entry(name.to_string())
+            .or_default() += 1;
         let mut metrics = self.metrics.borrow_mut();
         let index = match metrics.iter().position(|(n, _)| n == name) {
             Some(i) => i,
@@ -154,6 +162,9 @@ pub struct Gateway {
     pub host: FakeHost,
     pub active: Rc<Active>,
     pub tokens: HashMap<String, String>,
+    pub metric_ids: Rc<MetricIds>,
+    master: MasterKey,
+    document: RefCell<Value>,
 }
 
 impl Gateway {
@@ -195,13 +206,34 @@ impl Gateway {
         let bytes = serde_json::to_vec(&doc).unwrap();
         let host = FakeHost::default();
         host.now_ms.set(1_790_000_000_000);
+        let metric_ids = Rc::new(MetricIds::default());
         let raw = raw::parse(&bytes).unwrap();
-        let active = Rc::new(Active::load(&host, &bytes, &raw, &master).unwrap());
+        let active = Rc::new(Active::load(&host, &bytes, &raw, &master, &metric_ids).unwrap());
         Gateway {
             host,
             active,
             tokens: minted,
+            metric_ids,
+            master,
+            document: RefCell::new(doc),
         }
+    }
+
+    /// Applies a new configuration (`change` edits the policy document), as ECDS would: the VM,
+    /// its shared data and its stat ids stay.
+    pub fn reload(&mut self, change: impl FnOnce(&mut Value)) {
+        let mut doc = self.document();
+        change(&mut doc);
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        let raw = raw::parse(&bytes).unwrap();
+        self.active = Rc::new(
+            Active::load(&self.host, &bytes, &raw, &self.master, &self.metric_ids).unwrap(),
+        );
+        *self.document.borrow_mut() = doc;
+    }
+
+    fn document(&self) -> Value {
+        self.document.borrow().clone()
     }
 
     /// Starts a request: fresh per-stream host state and a new stream.

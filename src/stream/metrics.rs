@@ -1,5 +1,7 @@
-//! Envoy stats the filter reports. Fixed stats are defined once per configuration; per-token and
-//! per-model stats are defined the first time a worker needs them and cached, never per request.
+//! Envoy stats the filter reports. Every stat is defined once per name per VM (`MetricIds`, shared
+//! by every configuration the VM runs: Envoy allocates a new entry each time a name is defined and
+//! never frees the old one, so defining per configuration would leak on every reload); per-token
+//! and per-model stats are defined the first time a worker needs them, never per request.
 //!
 //! Names are built so that `stats_tags` regexes in the shipped Envoy configs turn the variable
 //! parts into Prometheus labels:
@@ -20,7 +22,34 @@ use super::host::{Host, MetricKind};
 use crate::denial::Denial;
 use crate::money::NanoUsd;
 
+/// The stat ids this VM has defined, by name: one per VM, outliving configurations.
+#[derive(Default)]
+pub struct MetricIds {
+    ids: RefCell<HashMap<String, Option<u32>>>,
+}
+
+impl MetricIds {
+    fn get(&self, host: &dyn Host, kind: MetricKind, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.borrow().get(name) {
+            return *id;
+        }
+        let id = host.define_metric(kind, name);
+        self.ids.borrow_mut().insert(name.to_string(), id);
+        id
+    }
+
+    /// How many names this VM has defined.
+    pub fn len(&self) -> usize {
+        self.ids.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub struct Metrics {
+    ids: Rc<MetricIds>,
     allowed: Option<u32>,
     unreadable_responses: Option<u32>,
     denied: HashMap<&'static str, u32>,
@@ -31,6 +60,7 @@ pub struct Metrics {
 }
 
 pub struct TokenMetrics {
+    ids: Rc<MetricIds>,
     prefix: String,
     requests: Option<u32>,
     prompt_tokens: Option<u32>,
@@ -58,12 +88,12 @@ pub struct Usage {
     pub estimated: bool,
 }
 
-fn counter(host: &dyn Host, name: &str) -> Option<u32> {
-    host.define_metric(MetricKind::Counter, name)
+fn counter(host: &dyn Host, ids: &MetricIds, name: &str) -> Option<u32> {
+    ids.get(host, MetricKind::Counter, name)
 }
 
-fn gauge(host: &dyn Host, name: &str) -> Option<u32> {
-    host.define_metric(MetricKind::Gauge, name)
+fn gauge(host: &dyn Host, ids: &MetricIds, name: &str) -> Option<u32> {
+    ids.get(host, MetricKind::Gauge, name)
 }
 
 fn bump(host: &dyn Host, id: Option<u32>, by: u64) {
@@ -79,22 +109,23 @@ fn set(host: &dyn Host, id: Option<u32>, value: u64) {
 }
 
 impl Metrics {
-    pub fn define(host: &dyn Host) -> Self {
+    pub fn define(host: &dyn Host, ids: &Rc<MetricIds>) -> Self {
         let denied = Denial::ALL_CODES
             .iter()
             .filter_map(|code| {
                 Some((
                     *code,
-                    counter(host, &format!("shieldkey.reason.{code}.denied"))?,
+                    counter(host, ids, &format!("shieldkey.reason.{code}.denied"))?,
                 ))
             })
             .collect();
         Metrics {
-            allowed: counter(host, "shieldkey.allowed"),
-            unreadable_responses: counter(host, "shieldkey.unreadable_responses"),
+            ids: ids.clone(),
+            allowed: counter(host, ids, "shieldkey.allowed"),
+            unreadable_responses: counter(host, ids, "shieldkey.unreadable_responses"),
             denied,
-            alerts: counter(host, "shieldkey.budget_alerts"),
-            webhook_failures: counter(host, "shieldkey.webhook_failures"),
+            alerts: counter(host, ids, "shieldkey.budget_alerts"),
+            webhook_failures: counter(host, ids, "shieldkey.webhook_failures"),
             tokens: RefCell::new(HashMap::new()),
             models: RefCell::new(HashMap::new()),
         }
@@ -125,7 +156,7 @@ impl Metrics {
         if let Some(m) = self.tokens.borrow().get(id) {
             return m.clone();
         }
-        let m = Rc::new(TokenMetrics::define(host, id));
+        let m = Rc::new(TokenMetrics::define(host, &self.ids, id));
         self.tokens.borrow_mut().insert(id.to_string(), m.clone());
         m
     }
@@ -137,11 +168,12 @@ impl Metrics {
         }
         let name = model.replace('.', "_");
         let p = format!("shieldkey.model.{name}");
+        let ids = &self.ids;
         let m = Rc::new(ModelMetrics {
-            requests: counter(host, &format!("{p}.requests")),
-            prompt_tokens: counter(host, &format!("{p}.prompt_tokens")),
-            completion_tokens: counter(host, &format!("{p}.completion_tokens")),
-            spend: counter(host, &format!("{p}.spend_nano_usd")),
+            requests: counter(host, ids, &format!("{p}.requests")),
+            prompt_tokens: counter(host, ids, &format!("{p}.prompt_tokens")),
+            completion_tokens: counter(host, ids, &format!("{p}.completion_tokens")),
+            spend: counter(host, ids, &format!("{p}.spend_nano_usd")),
         });
         self.models
             .borrow_mut()
@@ -151,18 +183,19 @@ impl Metrics {
 }
 
 impl TokenMetrics {
-    fn define(host: &dyn Host, id: &str) -> Self {
+    fn define(host: &dyn Host, ids: &Rc<MetricIds>, id: &str) -> Self {
         let prefix = format!("shieldkey.token_id.{id}");
         TokenMetrics {
-            requests: counter(host, &format!("{prefix}.requests")),
-            prompt_tokens: counter(host, &format!("{prefix}.prompt_tokens")),
-            completion_tokens: counter(host, &format!("{prefix}.completion_tokens")),
-            spend: counter(host, &format!("{prefix}.spend_nano_usd")),
-            estimated: counter(host, &format!("{prefix}.estimated_charges")),
-            budget_limit: gauge(host, &format!("{prefix}.budget_limit_nano_usd")),
-            budget_remaining: gauge(host, &format!("{prefix}.budget_remaining_nano_usd")),
-            alerts: counter(host, &format!("{prefix}.budget_alerts")),
+            requests: counter(host, ids, &format!("{prefix}.requests")),
+            prompt_tokens: counter(host, ids, &format!("{prefix}.prompt_tokens")),
+            completion_tokens: counter(host, ids, &format!("{prefix}.completion_tokens")),
+            spend: counter(host, ids, &format!("{prefix}.spend_nano_usd")),
+            estimated: counter(host, ids, &format!("{prefix}.estimated_charges")),
+            budget_limit: gauge(host, ids, &format!("{prefix}.budget_limit_nano_usd")),
+            budget_remaining: gauge(host, ids, &format!("{prefix}.budget_remaining_nano_usd")),
+            alerts: counter(host, ids, &format!("{prefix}.budget_alerts")),
             denied: RefCell::new(HashMap::new()),
+            ids: ids.clone(),
             prefix,
         }
     }
@@ -173,11 +206,13 @@ impl TokenMetrics {
 
     pub fn denied(&self, host: &dyn Host, denial: &Denial) {
         let code = denial.code();
-        let id = *self
-            .denied
-            .borrow_mut()
-            .entry(code)
-            .or_insert_with(|| counter(host, &format!("{}.reason.{code}.denied", self.prefix)));
+        let id = *self.denied.borrow_mut().entry(code).or_insert_with(|| {
+            counter(
+                host,
+                &self.ids,
+                &format!("{}.reason.{code}.denied", self.prefix),
+            )
+        });
         bump(host, id, 1);
     }
 

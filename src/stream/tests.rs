@@ -331,3 +331,62 @@ fn a_request_without_a_token_is_refused_and_nothing_is_swapped() {
     s.on_log(&gw.host);
     assert!(gw.host.stat_names().iter().all(|n| !n.contains("nobody")));
 }
+
+#[test]
+fn reloads_define_each_stat_once_and_keep_the_shared_data_key_set_flat() {
+    let mut gw = gateway();
+    let serve = |gw: &Gateway, token: &str| {
+        let mut s = gw.request("POST", CHAT, token);
+        s.on_request_headers(&gw.host, false);
+        gw.body(&mut s, SMALL, true);
+        if gw.host.replied().is_none() {
+            gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+            gw.response_chunk(&mut s, USAGE, true);
+        }
+        s.on_log(&gw.host);
+        gw.host.replied().map(|(status, _)| status)
+    };
+    assert_eq!(serve(&gw, "alice"), None);
+    let keys = gw.host.store.key_count();
+    for reload in 0..50 {
+        // Every reload changes alice's limit, as `shieldkey limit` would.
+        gw.reload(|doc| {
+            doc["tokens"][0]["models"]["max_tokens"] = json!(100 + reload);
+        });
+        assert_eq!(serve(&gw, "alice"), None);
+        assert_eq!(serve(&gw, "open"), None);
+    }
+    assert_eq!(
+        gw.host.store.key_count(),
+        keys,
+        "no shared-data key per reload"
+    );
+    let defined = gw.host.definitions.borrow();
+    assert!(
+        defined.values().all(|n| *n == 1),
+        "a stat defined twice: {:?}",
+        defined.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+    assert_eq!(gw.metric_ids.len(), defined.len());
+    // Counters kept counting across all of it.
+    assert_eq!(gw.host.stat("shieldkey.token_id.alice.requests"), 51);
+    assert_eq!(gw.host.stat("shieldkey.token_id.open.requests"), 50);
+}
+
+#[test]
+fn a_revocation_reaches_the_next_request_and_a_straggler_keeps_its_own_view() {
+    let mut gw = gateway();
+    let before = gw.active.clone();
+    gw.reload(|doc| doc["tokens"][0]["status"] = json!("revoked"));
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    assert_eq!(code(&gw), Some((401, "shield_token_revoked".to_string())));
+    // A worker still on the previous configuration reads the previous record.
+    let mut straggler = super::Stream::new(Some(before));
+    gw.request("POST", CHAT, "alice");
+    assert_eq!(
+        straggler.on_request_headers(&gw.host, false),
+        Flow::Continue
+    );
+    assert_eq!(code(&gw), None);
+}
