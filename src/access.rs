@@ -158,8 +158,11 @@ fn reserve(
         }
         RouteKind::PromptOnly => pricing::worst_case_cost(price()?, body_len, 0),
         RouteKind::Ocr => {
+            // An empty `pages` list is read as "no selection" (found by fuzzing): reserve as
+            // if it were absent.
             let pages = facts
                 .pages
+                .filter(|p| *p > 0)
                 .unwrap_or(pricing::OCR_MAX_PAGES)
                 .min(pricing::OCR_MAX_PAGES);
             pricing::unit_cost(pages, pricing::OCR_NANO_PER_PAGE)

@@ -1,6 +1,10 @@
 //! The few facts the rules need from a Mistral JSON request body.
 
-use serde::Deserialize;
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
@@ -41,23 +45,16 @@ pub enum BodyError {
     BadModelName,
 }
 
-/// Only these fields are decoded; serde skips the rest (messages, tools, ...) without building
-/// them.
-#[derive(Deserialize)]
+/// Only these fields are decoded; the rest (messages, tools, ...) is skipped without being built.
+/// Every top-level key is checked for duplicates, not only the decoded ones.
+#[derive(Default)]
 struct Fields {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     max_tokens: Option<u64>,
-    #[serde(default)]
     n: Option<u64>,
-    #[serde(default)]
     completion_args: Option<CompletionArgs>,
-    #[serde(default)]
     max_output_tokens: Option<u64>,
-    #[serde(default)]
-    pages: Option<Vec<serde::de::IgnoredAny>>,
-    #[serde(default)]
+    pages: Option<u64>,
     stream: Option<bool>,
 }
 
@@ -67,11 +64,54 @@ struct CompletionArgs {
     max_tokens: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut seen = HashSet::new();
+        let mut f = Fields::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if !seen.insert(key.clone()) {
+                return Err(A::Error::custom("a key given twice"));
+            }
+            match key.as_ref() {
+                "model" => f.model = map.next_value()?,
+                "max_tokens" => f.max_tokens = map.next_value()?,
+                "n" => f.n = map.next_value()?,
+                "completion_args" => f.completion_args = map.next_value()?,
+                "max_output_tokens" => f.max_output_tokens = map.next_value()?,
+                "pages" => {
+                    f.pages = map
+                        .next_value::<Option<Vec<IgnoredAny>>>()?
+                        .map(|p| p.len() as u64)
+                }
+                "stream" => f.stream = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
 pub fn parse_request_body(body: &[u8]) -> Result<RequestFacts, BodyError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(
-            if first.is_some() && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+            if first.is_some() && serde_json::from_slice::<IgnoredAny>(body).is_ok() {
                 BodyError::NotObject
             } else {
                 BodyError::NotJson
@@ -92,7 +132,7 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestFacts, BodyError> {
         n: fields.n,
         completion_args_max_tokens: fields.completion_args.and_then(|c| c.max_tokens),
         max_output_tokens: fields.max_output_tokens,
-        pages: fields.pages.map(|p| p.len() as u64),
+        pages: fields.pages,
         stream: fields.stream.unwrap_or(false),
     })
 }
@@ -162,6 +202,11 @@ mod tests {
         );
         assert_eq!(
             parse_request_body(br#"{"completion_args":{"max_tokens":1,"max_tokens":2}}"#),
+            Err(BodyError::NotJson)
+        );
+        // Any top-level key, not only the ones the rules read (found by fuzzing).
+        assert_eq!(
+            parse_request_body(br#"{"model":"m","messages":[],"messages":[{"role":"user"}]}"#),
             Err(BodyError::NotJson)
         );
         // Numbers Python would coerce are refused, not guessed.
