@@ -48,7 +48,14 @@ pub struct Publication {
 /// Publishes `policy` (idempotent: every root context of a configuration calls it, and only the
 /// first writes anything).
 pub fn publish(store: &dyn SharedStore, policy: &Policy) -> Result<Publication, StoreError> {
-    let generation = claim_generation(store, &policy.fingerprint)?;
+    let (generation, complete) = claim_generation(store, &policy.fingerprint)?;
+    if complete {
+        // Another root context of this configuration published all of it already.
+        return Ok(Publication {
+            generation,
+            written: 0,
+        });
+    }
     let oldest_readable = generation.saturating_sub(KEEP_GENERATIONS - 1);
     let mut written = 0;
     for token in &policy.tokens {
@@ -81,6 +88,7 @@ pub fn publish(store: &dyn SharedStore, policy: &Policy) -> Result<Publication, 
     if previous != list {
         store.set(IDS_KEY, &list, None)?;
     }
+    mark_complete(store, generation)?;
     Ok(Publication {
         generation,
         written,
@@ -96,24 +104,27 @@ pub fn lookup(store: &dyn SharedStore, generation: u64, id: &str) -> Option<Toke
     token_record::decode(record).filter(|t| t.id == id)
 }
 
-/// The generation of configuration `fingerprint`: the newest one's number when it is the newest
-/// (every root context of one configuration agrees), else a new number (a configuration applied
-/// again after another gets fresh records, so rolling back is exact).
-fn claim_generation(store: &dyn SharedStore, fingerprint: &str) -> Result<u64, StoreError> {
+/// The generation of configuration `fingerprint`, and whether it is completely published: the
+/// newest one's number when it is the newest (every root context of one configuration agrees),
+/// else a new number (a configuration applied again after another gets fresh records, so rolling
+/// back is exact).
+fn claim_generation(store: &dyn SharedStore, fingerprint: &str) -> Result<(u64, bool), StoreError> {
     for _ in 0..CAS_RETRIES {
         let current = store.get(GENERATIONS_KEY);
         let mut known = current
             .as_ref()
             .and_then(|(v, _)| Generations::decode(v))
             .unwrap_or_default();
-        if let Some((fp, generation)) = known.recent.last() {
+        if let Some((fp, generation, complete)) = known.recent.last() {
             if fp == fingerprint {
-                return Ok(*generation);
+                return Ok((*generation, *complete));
             }
         }
         let generation = known.next.max(1);
         known.next = generation + 1;
-        known.recent.push((fingerprint.to_string(), generation));
+        known
+            .recent
+            .push((fingerprint.to_string(), generation, false));
         let excess = known.recent.len().saturating_sub(KEEP_GENERATIONS as usize);
         known.recent.drain(..excess);
         match store.set(
@@ -121,7 +132,31 @@ fn claim_generation(store: &dyn SharedStore, fingerprint: &str) -> Result<u64, S
             &known.encode(),
             current.map(|(_, cas)| cas),
         ) {
-            Ok(()) => return Ok(generation),
+            Ok(()) => return Ok((generation, false)),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::CasMismatch)
+}
+
+/// Records that every record of `generation` is written, so the other root contexts of the same
+/// configuration skip reading them all again.
+fn mark_complete(store: &dyn SharedStore, generation: u64) -> Result<(), StoreError> {
+    for _ in 0..CAS_RETRIES {
+        let Some((value, cas)) = store.get(GENERATIONS_KEY) else {
+            return Ok(());
+        };
+        let mut known = Generations::decode(&value).unwrap_or_default();
+        let Some(entry) = known.recent.iter_mut().find(|(_, g, _)| *g == generation) else {
+            return Ok(());
+        };
+        if entry.2 {
+            return Ok(());
+        }
+        entry.2 = true;
+        match store.set(GENERATIONS_KEY, &known.encode(), Some(cas)) {
+            Ok(()) => return Ok(()),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(e),
         }
@@ -231,7 +266,8 @@ impl History {
 #[derive(Debug, Default)]
 struct Generations {
     next: u64,
-    recent: Vec<(String, u64)>,
+    /// (fingerprint, generation, completely published), oldest first.
+    recent: Vec<(String, u64, bool)>,
 }
 
 impl Generations {
@@ -239,8 +275,10 @@ impl Generations {
         let mut w = Writer::new(GENERATIONS_VERSION);
         w.u64(self.next)
             .u8(u8::try_from(self.recent.len()).unwrap_or(u8::MAX));
-        for (fp, generation) in &self.recent {
-            w.bytes(fp.as_bytes()).u64(*generation);
+        for (fp, generation, complete) in &self.recent {
+            w.bytes(fp.as_bytes())
+                .u64(*generation)
+                .u8(u8::from(*complete));
         }
         w.finish()
     }
@@ -251,7 +289,7 @@ impl Generations {
         let count = r.u8()?;
         let mut recent = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
-            recent.push((r.string()?, r.u64()?));
+            recent.push((r.string()?, r.u64()?, r.u8()? == 1));
         }
         r.is_done().then_some(Generations { next, recent })
     }

@@ -32,6 +32,8 @@ pub trait SharedStore {
 pub struct MemoryStore {
     entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     next_cas: RefCell<u32>,
+    /// How many reads were made (what publishing costs a root context).
+    pub reads: std::cell::Cell<usize>,
 }
 
 impl MemoryStore {
@@ -56,6 +58,7 @@ impl MemoryStore {
 
 impl SharedStore for MemoryStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.reads.set(self.reads.get() + 1);
         self.entries
             .borrow()
             .get(key)

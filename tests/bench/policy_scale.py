@@ -33,8 +33,8 @@ from deployment import Deployment  # noqa: E402
 LOADED = re.compile(r"policy revision \d+ loaded .*: (\d+) tokens .* in (-?\d+) ms")
 
 
-def add_filler_tokens(policy: dict, count: int) -> None:
-    template = next(t for t in policy["tokens"] if t["id"] == "bench")
+def add_filler_tokens(policy: dict, count: int, template_id: str = "bench") -> None:
+    template = next(t for t in policy["tokens"] if t["id"] == template_id)
     for i in range(count):
         policy["tokens"].append({
             "id": f"filler-{i}",

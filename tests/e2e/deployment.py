@@ -114,6 +114,36 @@ class Deployment:
     def revision(self) -> int:
         return json.loads(self.policy.read_text())["revision"]
 
+    def apply_policy(self, policy: dict, timeout: float = 20.0) -> float:
+        """Publishes `policy` by rewriting the ECDS file directly, atomically, as `shieldkey publish`
+        does but without the CLI (for soaks and benchmarks that reload hundreds of times); returns
+        the seconds until Envoy reported the new revision applied."""
+        ecds = json.loads(self.ecds.read_text())
+        ecds["version_info"] = str(policy["revision"])
+        ecds["resources"][0]["typed_config"]["config"]["configuration"]["value"] = \
+            json.dumps(policy, separators=(",", ":"))
+        tmp = self.ecds.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ecds))
+        started = time.monotonic()
+        os.replace(tmp, self.ecds)
+        self.wait_for_config_version(policy["revision"], timeout)
+        return time.monotonic() - started
+
+
+def token_stat(dep: Deployment, token: str, name: str) -> int:
+    """A per-token stat of the filter (0 before it exists)."""
+    return dep.envoy.stat(f"wasmcustom.shieldkey.token_id.{token}.{name}") or 0
+
+
+def wait_token_stat(dep: Deployment, token: str, name: str, at_least: int, timeout: float = 5.0) -> int:
+    """Waits until the stat reaches `at_least` (accounting happens when the stream is logged)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = token_stat(dep, token, name)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
+
 
 def request(url: str, path: str = "/v1/chat/completions", *, token: str | None = None,
             body: dict | bytes | None = None, headers: dict | None = None,

@@ -16,6 +16,7 @@ import pytest
 
 import harness
 from deployment import Deployment, error_code, request
+from deployment import token_stat as stat, wait_token_stat as wait_stat
 
 SMALL_IN, SMALL_OUT = 150, 600  # nano-USD per token, mistral-small-latest
 
@@ -40,18 +41,6 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     yield d
     d.stop()
 
-
-def stat(dep, token, name) -> int:
-    return dep.envoy.stat(f"wasmcustom.shieldkey.token_id.{token}.{name}") or 0
-
-
-def wait_stat(dep, token, name, want, timeout=5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = stat(dep, token, name)
-        if value >= want or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
 
 
 def spend(dep, token) -> int:

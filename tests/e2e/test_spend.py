@@ -13,6 +13,7 @@ import pytest
 from mistralai.client import Mistral
 
 from deployment import Deployment, request, error_code, WASM
+from deployment import token_stat as stat, wait_token_stat as wait_stat
 
 # Built-in prices (USD per 1M tokens) from the dated table, in nano-USD per token × 1e6.
 SMALL_IN, SMALL_OUT = 150_000_000, 600_000_000      # mistral-small-latest: 0.15 / 0.60
@@ -73,18 +74,6 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
 def sdk(dep, token):
     return Mistral(api_key=dep.tokens[token], server_url=dep.url, timeout_ms=30_000)
 
-
-def stat(dep, token, name) -> int:
-    return dep.envoy.stat(f"wasmcustom.shieldkey.token_id.{token}.{name}") or 0
-
-
-def wait_stat(dep, token, name, at_least, timeout=5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = stat(dep, token, name)
-        if value >= at_least or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
 
 
 def test_exact_spend_for_chat_stream_and_embeddings_via_sdk(dep, mock_mistral):
