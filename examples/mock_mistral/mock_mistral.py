@@ -1023,9 +1023,18 @@ class Handler(BaseHTTPRequestHandler):
                              "created_at": iso_now(), "updated_at": iso_now(), "deleted_at": None})
 
 
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A proxy closing an idle keep-alive connection, or a client gone mid-stream, is normal
+        # traffic, not a mock bug: only print real errors.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def serve(port: int, keys: list[str], host: str = "127.0.0.1") -> ThreadingHTTPServer:
     handler = type("BoundHandler", (Handler,), {"state": State(keys)})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = Server((host, port), handler)
     server.daemon_threads = True
     return server
 
