@@ -14,6 +14,7 @@ pub mod codec;
 pub mod config;
 pub mod denial;
 pub mod envoy_render;
+pub mod fleet;
 pub mod ledger;
 pub mod master_key;
 pub mod money;

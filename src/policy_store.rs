@@ -104,6 +104,36 @@ pub fn lookup(store: &dyn SharedStore, generation: u64, id: &str) -> Option<Toke
     token_record::decode(record).filter(|t| t.id == id)
 }
 
+/// Fleet mode: sets token `id`'s record (or removes it, `None`) as of etcd revision `generation`,
+/// keeping only the newest entry: every reader follows the newest record there.
+pub fn put_newest(
+    store: &dyn SharedStore,
+    id: &str,
+    generation: u64,
+    record: Option<&[u8]>,
+) -> Result<bool, StoreError> {
+    put_entry(
+        store,
+        id,
+        generation,
+        record.unwrap_or_default(),
+        generation,
+    )
+}
+
+/// Fleet mode: the newest record of token `id`, and the shared-data version it was read at (a
+/// cache of the decoded record stays valid while that version does).
+pub fn lookup_newest(store: &dyn SharedStore, id: &str) -> Option<(TokenPolicy, u32)> {
+    let (bytes, cas) = store.get(&record_key(id))?;
+    Some((decode_newest(&bytes, id)?, cas))
+}
+
+/// The newest record in the value of `record_key(id)`.
+pub fn decode_newest(value: &[u8], id: &str) -> Option<TokenPolicy> {
+    let history = History::decode(value)?;
+    token_record::decode(history.at(u64::MAX)?).filter(|t| t.id == id)
+}
+
 /// The generation of configuration `fingerprint`, and whether it is completely published: the
 /// newest one's number when it is the newest (every root context of one configuration agrees),
 /// else a new number (a configuration applied again after another gets fresh records, so rolling

@@ -98,6 +98,7 @@ pub fn init(ctx: &Context, mut args: Args) -> Result<(), CliError> {
         pricing: None,
         requests: None,
         alerts: None,
+        fleet: None,
     };
     save(&ctx.policy_path, &mut policy, None)?;
     eprintln!("created {}", ctx.policy_path.display());

@@ -7,7 +7,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use super::error::ConfigError;
-use super::raw::{RawPolicy, RawStatus, POLICY_FORMAT_VERSION};
+use super::raw::{RawPolicy, RawStatus, RawToken, POLICY_FORMAT_VERSION};
 use super::settings::compile_settings;
 use super::token_rules::{compile_rules, RawTokenRules};
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
@@ -115,41 +115,7 @@ pub fn compile(
                 format!("duplicate token id '{}' (first at tokens[{first}])", t.id),
             ));
         }
-        let digest =
-            parse_digest(&t.digest).map_err(|m| ConfigError::at(format!("{path}.digest"), m))?;
-        let upstream_key = *key_index.get(t.upstream_key.as_str()).ok_or_else(|| {
-            ConfigError::at(
-                format!("{path}.upstream_key"),
-                format!("no upstream key with id '{}'", t.upstream_key),
-            )
-        })?;
-        let not_before = parse_time(t.not_before.as_deref(), &format!("{path}.not_before"))?;
-        let expires_at = parse_time(t.expires_at.as_deref(), &format!("{path}.expires_at"))?;
-        if let (Some(nbf), Some(exp)) = (not_before, expires_at) {
-            if exp <= nbf {
-                return Err(ConfigError::at(
-                    format!("{path}.expires_at"),
-                    "must be after not_before",
-                ));
-            }
-        }
-        let owner = t.owner.clone().unwrap_or_default();
-        if owner.len() > 256 {
-            return Err(ConfigError::at(
-                format!("{path}.owner"),
-                "at most 256 bytes",
-            ));
-        }
-        tokens.push(TokenPolicy {
-            id: t.id.clone(),
-            digest,
-            upstream_key,
-            owner,
-            revoked: t.status == RawStatus::Revoked,
-            not_before,
-            expires_at,
-            rules: compile_rules(&RawTokenRules::of(t), &path)?,
-        });
+        tokens.push(compile_token(t, &key_index, &path)?);
     }
 
     Ok(Policy {
@@ -159,6 +125,51 @@ pub fn compile(
         upstream_keys,
         tokens,
         settings: compile_settings(raw)?,
+    })
+}
+
+/// Compiles one token against the upstream keys of its policy (`key_index`: id → index). `path`
+/// names the token in errors (`tokens[3]`, or its etcd key in fleet mode).
+pub fn compile_token(
+    t: &RawToken,
+    key_index: &HashMap<&str, u16>,
+    path: &str,
+) -> Result<TokenPolicy, ConfigError> {
+    token::validate_id(&t.id).map_err(|m| ConfigError::at(format!("{path}.id"), m))?;
+    let digest =
+        parse_digest(&t.digest).map_err(|m| ConfigError::at(format!("{path}.digest"), m))?;
+    let upstream_key = *key_index.get(t.upstream_key.as_str()).ok_or_else(|| {
+        ConfigError::at(
+            format!("{path}.upstream_key"),
+            format!("no upstream key with id '{}'", t.upstream_key),
+        )
+    })?;
+    let not_before = parse_time(t.not_before.as_deref(), &format!("{path}.not_before"))?;
+    let expires_at = parse_time(t.expires_at.as_deref(), &format!("{path}.expires_at"))?;
+    if let (Some(nbf), Some(exp)) = (not_before, expires_at) {
+        if exp <= nbf {
+            return Err(ConfigError::at(
+                format!("{path}.expires_at"),
+                "must be after not_before",
+            ));
+        }
+    }
+    let owner = t.owner.clone().unwrap_or_default();
+    if owner.len() > 256 {
+        return Err(ConfigError::at(
+            format!("{path}.owner"),
+            "at most 256 bytes",
+        ));
+    }
+    Ok(TokenPolicy {
+        id: t.id.clone(),
+        digest,
+        upstream_key,
+        owner,
+        revoked: t.status == RawStatus::Revoked,
+        not_before,
+        expires_at,
+        rules: compile_rules(&RawTokenRules::of(t), path)?,
     })
 }
 

@@ -33,6 +33,38 @@ pub struct RawPolicy {
     /// Budget alert thresholds and the optional webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alerts: Option<RawAlerts>,
+    /// Fleet mode: the policy lives in etcd, not in this document (see `RawFleet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<RawFleet>,
+}
+
+/// Fleet mode: every Envoy follows one policy kept in etcd. The plugin configuration then holds
+/// only `version`, `master_key_env` and this section; tokens, upstream keys and the policy-wide
+/// sections are read from etcd (`<prefix>policy/...`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    /// The Envoy cluster of the etcd members (their HTTP/1.1 JSON gateway).
+    pub cluster: String,
+    /// Key prefix of this policy in etcd (default `shieldkey/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// `:authority` of the calls to etcd (default: the cluster name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// How often the syncer asks etcd for changes (default 200 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_interval_ms: Option<u64>,
+    /// Timeout of one call to etcd (default 1000 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// How often the syncer lists every token key to notice removed tokens (default 10000 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_interval_ms: Option<u64>,
+    /// True in the one `WasmService` per Envoy that syncs from etcd into shared data; false (the
+    /// default) in the HTTP filter, which reads what the syncer wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -37,20 +37,24 @@ pub fn plugin_configuration() -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// POSTs `body` through Envoy's HTTP callout; the reply comes to the root context's
+/// `on_http_call_response` with the returned token.
 pub fn dispatch_post(
     cluster: &str,
     path: &str,
     authority: &str,
     body: &[u8],
+    extra_headers: &[(&str, &str)],
     timeout: Duration,
-) -> bool {
-    let headers = vec![
+) -> Option<u32> {
+    let mut headers = vec![
         (":method", "POST"),
         (":path", path),
         (":authority", authority),
         ("content-type", "application/json"),
     ];
-    hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout).is_ok()
+    headers.extend_from_slice(extra_headers);
+    hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout).ok()
 }
 
 impl Host for WasmHost {

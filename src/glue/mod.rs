@@ -2,6 +2,7 @@
 //! the verdict; it holds no policy logic. Host calls go through `host`, which turns every host
 //! error into a value (the SDK's trait helpers unwrap, and a panic in the VM is an outage).
 
+mod fleet;
 mod host;
 mod host_store;
 mod http;

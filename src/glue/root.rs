@@ -1,17 +1,22 @@
-//! The root context: compiles the plugin configuration once per `on_configure`, publishes the
-//! per-token records into shared data, hands every HTTP context a shared, read-only view, and
-//! delivers budget alerts to the optional webhook.
+//! The root context. In single-Envoy mode it compiles the plugin configuration once per
+//! `on_configure`, publishes the per-token records into shared data and hands every HTTP context
+//! a shared, read-only view. In fleet mode it either follows the base document the syncer wrote
+//! (the HTTP filter) or is the syncer itself (`glue::fleet`). It also delivers budget alerts to
+//! the optional webhook.
 
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{ContextType, MapType};
 
+use super::fleet::{FleetFilter, Syncer};
 use super::host::{self, log, WasmHost};
 use super::http::ShieldHttp;
+use crate::config::raw::RawPolicy;
 use crate::config::{raw, ConfigError};
+use crate::fleet::compile_fleet;
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
 use crate::stream::active::Active;
 use crate::stream::host::LogLevel;
@@ -19,34 +24,67 @@ use crate::stream::metrics::MetricIds;
 use crate::stream::Stream;
 
 const ALERT_QUEUE: &str = "shieldkey.alerts";
+/// Alerts sent per tick and worker: a flood of alerts must not starve the worker.
+const ALERTS_PER_TICK: usize = 16;
 
 thread_local! {
     /// Stat ids defined by this VM, shared by every configuration it runs (a VM is one thread).
     static METRIC_IDS: Rc<MetricIds> = Rc::new(MetricIds::default());
 }
-/// Alerts sent per tick and worker: a flood of alerts must not starve the worker.
-const ALERTS_PER_TICK: usize = 16;
 
-#[derive(Default)]
+pub fn metric_ids() -> Rc<MetricIds> {
+    METRIC_IDS.with(Rc::clone)
+}
+
+enum Mode {
+    /// The policy is the plugin configuration.
+    Single,
+    /// The HTTP filter of fleet mode: follows the base document the syncer writes.
+    FleetFilter(FleetFilter),
+    /// The one syncer per Envoy (bootstrap `WasmService`); boxed: it is the large one.
+    Syncer(Box<Syncer>),
+}
+
 pub struct ShieldRoot {
     active: Option<Rc<Active>>,
     alert_queue: Option<u32>,
+    mode: Mode,
+}
+
+impl Default for ShieldRoot {
+    fn default() -> Self {
+        ShieldRoot {
+            active: None,
+            alert_queue: None,
+            mode: Mode::Single,
+        }
+    }
 }
 
 impl Context for ShieldRoot {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         _headers: usize,
-        _body: usize,
+        body_size: usize,
         _trailers: usize,
     ) {
-        let status = hostcalls::get_map_value(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten();
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        if let Mode::Syncer(syncer) = &mut self.mode {
+            let body = hostcalls::get_buffer(
+                proxy_wasm::types::BufferType::HttpCallResponseBody,
+                0,
+                body_size,
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+            let status = status.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
+            syncer.on_reply(token, status, &body);
+            return;
+        }
         if status.as_deref().is_none_or(|s| !s.starts_with('2')) {
             if let Some(active) = &self.active {
                 active.metrics.webhook_failed(&self.host());
@@ -64,15 +102,8 @@ impl Context for ShieldRoot {
 
 impl RootContext for ShieldRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match configure() {
-            Ok((active, alert_queue)) => {
-                if alert_queue.is_some() {
-                    let _ = hostcalls::set_tick_period(Duration::from_millis(500));
-                }
-                self.active = Some(Rc::new(active));
-                self.alert_queue = alert_queue;
-                true
-            }
+        match self.configure() {
+            Ok(()) => true,
             Err(e) => {
                 // The message names the field; it never contains a secret (seal/token errors are
                 // fixed strings, and parse errors only echo field names and types).
@@ -86,33 +117,24 @@ impl RootContext for ShieldRoot {
     }
 
     fn on_tick(&mut self) {
-        let Some(active) = &self.active else { return };
-        let (Some(queue), Some(hook)) = (self.alert_queue, &active.policy.settings.webhook) else {
-            return;
-        };
-        for _ in 0..ALERTS_PER_TICK {
-            let Ok(Some(body)) = hostcalls::dequeue_shared_queue(queue) else {
-                break;
-            };
-            // Failures are logged and counted, never retried into the request path.
-            let sent = host::dispatch_post(
-                &hook.cluster,
-                &hook.path,
-                &hook.authority,
-                &body,
-                Duration::from_millis(hook.timeout_ms),
-            );
-            if !sent {
-                active.metrics.webhook_failed(&self.host());
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "shieldkey: cannot call the budget alert webhook cluster '{}'",
-                        hook.cluster
-                    ),
-                );
+        match &mut self.mode {
+            Mode::Syncer(syncer) => {
+                syncer.tick();
+                return;
             }
+            Mode::FleetFilter(filter) => {
+                if let Some(active) = filter.follow(&WasmHost {
+                    alert_queue: self.alert_queue,
+                }) {
+                    if active.policy.settings.webhook.is_some() && self.alert_queue.is_none() {
+                        self.alert_queue = hostcalls::register_shared_queue(ALERT_QUEUE).ok();
+                    }
+                    self.active = Some(active);
+                }
+            }
+            Mode::Single => {}
         }
+        self.send_alerts();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -133,12 +155,84 @@ impl ShieldRoot {
             alert_queue: self.alert_queue,
         }
     }
+
+    fn configure(&mut self) -> Result<(), ConfigError> {
+        let bytes = host::plugin_configuration()
+            .ok_or_else(|| ConfigError::at(".", "the filter needs a plugin configuration"))?;
+        let raw = raw::parse(&bytes)?;
+        if let Some(fleet) = &raw.fleet {
+            let settings = compile_fleet(&raw, fleet)?;
+            // A few ticks per interval, so a change waits at most a quarter interval for one.
+            let tick = (settings.sync_interval_ms / 4).clamp(10, 250);
+            if settings.sync {
+                self.mode = Mode::Syncer(Box::new(Syncer::new(settings)));
+                log(LogLevel::Info, "shieldkey: fleet syncer configured");
+            } else {
+                let mut filter = FleetFilter::new(master_key(&raw)?);
+                // The policy may already be in shared data (a reload); else requests are
+                // refused (503) until the syncer wrote it.
+                self.active = filter.follow(&self.host());
+                self.mode = Mode::FleetFilter(filter);
+            }
+            let _ = hostcalls::set_tick_period(Duration::from_millis(tick));
+            return Ok(());
+        }
+        let master = master_key(&raw)?;
+        let alert_queue = match raw.alerts.as_ref().and_then(|a| a.webhook.as_ref()) {
+            Some(_) => Some(hostcalls::register_shared_queue(ALERT_QUEUE).map_err(|_| {
+                ConfigError::at("alerts.webhook", "cannot register the alert queue")
+            })?),
+            None => None,
+        };
+        let active = Active::load(
+            &WasmHost { alert_queue },
+            &bytes,
+            &raw,
+            &master,
+            &metric_ids(),
+        )?;
+        if alert_queue.is_some() {
+            let _ = hostcalls::set_tick_period(Duration::from_millis(500));
+        }
+        self.active = Some(Rc::new(active));
+        self.alert_queue = alert_queue;
+        self.mode = Mode::Single;
+        Ok(())
+    }
+
+    fn send_alerts(&self) {
+        let Some(active) = &self.active else { return };
+        let (Some(queue), Some(hook)) = (self.alert_queue, &active.policy.settings.webhook) else {
+            return;
+        };
+        for _ in 0..ALERTS_PER_TICK {
+            let Ok(Some(body)) = hostcalls::dequeue_shared_queue(queue) else {
+                break;
+            };
+            // Failures are logged and counted, never retried into the request path.
+            let sent = host::dispatch_post(
+                &hook.cluster,
+                &hook.path,
+                &hook.authority,
+                &body,
+                &[],
+                Duration::from_millis(hook.timeout_ms),
+            );
+            if sent.is_none() {
+                active.metrics.webhook_failed(&self.host());
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "shieldkey: cannot call the budget alert webhook cluster '{}'",
+                        hook.cluster
+                    ),
+                );
+            }
+        }
+    }
 }
 
-fn configure() -> Result<(Active, Option<u32>), ConfigError> {
-    let bytes = host::plugin_configuration()
-        .ok_or_else(|| ConfigError::at(".", "the filter needs a plugin configuration"))?;
-    let raw = raw::parse(&bytes)?;
+fn master_key(raw: &RawPolicy) -> Result<MasterKey, ConfigError> {
     let env_name = raw
         .master_key_env
         .as_deref()
@@ -152,17 +246,6 @@ fn configure() -> Result<(Active, Option<u32>), ConfigError> {
             ),
         )
     })?;
-    let master = MasterKey::from_base64(&master_text)
-        .map_err(|e| ConfigError::at("master_key_env", format!("{env_name}: {e}")))?;
-    drop(master_text);
-    let alert_queue =
-        match raw.alerts.as_ref().and_then(|a| a.webhook.as_ref()) {
-            Some(_) => Some(hostcalls::register_shared_queue(ALERT_QUEUE).map_err(|_| {
-                ConfigError::at("alerts.webhook", "cannot register the alert queue")
-            })?),
-            None => None,
-        };
-    let ids = METRIC_IDS.with(Rc::clone);
-    let active = Active::load(&WasmHost { alert_queue }, &bytes, &raw, &master, &ids)?;
-    Ok((active, alert_queue))
+    MasterKey::from_base64(&master_text)
+        .map_err(|e| ConfigError::at("master_key_env", format!("{env_name}: {e}")))
 }

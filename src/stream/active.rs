@@ -16,6 +16,9 @@ use crate::policy::{Policy, TokenPolicy};
 use crate::policy_store;
 use crate::token_digest::TokenVerifier;
 
+/// A decoded token record and the shared-data version it was decoded from.
+type VersionedRecord = (u32, Rc<TokenPolicy>);
+
 pub struct Active {
     pub policy: Policy,
     /// The shared-data generation this configuration reads its token records at.
@@ -26,6 +29,9 @@ pub struct Active {
     /// one configuration never change (a policy change is a new configuration), so the cache
     /// needs no invalidation; it holds at most the tokens that were actually used.
     tokens: RefCell<HashMap<String, Rc<TokenPolicy>>>,
+    /// Fleet mode: records change in place as the syncer follows etcd, so every request reads
+    /// the record; the decoded one is reused while its shared-data version is unchanged.
+    fleet: Option<RefCell<HashMap<String, VersionedRecord>>>,
 }
 
 impl Active {
@@ -36,7 +42,33 @@ impl Active {
             verifier,
             metrics,
             tokens: RefCell::new(HashMap::new()),
+            fleet: None,
         }
+    }
+
+    /// Fleet mode: the policy-wide part from the base document the syncer wrote (`base`: a
+    /// `RawPolicy` with settings and sealed upstream keys, no tokens); token records are read
+    /// from shared data on every request.
+    pub fn from_fleet_base(
+        host: &dyn Host,
+        base: &[u8],
+        master: &MasterKey,
+        ids: &Rc<MetricIds>,
+    ) -> Result<Active, ConfigError> {
+        let raw = crate::config::raw::parse(base)?;
+        let policy = compile(
+            &raw,
+            fingerprint(base),
+            &CompileOptions {
+                master_key: Some(master),
+            },
+        )?;
+        let verifier = TokenVerifier::new(master.digest_key()).ok_or_else(|| {
+            ConfigError::at("master_key_env", "cannot derive the token digest key")
+        })?;
+        let mut active = Active::new(policy, 0, verifier, Metrics::define(host, ids));
+        active.fleet = Some(RefCell::new(HashMap::new()));
+        Ok(active)
     }
 
     /// Compiles a configuration (`raw` is `config` parsed), publishes its token records into
@@ -111,6 +143,19 @@ impl Active {
     }
 
     pub fn token(&self, host: &dyn Host, id: &str) -> Option<Rc<TokenPolicy>> {
+        if let Some(cache) = &self.fleet {
+            let (bytes, cas) = host.store().get(&policy_store::record_key(id))?;
+            if let Some((seen, token)) = cache.borrow().get(id) {
+                if *seen == cas {
+                    return Some(token.clone());
+                }
+            }
+            let token = Rc::new(policy_store::decode_newest(&bytes, id)?);
+            cache
+                .borrow_mut()
+                .insert(id.to_string(), (cas, token.clone()));
+            return Some(token);
+        }
         if let Some(t) = self.tokens.borrow().get(id) {
             return Some(t.clone());
         }

@@ -1,0 +1,443 @@
+//! The syncer: follows `<prefix>policy/` in etcd and writes it into shared data. A state machine
+//! with no host calls of its own: the glue asks it for the next call on every tick, sends it
+//! through Envoy's callout, and hands it the reply. One call is in flight at a time.
+//!
+//! - Loading: every policy key, page by page at one store revision (a consistent snapshot); then
+//!   the base document (settings + sealed upstream keys) and every token's compiled record are
+//!   written, tokens no longer there are removed, and it follows from that revision.
+//! - Following: every `sync_interval_ms`, the keys modified after the followed revision
+//!   (`min_mod_revision`); a changed token rewrites its one record in place; a change to the
+//!   settings or the upstream keys loads everything again (token records name keys by index).
+//! - Reconciling: every `reconcile_interval_ms`, the token keys only, to notice removed tokens
+//!   (a range by modification revision cannot show a deletion).
+//!
+//! Failures (etcd down, no quorum, a bad reply) leave shared data as it was: Envoy keeps enforcing
+//! the last policy it read, and the syncer tries again on the next tick.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::etcd::{parse_range, prefix_end, Kv, Range, RANGE_PATH};
+use super::{FleetSettings, BASE_KEY};
+use crate::config::compile::{compile, compile_token, CompileOptions};
+use crate::config::raw::{RawPolicy, RawToken, RawUpstreamKey};
+use crate::ledger::{Ledger, SharedDataLedger};
+use crate::policy_store;
+use crate::store::SharedStore;
+use crate::token_record;
+
+/// Keys per page.
+pub const PAGE: u64 = 1_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub path: &'static str,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    settings: Option<Vec<u8>>,
+    keys: Vec<(String, Vec<u8>)>,
+    tokens: Vec<(String, Vec<u8>, u64)>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Loading {
+        at: u64,
+        next: Vec<u8>,
+        snapshot: Snapshot,
+    },
+    Following {
+        /// Paging through one batch of changes: (snapshot revision, next key).
+        page: Option<(u64, Vec<u8>)>,
+    },
+    Reconciling {
+        at: u64,
+        next: Vec<u8>,
+        seen: BTreeSet<String>,
+    },
+}
+
+/// What the last reply did, for logs and stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The call failed (status, or an unreadable reply): retried on a later tick.
+    Failed(String),
+    /// A page was read; more follow.
+    Paging,
+    /// The whole policy was loaded at `revision`.
+    Loaded { revision: u64, tokens: usize },
+    /// Changes after the followed revision were applied.
+    Applied { revision: u64, records: usize },
+    /// Removed tokens were noticed and cleared.
+    Reconciled { removed: usize },
+    /// The policy in etcd is not usable (no settings, invalid settings or keys): nothing changed.
+    Rejected(String),
+}
+
+pub struct PolicySync {
+    settings: FleetSettings,
+    phase: Phase,
+    /// The store revision shared data reflects (0: nothing loaded yet).
+    revision: u64,
+    in_flight: bool,
+    next_due_ms: i64,
+    next_reconcile_ms: i64,
+    /// Token ids with a record in shared data.
+    known: BTreeSet<String>,
+    /// Upstream key ids of the current base, in index order.
+    key_ids: Vec<String>,
+    pub failures: u64,
+    pub last_success_ms: Option<i64>,
+}
+
+fn after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+impl PolicySync {
+    pub fn new(settings: FleetSettings) -> Self {
+        let start = settings.policy_prefix().into_bytes();
+        PolicySync {
+            settings,
+            phase: Phase::Loading {
+                at: 0,
+                next: start,
+                snapshot: Snapshot::default(),
+            },
+            revision: 0,
+            in_flight: false,
+            next_due_ms: 0,
+            next_reconcile_ms: 0,
+            known: BTreeSet::new(),
+            key_ids: Vec::new(),
+            failures: 0,
+            last_success_ms: None,
+        }
+    }
+
+    /// The store revision shared data reflects (0 before the first load).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The next call, when one is due and none is in flight.
+    pub fn poll(&mut self, now_ms: i64) -> Option<Call> {
+        if self.in_flight || now_ms < self.next_due_ms {
+            return None;
+        }
+        if matches!(self.phase, Phase::Following { page: None }) && now_ms >= self.next_reconcile_ms
+        {
+            self.phase = Phase::Reconciling {
+                at: 0,
+                next: self.settings.tokens_prefix().into_bytes(),
+                seen: BTreeSet::new(),
+            };
+        }
+        let policy_prefix = self.settings.policy_prefix().into_bytes();
+        let range = match &self.phase {
+            Phase::Loading { at, next, .. } => Range {
+                from: next.clone(),
+                end: prefix_end(&policy_prefix),
+                limit: PAGE,
+                revision: *at,
+                ..Range::default()
+            },
+            Phase::Following { page } => {
+                let (at, from) = page.clone().unwrap_or((0, policy_prefix.clone()));
+                Range {
+                    from,
+                    end: prefix_end(&policy_prefix),
+                    limit: PAGE,
+                    min_mod_revision: self.revision + 1,
+                    revision: at,
+                    ..Range::default()
+                }
+            }
+            Phase::Reconciling { at, next, .. } => Range {
+                from: next.clone(),
+                end: prefix_end(self.settings.tokens_prefix().as_bytes()),
+                limit: PAGE * 10,
+                revision: *at,
+                keys_only: true,
+                ..Range::default()
+            },
+        };
+        self.in_flight = true;
+        Some(Call {
+            path: RANGE_PATH,
+            body: range.body(),
+        })
+    }
+
+    /// The reply to the call in flight: `status` 0 when the call could not be sent.
+    pub fn on_reply(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        status: u32,
+        body: &[u8],
+    ) -> Outcome {
+        self.in_flight = false;
+        let reply = (status == 200).then(|| parse_range(body)).flatten();
+        let Some(reply) = reply else {
+            self.failures += 1;
+            self.next_due_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
+            // A snapshot read that fails (e.g. its revision was compacted) starts over.
+            self.restart_paging();
+            let what = String::from_utf8_lossy(body.get(..body.len().min(120)).unwrap_or_default())
+                .replace(|c: char| c.is_control(), " ");
+            return Outcome::Failed(format!("status {status}: {what}"));
+        };
+        self.last_success_ms = Some(now_ms);
+        let outcome = match std::mem::replace(&mut self.phase, Phase::Following { page: None }) {
+            Phase::Loading {
+                at,
+                snapshot,
+                next: _,
+            } => self.on_load_page(store, at, snapshot, reply),
+            Phase::Following { page } => self.on_changes(store, page, reply),
+            Phase::Reconciling { at, seen, next: _ } => self.on_listing(store, at, seen, reply),
+        };
+        if !matches!(outcome, Outcome::Paging) {
+            self.next_due_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
+        }
+        if matches!(outcome, Outcome::Reconciled { .. } | Outcome::Loaded { .. }) {
+            self.next_reconcile_ms =
+                now_ms.saturating_add(self.settings.reconcile_interval_ms as i64);
+        }
+        outcome
+    }
+
+    fn restart_paging(&mut self) {
+        match &mut self.phase {
+            Phase::Loading { at, next, snapshot } => {
+                *at = 0;
+                *next = self.settings.policy_prefix().into_bytes();
+                *snapshot = Snapshot::default();
+            }
+            Phase::Following { page } => *page = None,
+            Phase::Reconciling { .. } => self.phase = Phase::Following { page: None },
+        }
+    }
+
+    fn load_again(&mut self) {
+        self.phase = Phase::Loading {
+            at: 0,
+            next: self.settings.policy_prefix().into_bytes(),
+            snapshot: Snapshot::default(),
+        };
+    }
+
+    fn on_load_page(
+        &mut self,
+        store: &dyn SharedStore,
+        at: u64,
+        mut snapshot: Snapshot,
+        reply: super::etcd::RangeReply,
+    ) -> Outcome {
+        let at = if at == 0 { reply.revision } else { at };
+        let last = reply.kvs.last().map(|kv| kv.key.clone());
+        for kv in reply.kvs {
+            self.classify(kv, &mut snapshot);
+        }
+        if let (true, Some(last)) = (reply.more, last) {
+            self.phase = Phase::Loading {
+                at,
+                next: after(&last),
+                snapshot,
+            };
+            return Outcome::Paging;
+        }
+        match self.apply_snapshot(store, snapshot, at) {
+            Ok(tokens) => {
+                self.revision = at;
+                Outcome::Loaded {
+                    revision: at,
+                    tokens,
+                }
+            }
+            Err(why) => {
+                // Nothing written; keep enforcing what shared data holds, read again later.
+                self.load_again();
+                Outcome::Rejected(why)
+            }
+        }
+    }
+
+    fn classify(&self, kv: Kv, snapshot: &mut Snapshot) {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        if key == self.settings.settings_key() {
+            snapshot.settings = Some(kv.value);
+        } else if let Some(id) = key.strip_prefix(&self.settings.keys_prefix()) {
+            snapshot.keys.push((id.to_string(), kv.value));
+        } else if let Some(id) = key.strip_prefix(&self.settings.tokens_prefix()) {
+            snapshot
+                .tokens
+                .push((id.to_string(), kv.value, kv.mod_revision));
+        }
+    }
+
+    /// Writes a whole snapshot: the base first (so no record names a key the base lacks), then
+    /// every record, then removes what is gone. Returns the number of tokens.
+    fn apply_snapshot(
+        &mut self,
+        store: &dyn SharedStore,
+        snapshot: Snapshot,
+        at: u64,
+    ) -> Result<usize, String> {
+        let settings = snapshot
+            .settings
+            .ok_or_else(|| format!("no {} in etcd", self.settings.settings_key()))?;
+        let mut base: RawPolicy = serde_json::from_slice(&settings)
+            .map_err(|e| format!("{}: {e}", self.settings.settings_key()))?;
+        if !base.tokens.is_empty() || !base.upstream_keys.is_empty() || base.fleet.is_some() {
+            return Err(format!(
+                "{}: tokens, upstream keys and fleet do not belong in the settings",
+                self.settings.settings_key()
+            ));
+        }
+        let mut keys = Vec::with_capacity(snapshot.keys.len());
+        for (id, value) in &snapshot.keys {
+            let key: RawUpstreamKey = serde_json::from_slice(value)
+                .map_err(|e| format!("{}{id}: {e}", self.settings.keys_prefix()))?;
+            if key.id != *id {
+                return Err(format!(
+                    "{}{id}: the id inside is {}",
+                    self.settings.keys_prefix(),
+                    key.id
+                ));
+            }
+            keys.push(key);
+        }
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        base.upstream_keys = keys;
+        // The same validation as a plugin configuration (keys are opened by the HTTP filter,
+        // which has the master key).
+        compile(&base, String::new(), &CompileOptions::default()).map_err(|e| e.to_string())?;
+        let base_json = serde_json::to_vec(&base).map_err(|e| e.to_string())?;
+        if store.get(BASE_KEY).map(|(v, _)| v) != Some(base_json.clone()) {
+            store
+                .set(BASE_KEY, &base_json, None)
+                .map_err(|e| format!("shared data: {e:?}"))?;
+        }
+        self.key_ids = base.upstream_keys.iter().map(|k| k.id.clone()).collect();
+
+        let mut present = BTreeSet::new();
+        for (id, value, mod_revision) in &snapshot.tokens {
+            self.apply_token(store, id, value, *mod_revision);
+            present.insert(id.clone());
+        }
+        let gone: Vec<String> = self.known.difference(&present).cloned().collect();
+        for id in gone {
+            let _ = policy_store::put_newest(store, &id, at, None);
+        }
+        self.known = present;
+        Ok(snapshot.tokens.len())
+    }
+
+    /// Compiles and writes one token's record; a token that does not compile is removed (fail
+    /// closed) rather than left at its previous state.
+    fn apply_token(&mut self, store: &dyn SharedStore, id: &str, value: &[u8], mod_revision: u64) {
+        let index: HashMap<&str, u16> = self
+            .key_ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| Some((k.as_str(), u16::try_from(i).ok()?)))
+            .collect();
+        let path = format!("{}{id}", self.settings.tokens_prefix());
+        let compiled = serde_json::from_slice::<RawToken>(value)
+            .ok()
+            .filter(|t| t.id == id)
+            .and_then(|t| compile_token(&t, &index, &path).ok());
+        if let Some(token) = compiled.as_ref().filter(|t| t.rules.limits.is_tracked()) {
+            // Counters exist before the first request, so every update is a compare-and-swap.
+            let _ = SharedDataLedger::new(store).ensure(&token.id);
+        }
+        let record = compiled.as_ref().map(token_record::encode);
+        let _ = policy_store::put_newest(store, id, mod_revision, record.as_deref());
+        if record.is_some() {
+            self.known.insert(id.to_string());
+        } else {
+            self.known.remove(id);
+        }
+    }
+
+    fn on_changes(
+        &mut self,
+        store: &dyn SharedStore,
+        page: Option<(u64, Vec<u8>)>,
+        reply: super::etcd::RangeReply,
+    ) -> Outcome {
+        let at = page.map_or(reply.revision, |(at, _)| at);
+        let tokens_prefix = self.settings.tokens_prefix();
+        let last = reply.kvs.last().map(|kv| kv.key.clone());
+        let mut records = 0;
+        for kv in &reply.kvs {
+            let key = String::from_utf8_lossy(&kv.key);
+            match key.strip_prefix(&tokens_prefix) {
+                Some(id) => {
+                    self.apply_token(store, id, &kv.value, kv.mod_revision);
+                    records += 1;
+                }
+                None => {
+                    // Settings or upstream keys changed: records name keys by index, so
+                    // everything is read again.
+                    self.load_again();
+                    return Outcome::Paging;
+                }
+            }
+        }
+        if let (true, Some(last)) = (reply.more, last) {
+            self.phase = Phase::Following {
+                page: Some((at, after(&last))),
+            };
+            return Outcome::Paging;
+        }
+        self.revision = self.revision.max(at);
+        Outcome::Applied {
+            revision: self.revision,
+            records,
+        }
+    }
+
+    fn on_listing(
+        &mut self,
+        store: &dyn SharedStore,
+        at: u64,
+        mut seen: BTreeSet<String>,
+        reply: super::etcd::RangeReply,
+    ) -> Outcome {
+        let at = if at == 0 { reply.revision } else { at };
+        let tokens_prefix = self.settings.tokens_prefix();
+        let last = reply.kvs.last().map(|kv| kv.key.clone());
+        for kv in &reply.kvs {
+            if let Some(id) = String::from_utf8_lossy(&kv.key).strip_prefix(&tokens_prefix) {
+                seen.insert(id.to_string());
+            }
+        }
+        if let (true, Some(last)) = (reply.more, last) {
+            self.phase = Phase::Reconciling {
+                at,
+                next: after(&last),
+                seen,
+            };
+            return Outcome::Paging;
+        }
+        // Only what the followed revision already knew and the listing no longer has.
+        let gone: Vec<String> = self.known.difference(&seen).cloned().collect();
+        for id in &gone {
+            let _ = policy_store::put_newest(store, id, at.max(self.revision), None);
+            self.known.remove(id);
+        }
+        Outcome::Reconciled {
+            removed: gone.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

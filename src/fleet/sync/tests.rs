@@ -1,0 +1,302 @@
+//! The syncer against an in-memory etcd that answers the JSON gateway's range calls.
+
+use std::collections::BTreeMap;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::config::raw::{RawFleet, RawPolicy};
+use crate::fleet::compile_fleet;
+use crate::master_key::MasterKey;
+use crate::seal;
+use crate::store::MemoryStore;
+
+#[derive(Default)]
+struct FakeEtcd {
+    revision: u64,
+    kvs: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    down: bool,
+}
+
+impl FakeEtcd {
+    fn put(&mut self, key: &str, value: Value) {
+        self.revision += 1;
+        self.kvs.insert(
+            key.as_bytes().to_vec(),
+            (value.to_string().into_bytes(), self.revision),
+        );
+    }
+
+    fn delete(&mut self, key: &str) {
+        self.revision += 1;
+        self.kvs.remove(key.as_bytes());
+    }
+
+    fn answer(&self, body: &[u8]) -> (u32, Vec<u8>) {
+        if self.down {
+            return (
+                503,
+                b"upstream connect error or disconnect/reset before headers".to_vec(),
+            );
+        }
+        let req: Value = serde_json::from_slice(body).unwrap();
+        let bytes = |name: &str| STANDARD.decode(req[name].as_str().unwrap_or("")).unwrap();
+        let num = |name: &str| req[name].as_str().map_or(0, |v| v.parse::<u64>().unwrap());
+        let (from, end) = (bytes("key"), bytes("range_end"));
+        assert!(num("revision") == 0 || num("revision") <= self.revision);
+        let mut selected: Vec<_> = self
+            .kvs
+            .range(from..end)
+            .filter(|(_, (_, m))| *m >= num("min_mod_revision"))
+            .collect();
+        let limit = num("limit") as usize;
+        let more = limit > 0 && selected.len() > limit;
+        if more {
+            selected.truncate(limit);
+        }
+        let kvs: Vec<Value> = selected
+            .into_iter()
+            .map(|(k, (v, m))| {
+                let mut kv = json!({"key": STANDARD.encode(k), "mod_revision": m.to_string()});
+                if req["keys_only"] != true {
+                    kv["value"] = STANDARD.encode(v).into();
+                }
+                kv
+            })
+            .collect();
+        let mut reply = json!({"header": {"revision": self.revision.to_string()}});
+        if !kvs.is_empty() {
+            reply["kvs"] = kvs.into();
+        }
+        if more {
+            reply["more"] = true.into();
+        }
+        (200, reply.to_string().into_bytes())
+    }
+}
+
+fn settings() -> FleetSettings {
+    let raw = RawFleet {
+        cluster: "etcd".into(),
+        prefix: None,
+        authority: None,
+        sync_interval_ms: Some(100),
+        timeout_ms: None,
+        reconcile_interval_ms: Some(1_000),
+        sync: Some(true),
+    };
+    let policy = RawPolicy {
+        version: 1,
+        revision: 0,
+        master_key_env: None,
+        upstream_keys: vec![],
+        tokens: vec![],
+        pricing: None,
+        requests: None,
+        alerts: None,
+        fleet: Some(raw.clone()),
+    };
+    compile_fleet(&policy, &raw).unwrap()
+}
+
+fn sealed(id: &str) -> String {
+    let master = MasterKey::from_bytes(&[7u8; 32]).unwrap();
+    seal::seal(
+        master.seal_key(),
+        id,
+        b"RealKey0123456789abcdefghijklmno",
+        &[3; seal::NONCE_LEN],
+    )
+    .unwrap()
+}
+
+fn token(id: &str, status: &str) -> Value {
+    json!({"id": id, "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod", "status": status})
+}
+
+fn etcd_with(tokens: usize) -> FakeEtcd {
+    let mut etcd = FakeEtcd::default();
+    etcd.put(
+        "shieldkey/policy/settings",
+        json!({"version": 1, "revision": 1}),
+    );
+    etcd.put(
+        "shieldkey/policy/keys/prod",
+        json!({"id": "prod", "sealed": sealed("prod")}),
+    );
+    for i in 0..tokens {
+        etcd.put(
+            &format!("shieldkey/policy/tokens/t{i}"),
+            token(&format!("t{i}"), "active"),
+        );
+    }
+    etcd
+}
+
+/// Drives the syncer until it has nothing due at `now`; returns the outcomes.
+fn run(sync: &mut PolicySync, etcd: &FakeEtcd, store: &MemoryStore, now: i64) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    while let Some(call) = sync.poll(now) {
+        assert_eq!(call.path, RANGE_PATH);
+        let (status, body) = etcd.answer(&call.body);
+        outcomes.push(sync.on_reply(store, now, status, &body));
+        assert!(outcomes.len() < 10_000, "the syncer does not settle");
+    }
+    outcomes
+}
+
+fn revoked(store: &MemoryStore, id: &str) -> Option<bool> {
+    policy_store::lookup_newest(store, id).map(|(t, _)| t.revoked)
+}
+
+#[test]
+fn loads_everything_in_pages_then_follows_changes_one_record_at_a_time() {
+    let mut etcd = etcd_with(2_500);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings());
+    let outcomes = run(&mut sync, &etcd, &store, 0);
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == Outcome::Paging).count(),
+        2
+    );
+    assert_eq!(
+        outcomes.last(),
+        Some(&Outcome::Loaded {
+            revision: etcd.revision,
+            tokens: 2_500
+        })
+    );
+    assert_eq!(revoked(&store, "t7"), Some(false));
+    let base: RawPolicy = serde_json::from_slice(&store.get(BASE_KEY).unwrap().0).unwrap();
+    assert_eq!(base.upstream_keys[0].id, "prod");
+
+    etcd.put("shieldkey/policy/tokens/t7", token("t7", "revoked"));
+    let reads = store.reads.get();
+    let outcomes = run(&mut sync, &etcd, &store, 100);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Applied {
+            revision: etcd.revision,
+            records: 1
+        }]
+    );
+    assert_eq!(revoked(&store, "t7"), Some(true));
+    assert!(
+        store.reads.get() - reads < 10,
+        "one record read and written, not 2,500"
+    );
+    // Nothing due before the interval; nothing changed after it.
+    assert!(sync.poll(150).is_none());
+    assert_eq!(
+        run(&mut sync, &etcd, &store, 200),
+        vec![Outcome::Applied {
+            revision: etcd.revision,
+            records: 0
+        }]
+    );
+}
+
+#[test]
+fn removed_tokens_are_noticed_by_the_reconcile_listing() {
+    let mut etcd = etcd_with(3);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings());
+    run(&mut sync, &etcd, &store, 0);
+    etcd.delete("shieldkey/policy/tokens/t1");
+    run(&mut sync, &etcd, &store, 100);
+    assert_eq!(
+        revoked(&store, "t1"),
+        Some(false),
+        "a deletion is not a modification"
+    );
+    let outcomes = run(&mut sync, &etcd, &store, 1_000);
+    assert!(
+        outcomes.contains(&Outcome::Reconciled { removed: 1 }),
+        "{outcomes:?}"
+    );
+    assert_eq!(revoked(&store, "t1"), None);
+    assert_eq!(revoked(&store, "t0"), Some(false));
+}
+
+#[test]
+fn a_new_upstream_key_loads_everything_again_and_bad_settings_change_nothing() {
+    let mut etcd = etcd_with(3);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings());
+    run(&mut sync, &etcd, &store, 0);
+    // "a-key" sorts before "prod": every token's key index changes.
+    etcd.put(
+        "shieldkey/policy/keys/a-key",
+        json!({"id": "a-key", "sealed": sealed("a-key")}),
+    );
+    let outcomes = run(&mut sync, &etcd, &store, 100);
+    assert!(
+        matches!(outcomes.last(), Some(Outcome::Loaded { tokens: 3, .. })),
+        "{outcomes:?}"
+    );
+    let (t0, _) = policy_store::lookup_newest(&store, "t0").unwrap();
+    assert_eq!(t0.upstream_key, 1, "prod is now the second key");
+
+    let base_before = store.get(BASE_KEY).unwrap().0;
+    etcd.put("shieldkey/policy/settings", json!({"version": 2}));
+    let outcomes = run(&mut sync, &etcd, &store, 200);
+    assert!(
+        matches!(outcomes.last(), Some(Outcome::Rejected(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(store.get(BASE_KEY).unwrap().0, base_before);
+    assert_eq!(
+        revoked(&store, "t0"),
+        Some(false),
+        "the last good policy keeps serving"
+    );
+}
+
+#[test]
+fn a_token_that_does_not_compile_is_removed_not_kept_at_its_old_state() {
+    let mut etcd = etcd_with(2);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings());
+    run(&mut sync, &etcd, &store, 0);
+    etcd.put(
+        "shieldkey/policy/tokens/t0",
+        json!({"id": "t0", "digest": "x", "upstream_key": "prod"}),
+    );
+    run(&mut sync, &etcd, &store, 100);
+    assert_eq!(revoked(&store, "t0"), None);
+}
+
+#[test]
+fn etcd_down_keeps_the_last_policy_and_catches_up_when_it_returns() {
+    let mut etcd = etcd_with(2);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings());
+    run(&mut sync, &etcd, &store, 0);
+    etcd.down = true;
+    let outcomes = run(&mut sync, &etcd, &store, 100);
+    assert!(
+        matches!(outcomes.as_slice(), [Outcome::Failed(_)]),
+        "{outcomes:?}"
+    );
+    assert_eq!(sync.failures, 1);
+    assert_eq!(revoked(&store, "t1"), Some(false));
+    etcd.put("shieldkey/policy/tokens/t1", token("t1", "revoked"));
+    etcd.down = false;
+    run(&mut sync, &etcd, &store, 200);
+    assert_eq!(revoked(&store, "t1"), Some(true));
+}
+
+#[test]
+fn nothing_is_served_before_the_first_load() {
+    let etcd = FakeEtcd {
+        down: true,
+        ..FakeEtcd::default()
+    };
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings());
+    run(&mut sync, &etcd, &store, 0);
+    assert!(store.get(BASE_KEY).is_none());
+    assert_eq!(sync.revision(), 0);
+}

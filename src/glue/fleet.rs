@@ -1,0 +1,198 @@
+//! Fleet mode in Envoy: the HTTP filter following the base document the syncer writes, and the
+//! syncer itself (one per Envoy: a bootstrap `WasmService` singleton with the filter's `vm_id`, so
+//! both see the same shared data). The sync logic is `fleet::sync`; this only sends its calls and
+//! reports.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::host::{dispatch_post, log, now_unix_ms, WasmHost};
+use super::host_store::HostStore;
+use super::root::metric_ids;
+use crate::fleet::sync::{Outcome, PolicySync};
+use crate::fleet::{FleetSettings, BASE_KEY};
+use crate::master_key::MasterKey;
+use crate::stream::active::Active;
+use crate::stream::host::{Host, LogLevel, MetricKind};
+
+/// Retries a call that never reached a member (safe for any call: it was not sent); an
+/// active health check in the cluster takes dead members out.
+const RETRY_HEADERS: &[(&str, &str)] = &[
+    ("x-envoy-retry-on", "connect-failure,refused-stream"),
+    ("x-envoy-max-retries", "2"),
+];
+
+pub struct FleetFilter {
+    master: MasterKey,
+    base_version: Option<u32>,
+}
+
+impl FleetFilter {
+    pub fn new(master: MasterKey) -> Self {
+        FleetFilter {
+            master,
+            base_version: None,
+        }
+    }
+
+    /// A new view when the base document in shared data changed since the last call.
+    pub fn follow(&mut self, host: &WasmHost) -> Option<Rc<Active>> {
+        let (base, version) = host.store().get(BASE_KEY)?;
+        if self.base_version == Some(version) {
+            return None;
+        }
+        self.base_version = Some(version);
+        match Active::from_fleet_base(host, &base, &self.master, &metric_ids()) {
+            Ok(active) => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "shieldkey: fleet policy revision {} applied: {} upstream keys",
+                        active.policy.revision,
+                        active.policy.upstream_keys.len()
+                    ),
+                );
+                Some(Rc::new(active))
+            }
+            Err(e) => {
+                // The previous view keeps serving.
+                log(
+                    LogLevel::Error,
+                    &format!("shieldkey: fleet policy from etcd rejected: {e}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+struct SyncStats {
+    revision: Option<u32>,
+    lag_ms: Option<u32>,
+    failures: Option<u32>,
+    records: Option<u32>,
+}
+
+pub struct Syncer {
+    sync: PolicySync,
+    settings: FleetSettings,
+    in_flight: Option<u32>,
+    stats: SyncStats,
+    /// Failures are logged once per streak, not on every tick.
+    failing: bool,
+}
+
+impl Syncer {
+    pub fn new(settings: FleetSettings) -> Self {
+        // Defined once per syncer: a WasmService is configured once per Envoy.
+        let host = WasmHost { alert_queue: None };
+        let define = |kind, name: &str| host.define_metric(kind, name);
+        Syncer {
+            sync: PolicySync::new(settings.clone()),
+            stats: SyncStats {
+                revision: define(MetricKind::Gauge, "shieldkey.fleet.revision"),
+                lag_ms: define(MetricKind::Gauge, "shieldkey.fleet.sync_lag_ms"),
+                failures: define(MetricKind::Counter, "shieldkey.fleet.sync_failures"),
+                records: define(MetricKind::Counter, "shieldkey.fleet.records_applied"),
+            },
+            settings,
+            in_flight: None,
+            failing: false,
+        }
+    }
+
+    pub fn tick(&mut self) {
+        let Some(now) = now_unix_ms() else { return };
+        let host = WasmHost { alert_queue: None };
+        if let (Some(id), Some(last)) = (self.stats.lag_ms, self.sync.last_success_ms) {
+            host.record_metric(id, u64::try_from(now - last).unwrap_or(0));
+        }
+        self.send(now);
+    }
+
+    fn send(&mut self, now: i64) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let Some(call) = self.sync.poll(now) else {
+            return;
+        };
+        let sent = dispatch_post(
+            &self.settings.cluster,
+            call.path,
+            &self.settings.authority,
+            &call.body,
+            RETRY_HEADERS,
+            Duration::from_millis(self.settings.timeout_ms),
+        );
+        match sent {
+            Some(token) => self.in_flight = Some(token),
+            None => {
+                let outcome = self
+                    .sync
+                    .on_reply(&HostStore, now, 0, b"cannot dispatch the call");
+                self.report(&outcome);
+            }
+        }
+    }
+
+    pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        let Some(now) = now_unix_ms() else { return };
+        let outcome = self.sync.on_reply(&HostStore, now, status, body);
+        self.report(&outcome);
+        if outcome == Outcome::Paging {
+            self.send(now);
+        }
+    }
+
+    fn report(&mut self, outcome: &Outcome) {
+        let host = WasmHost { alert_queue: None };
+        if let Some(id) = self.stats.revision {
+            host.record_metric(id, self.sync.revision());
+        }
+        match outcome {
+            Outcome::Failed(why) => {
+                if let Some(id) = self.stats.failures {
+                    host.increment_metric(id, 1);
+                }
+                if !self.failing {
+                    log(
+                        LogLevel::Warn,
+                        &format!(
+                            "shieldkey: fleet sync from etcd failing ({why}); enforcing the last policy read (revision {})",
+                            self.sync.revision()
+                        ),
+                    );
+                }
+                self.failing = true;
+                return;
+            }
+            Outcome::Loaded { revision, tokens } => log(
+                LogLevel::Info,
+                &format!("shieldkey: fleet policy loaded from etcd at revision {revision}: {tokens} tokens"),
+            ),
+            Outcome::Applied { records, .. } => {
+                if let (Some(id), true) = (self.stats.records, *records > 0) {
+                    host.increment_metric(id, i64::try_from(*records).unwrap_or(i64::MAX));
+                }
+            }
+            Outcome::Reconciled { removed } if *removed > 0 => log(
+                LogLevel::Info,
+                &format!("shieldkey: fleet sync removed {removed} tokens deleted from etcd"),
+            ),
+            Outcome::Rejected(why) => log(
+                LogLevel::Error,
+                &format!("shieldkey: fleet policy in etcd rejected, keeping the last one: {why}"),
+            ),
+            Outcome::Reconciled { .. } | Outcome::Paging => {}
+        }
+        if self.failing {
+            log(LogLevel::Info, "shieldkey: fleet sync from etcd recovered");
+            self.failing = false;
+        }
+    }
+}
