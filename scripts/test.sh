@@ -15,5 +15,7 @@ echo "== build"
 scripts/build.sh
 echo "== cargo test"
 cargo test --quiet
+echo "== fuzzing (10 s per target; scripts/fuzz.sh 600 for the long run)"
+scripts/fuzz.sh 10
 echo "== end-to-end (real Envoy)"
 .venv/bin/python -m pytest tests/e2e -q -p no:cacheprovider "$@"

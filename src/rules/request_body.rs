@@ -108,6 +108,11 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 }
 
 pub fn parse_request_body(body: &[u8]) -> Result<RequestFacts, BodyError> {
+    // JSON is UTF-8 (RFC 8259). serde_json does not check the strings it skips, so a body with
+    // invalid bytes in, say, `messages` would be judged as JSON that is not (found by fuzzing).
+    if std::str::from_utf8(body).is_err() {
+        return Err(BodyError::NotJson);
+    }
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(
@@ -207,6 +212,10 @@ mod tests {
         // Any top-level key, not only the ones the rules read (found by fuzzing).
         assert_eq!(
             parse_request_body(br#"{"model":"m","messages":[],"messages":[{"role":"user"}]}"#),
+            Err(BodyError::NotJson)
+        );
+        assert_eq!(
+            parse_request_body(b"{\"model\":\"m\",\"messages\":\"\xff\"}"),
             Err(BodyError::NotJson)
         );
         // Numbers Python would coerce are refused, not guessed.
