@@ -7,11 +7,10 @@
 //! `version_info` is not used: Envoy records there the last configuration it received, even one
 //! it then rejected.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use super::error::{usage, CliError};
+use super::http::{self, Endpoint, Limits, Request, UrlError};
 
 /// Largest admin response read; the filtered stats are a few hundred bytes.
 const MAX_RESPONSE: u64 = 4 << 20;
@@ -21,97 +20,49 @@ const POLL_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct Admin {
-    url: String,
-    host: String,
-    port: u16,
-    base_path: String,
+    endpoint: Endpoint,
 }
 
 impl Admin {
     /// `http://host[:port][/prefix]`.
     pub fn parse(url: &str) -> Result<Admin, CliError> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            usage(format!(
-                "--admin {url}: give the admin address as http://HOST:PORT (Envoy's admin API is plain HTTP)"
-            ))
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        let bad = || usage(format!("--admin {url}: cannot read host and port"));
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(bad)?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| bad())?,
-                None if after.is_empty() => 80,
-                None => return Err(bad()),
-            };
-            (h.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad())?),
-                None => (authority.to_string(), 80),
-            }
-        };
-        if host.is_empty() || authority.contains('@') {
-            return Err(bad());
-        }
-        Ok(Admin {
-            url: url.trim_end_matches('/').to_string(),
-            host,
-            port,
-            base_path: path.to_string(),
-        })
+        Endpoint::parse(url)
+            .map(|endpoint| Admin { endpoint })
+            .map_err(|e| match e {
+                UrlError::NotHttp => usage(format!(
+                    "--admin {url}: give the admin address as http://HOST:PORT (Envoy's admin API is plain HTTP)"
+                )),
+                UrlError::BadHostPort => usage(format!("--admin {url}: cannot read host and port")),
+            })
     }
 
     pub fn url(&self) -> &str {
-        &self.url
+        self.endpoint.url()
     }
 
     /// GET `path` (with query); the body of a 200 answer.
     fn get(&self, path: &str, timeout: Duration) -> Result<String, String> {
-        let addrs = (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", self.host))?;
-        let mut last = format!("no address for {}", self.host);
-        let mut stream = None;
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(e) => last = format!("cannot connect to {addr}: {e}"),
-            }
-        }
-        let mut stream = stream.ok_or(last)?;
-        let io = |e: std::io::Error| format!("admin request failed: {e}");
-        stream.set_read_timeout(Some(timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(timeout)).map_err(io)?;
-        let host_header = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+        let request = Request {
+            method: "GET",
+            path,
+            headers: &[("Accept", "text/plain")],
+            body: &[],
         };
-        let request = format!(
-            "GET {}{path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: shieldkey\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
-            self.base_path
-        );
-        stream.write_all(request.as_bytes()).map_err(io)?;
-        let mut raw = Vec::new();
-        stream
-            .take(MAX_RESPONSE)
-            .read_to_end(&mut raw)
-            .map_err(io)?;
-        let (status, body) = parse_response(&raw)?;
-        if status != 200 {
+        let limits = Limits {
+            connect_timeout: timeout,
+            io_timeout: timeout,
+            max_response: MAX_RESPONSE,
+        };
+        let answer = http::send(&self.endpoint, &request, &limits)
+            .map_err(|e| format!("admin request failed: {e}"))?;
+        if answer.status != 200 {
             return Err(format!(
-                "GET {path} answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
+                "GET {path} answered {}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body).trim()
             ));
         }
-        String::from_utf8(body).map_err(|_| "the admin answer is not UTF-8".to_string())
+        String::from_utf8(answer.body).map_err(|_| "the admin answer is not UTF-8".to_string())
     }
 
     /// The ECDS stats of the filter named `filter`.
@@ -122,64 +73,9 @@ impl Admin {
                 "this Envoy has no ECDS filter named '{filter}' \
                  (no extension_config_discovery.http_filter.{filter}.* stats): \
                  is {} the admin of the Envoy that watches this file?",
-                self.url
+                self.url()
             )
         })
-    }
-}
-
-/// Splits an HTTP/1.1 response into its status and (de-chunked) body.
-fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let bad = || "malformed HTTP answer from the admin API".to_string();
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad())?;
-    let body = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            length = value.parse::<usize>().ok();
-        }
-    }
-    if chunked {
-        return Ok((status, dechunk(body).ok_or_else(bad)?));
-    }
-    let body = match length {
-        Some(n) if n <= body.len() => &body[..n],
-        Some(_) => return Err("the admin answer was cut short".into()),
-        None => body,
-    };
-    Ok((status, body.to_vec()))
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&data[..eol]).ok()?;
-        let size_text = size_text.split(';').next()?.trim();
-        let size = usize::from_str_radix(size_text, 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
     }
 }
 
@@ -308,16 +204,18 @@ mod tests {
     #[test]
     fn admin_urls() {
         let a = Admin::parse("http://127.0.0.1:9901").unwrap();
+        let e = &a.endpoint;
         assert_eq!(
-            (a.host.as_str(), a.port, a.base_path.as_str()),
+            (e.host.as_str(), e.port, e.base_path.as_str()),
             ("127.0.0.1", 9901, "")
         );
         let b = Admin::parse("http://[::1]:9901/envoy/").unwrap();
+        let e = &b.endpoint;
         assert_eq!(
-            (b.host.as_str(), b.port, b.base_path.as_str()),
+            (e.host.as_str(), e.port, e.base_path.as_str()),
             ("::1", 9901, "/envoy")
         );
-        assert_eq!(Admin::parse("http://localhost").unwrap().port, 80);
+        assert_eq!(Admin::parse("http://localhost").unwrap().endpoint.port, 80);
         for bad in [
             "https://x:1",
             "127.0.0.1:9901",
@@ -330,11 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn responses_and_stats() {
-        let raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
-        assert_eq!(parse_response(raw).unwrap(), (200, b"hello world".to_vec()));
-        let raw = b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nno!extra";
-        assert_eq!(parse_response(raw).unwrap(), (404, b"no!".to_vec()));
+    fn stats() {
         let text = "extension_config_discovery.http_filter.shieldkey.version_text: \"4\"\n\
                     extension_config_discovery.http_filter.shieldkey.update_rejected: 2\n\
                     extension_config_discovery.http_filter.shieldkey.update_success: 5\n\

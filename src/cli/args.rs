@@ -2,6 +2,7 @@
 
 use super::error::{usage, CliError};
 
+#[derive(Clone)]
 pub struct Args {
     items: Vec<String>,
 }

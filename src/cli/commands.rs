@@ -1,5 +1,5 @@
 //! The commands. Each reads what it needs, validates with the filter's own code before writing,
-//! and writes atomically.
+//! and writes atomically: the policy file, or etcd in fleet mode (`policy_store`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,10 +13,13 @@ use super::admin::{wait_applied, Admin, EcdsStats, WaitError};
 use super::args::Args;
 use super::duration::parse_ttl;
 use super::error::{failed, usage, CliError};
-use super::policy_file::{load, save, validate, write_atomic};
+use super::policy_file::{validate, write_atomic};
+use super::policy_store::{Loaded, PolicyStore, Saved};
 use super::random;
 use super::rule_flags::RuleFlags;
-use crate::config::raw::{RawPolicy, RawStatus, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION};
+use crate::config::raw::{
+    self, RawPolicy, RawStatus, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION,
+};
 use crate::envoy_render::{
     ecds_file, http_filters, http_filters_yaml, read_published, wasm_filter, ChainOptions,
     FilterSettings, PublishedFilter,
@@ -31,7 +34,87 @@ use crate::token_digest::TokenVerifier;
 
 /// Where things are, from flags or their environment defaults.
 pub struct Context {
-    pub policy_path: PathBuf,
+    /// The policy file, or etcd in fleet mode.
+    pub store: PolicyStore,
+}
+
+/// How many times a change is read and applied again after another writer changed the policy in
+/// etcd between this command's read and its write.
+const MAX_RETRIES: usize = 5;
+
+/// Runs `attempt` (read, change, save) until its save is not beaten by another writer, at most
+/// `MAX_RETRIES` more times. Returns its value, the number of transactions of the save that
+/// went through, and the number of retries.
+fn retrying<T>(
+    store: &mut PolicyStore,
+    mut attempt: impl FnMut(&mut PolicyStore) -> Result<(Saved, T), CliError>,
+) -> Result<(T, usize, usize), CliError> {
+    let mut retries = 0;
+    loop {
+        let (saved, value) = attempt(store)?;
+        match saved {
+            Saved::Written { steps } => return Ok((value, steps, retries)),
+            Saved::Conflict { steps_applied } => {
+                if retries == MAX_RETRIES {
+                    let partial = if steps_applied > 0 {
+                        format!(
+                            "; the first {steps_applied} step(s) of the last attempt were applied \
+                             (each leaves a valid policy): run the command again to finish"
+                        )
+                    } else {
+                        "; the last attempt wrote nothing".to_string()
+                    };
+                    return Err(failed(format!(
+                        "gave up after {} attempts: each time another writer changed the policy \
+                         in {} between this command's read and its write{partial}",
+                        MAX_RETRIES + 1,
+                        store.describe()
+                    )));
+                }
+                retries += 1;
+                eprintln!(
+                    "note: the policy changed in etcd since it was read (another writer); \
+                     reading it again and re-applying the change (retry {retries} of {MAX_RETRIES})"
+                );
+                let mut jitter = [0u8; 1];
+                random::fill(&mut jitter)?;
+                let ms = 10 * u64::try_from(retries).unwrap_or(1) + u64::from(jitter[0] % 40);
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+    }
+}
+
+/// What a write says after "(policy revision N": where it went, in how many steps, after how
+/// many retries.
+fn written_note(store: &PolicyStore, steps: usize, retries: usize) -> String {
+    let mut note = String::new();
+    if store.is_etcd() {
+        note.push_str(&format!(", {}", store.describe()));
+    }
+    if steps > 1 {
+        note.push_str(&format!(
+            "; applied in {steps} steps (etcd transactions of at most {} operations)",
+            super::etcd::MAX_OPS_PER_TXN
+        ));
+    }
+    if retries > 0 {
+        note.push_str(&format!(
+            "; re-applied {retries} time(s) after concurrent changes"
+        ));
+    }
+    note
+}
+
+/// In fleet mode every Envoy follows etcd: there is no file to publish.
+fn refuse_publish(ctx: &Context, what: &str) -> Result<(), CliError> {
+    if ctx.store.is_etcd() {
+        return Err(usage(format!(
+            "{what}: in fleet mode (--etcd or SHIELDKEY_ETCD) every Envoy follows the policy in \
+             etcd, so there is nothing to publish; nothing was changed"
+        )));
+    }
+    Ok(())
 }
 
 fn env_or(flag: Option<String>, var: &str) -> Option<String> {
@@ -79,29 +162,34 @@ pub fn keygen(args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn init(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn init(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let force = args.flag("force");
     let master_key_env = args.option("master-key-env")?;
     args.finish()?;
-    if ctx.policy_path.exists() && !force {
-        return Err(failed(format!(
-            "{} exists; use --force to replace it",
-            ctx.policy_path.display()
-        )));
+    let (revision, steps, retries) = retrying(&mut ctx.store, |store| {
+        let existing = store.existing()?;
+        if let Some(what) = &existing.found {
+            if !force {
+                return Err(failed(format!("{what}; use --force to replace it")));
+            }
+        }
+        // An empty policy of the current format. Replacing a policy in etcd keeps its revision
+        // increasing, as every other change does (operators tell policies apart by it).
+        let mut policy = raw::parse(format!(r#"{{"version":{POLICY_FORMAT_VERSION}}}"#).as_bytes())
+            .map_err(|e| failed(format!("cannot build an empty policy: {e}")))?;
+        policy.master_key_env = master_key_env.clone();
+        policy.revision = existing.revision;
+        let saved = store.save(&existing.base, &mut policy, None)?;
+        Ok((saved, policy.revision))
+    })?;
+    if ctx.store.is_etcd() {
+        eprintln!(
+            "created an empty policy (policy revision {revision}{})",
+            written_note(&ctx.store, steps, retries)
+        );
+    } else {
+        eprintln!("created {}", ctx.store.describe());
     }
-    let mut policy = RawPolicy {
-        version: POLICY_FORMAT_VERSION,
-        revision: 0,
-        master_key_env,
-        upstream_keys: Vec::new(),
-        tokens: Vec::new(),
-        pricing: None,
-        requests: None,
-        alerts: None,
-        fleet: None,
-    };
-    save(&ctx.policy_path, &mut policy, None)?;
-    eprintln!("created {}", ctx.policy_path.display());
     Ok(())
 }
 
@@ -143,6 +231,8 @@ fn filter_flags(args: &mut Args) -> Result<FilterFlags, CliError> {
 /// and `--admin URL [--wait-secs N]` to wait for Envoy's verdict.
 struct Publish {
     to: Option<String>,
+    /// `to` came from `SHIELDKEY_PUBLISH`, not a flag.
+    to_from_env: bool,
     flags: FilterFlags,
     admin: Option<String>,
     wait: Duration,
@@ -151,7 +241,9 @@ struct Publish {
 const DEFAULT_WAIT_SECS: f64 = 10.0;
 
 fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> {
-    let to = env_or(args.option(to_flag)?, "SHIELDKEY_PUBLISH");
+    let to_flag_value = args.option(to_flag)?;
+    let to_from_env = to_flag_value.is_none();
+    let to = env_or(to_flag_value, "SHIELDKEY_PUBLISH");
     let flags = filter_flags(args)?;
     let admin_flag = args.option("admin")?;
     let wait_flag = args.option("wait-secs")?;
@@ -175,6 +267,7 @@ fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> 
             .ok_or_else(|| usage(format!("--wait-secs {text}: seconds between 0 and 3600")))?,
     };
     Ok(Publish {
+        to_from_env: to_from_env && to.is_some(),
         to,
         flags,
         admin: env_or(admin_flag, "SHIELDKEY_ADMIN"),
@@ -185,25 +278,45 @@ fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> 
 /// Runs a change to the policy: load, change, validate, write, and publish if asked. Everything
 /// publishing needs (the settings of the published file, Envoy's counters) is read first, so a
 /// publish that cannot happen changes nothing.
+///
+/// In fleet mode `edit` may run more than once: when another writer changed the policy in etcd
+/// between the read and the write, the change is applied again to a fresh read.
 fn change(
-    ctx: &Context,
+    ctx: &mut Context,
     publish: Publish,
     needs_master_key: bool,
-    edit: impl FnOnce(&mut RawPolicy, Option<&MasterKey>) -> Result<String, CliError>,
+    mut edit: impl FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<String, CliError>,
 ) -> Result<(), CliError> {
-    let mut policy = load(&ctx.policy_path)?;
-    let master = if needs_master_key {
-        Some(require_master_key(Some(&policy))?)
-    } else {
-        master_key(Some(&policy))?
-    };
+    if publish.to.is_some() {
+        refuse_publish(
+            ctx,
+            if publish.to_from_env {
+                "SHIELDKEY_PUBLISH is set (unset it)"
+            } else {
+                "--publish"
+            },
+        )?;
+    }
     let target = match &publish.to {
         Some(to) => Some(PublishTarget::prepare(Path::new(to), &publish)?),
         None => None,
     };
-    let done = edit(&mut policy, master.as_ref())?;
-    save(&ctx.policy_path, &mut policy, master.as_ref())?;
-    eprintln!("{done} (policy revision {})", policy.revision);
+    let ((done, policy, master), steps, retries) = retrying(&mut ctx.store, |store| {
+        let Loaded { mut policy, base } = store.load()?;
+        let master = if needs_master_key {
+            Some(require_master_key(Some(&policy))?)
+        } else {
+            master_key(Some(&policy))?
+        };
+        let done = edit(&mut policy, master.as_ref())?;
+        let saved = store.save(&base, &mut policy, master.as_ref())?;
+        Ok((saved, (done, policy, master)))
+    })?;
+    eprintln!(
+        "{done} (policy revision {}{})",
+        policy.revision,
+        written_note(&ctx.store, steps, retries)
+    );
     if let Some(target) = target {
         target.publish(&policy, master.as_ref()).map_err(|e| {
             failed(format!(
@@ -216,7 +329,7 @@ fn change(
     Ok(())
 }
 
-pub fn seal_key(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn seal_key(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let id = args.required("id")?;
     let from_env = args.option("from-env")?;
     token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
@@ -278,7 +391,23 @@ fn read_upstream_key(from_env: Option<&str>) -> Result<SecretBytes, CliError> {
     Ok(key)
 }
 
-pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+/// Rule flags as given, parsed again for every attempt of a change (`RuleFlags::apply` consumes
+/// them, and in fleet mode a change may be applied again after another writer won).
+struct RuleArgs(Args);
+
+impl RuleArgs {
+    fn take(args: &mut Args) -> Result<(RuleArgs, RuleFlags), CliError> {
+        let copy = RuleArgs(args.clone());
+        let rules = RuleFlags::take(args)?;
+        Ok((copy, rules))
+    }
+
+    fn rules(&self) -> Result<RuleFlags, CliError> {
+        RuleFlags::take(&mut self.0.clone())
+    }
+}
+
+pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let id = args.required("id")?;
     let upstream_key = args.required("upstream-key")?;
     let owner = args.option("owner")?;
@@ -286,7 +415,7 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     let not_before = args.option("not-before")?;
     let expires_at = args.option("expires-at")?;
     let ttl = args.option("ttl")?;
-    let rules = RuleFlags::take(&mut args)?;
+    let (rule_args, _) = RuleArgs::take(&mut args)?;
     let publish = publish_options(&mut args, "publish")?;
     args.finish()?;
     token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
@@ -328,13 +457,13 @@ pub fn mint(ctx: &Context, mut args: Args) -> Result<(), CliError> {
             id: id.clone(),
             digest: STANDARD.encode(digest),
             upstream_key: upstream_key.clone(),
-            owner,
-            description,
-            not_before,
-            expires_at,
+            owner: owner.clone(),
+            description: description.clone(),
+            not_before: not_before.clone(),
+            expires_at: expires_at.clone(),
             ..RawToken::default()
         };
-        rules.apply(&mut token)?;
+        rule_args.rules()?.apply(&mut token)?;
         policy.tokens.push(token);
         Ok(format!(
             "minted token '{id}'; it is shown once, store it now"
@@ -352,7 +481,7 @@ fn token_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawToken
         .ok_or_else(|| failed(format!("no token with id '{id}'")))
 }
 
-pub fn set_status(ctx: &Context, mut args: Args, status: RawStatus) -> Result<(), CliError> {
+pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let id = args.positional("token id")?;
     args.finish()?;
@@ -367,9 +496,9 @@ pub fn set_status(ctx: &Context, mut args: Args, status: RawStatus) -> Result<()
 }
 
 /// `limit ID <rule flags>`: changes a token's rules (budget, rates, networks, countries, models).
-pub fn limit(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
-    let rules = RuleFlags::take(&mut args)?;
+    let (rule_args, rules) = RuleArgs::take(&mut args)?;
     let id = args.positional("token id")?;
     args.finish()?;
     if rules.is_empty() {
@@ -378,12 +507,12 @@ pub fn limit(ctx: &Context, mut args: Args) -> Result<(), CliError> {
         ));
     }
     change(ctx, publish, false, |policy, _| {
-        rules.apply(token_mut(policy, &id)?)?;
+        rule_args.rules()?.apply(token_mut(policy, &id)?)?;
         Ok(format!("changed the rules of token '{id}'"))
     })
 }
 
-pub fn remove(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn remove(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let id = args.positional("token id")?;
     args.finish()?;
@@ -397,10 +526,10 @@ pub fn remove(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     })
 }
 
-pub fn list(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn list(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let as_json = args.flag("json");
     args.finish()?;
-    let policy = load(&ctx.policy_path)?;
+    let policy = ctx.store.load()?.policy;
     let now = now();
     let state = |t: &RawToken| -> &'static str {
         let parsed = |v: &Option<String>| v.as_deref().and_then(|s| parse_rfc3339(s).ok());
@@ -460,16 +589,13 @@ pub fn list(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn check(ctx: &Context, args: Args) -> Result<(), CliError> {
+pub fn check(ctx: &mut Context, args: Args) -> Result<(), CliError> {
     args.finish()?;
-    let bytes = std::fs::read(&ctx.policy_path)
-        .map_err(|e| failed(format!("cannot read {}: {e}", ctx.policy_path.display())))?;
-    let raw =
-        crate::config::raw::parse(&bytes).map_err(|e| failed(format!("policy rejected: {e}")))?;
+    let (raw, bytes) = ctx.store.document()?;
     let master = master_key(Some(&raw))?;
-    let policy = validate(&bytes, master.as_ref())?;
+    let policy = ctx.store.validate(&raw, &bytes, master.as_ref())?;
     println!(
-        "ok: revision {}, {} tokens ({} revoked), {} upstream keys{}",
+        "ok: revision {}, {} tokens ({} revoked), {} upstream keys{}{}",
         policy.revision,
         policy.tokens.len(),
         policy.revoked_count(),
@@ -478,6 +604,11 @@ pub fn check(ctx: &Context, args: Args) -> Result<(), CliError> {
             ", all sealed keys open"
         } else {
             " (master key not set: sealed keys checked for form only)"
+        },
+        if ctx.store.is_etcd() {
+            format!("; {}", ctx.store.describe())
+        } else {
+            String::new()
         }
     );
     Ok(())
@@ -500,7 +631,7 @@ fn compact(policy: &RawPolicy) -> Result<String, CliError> {
     serde_json::to_string(policy).map_err(|e| failed(format!("cannot encode the policy: {e}")))
 }
 
-pub fn render(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn render(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let what =
         args.positional("what to render (plugin-config, wasm-filter, ecds or http-filters)")?;
     if what == "http-filters" {
@@ -508,9 +639,13 @@ pub fn render(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     }
     let flags = filter_flags(&mut args)?;
     args.finish()?;
-    let policy = load(&ctx.policy_path)?;
+    let policy = ctx.store.load()?.policy;
     let json = compact(&policy)?;
-    validate(json.as_bytes(), master_key(Some(&policy))?.as_ref())?;
+    ctx.store.validate(
+        &policy,
+        json.as_bytes(),
+        master_key(Some(&policy))?.as_ref(),
+    )?;
     let out = match what.as_str() {
         "plugin-config" => json,
         "wasm-filter" => format!(
@@ -540,7 +675,7 @@ fn is_header_name(name: &str) -> bool {
 }
 
 /// `render http-filters`: the chain every listener in front of ShieldKey needs, to copy.
-fn render_http_filters(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+fn render_http_filters(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let header = args.option("country-header")?;
     let geoip_db = args.option("geoip")?;
     let ecds_path = args.option("ecds-path")?;
@@ -550,7 +685,10 @@ fn render_http_filters(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     let country_header = match header {
         Some(h) => h,
         // The policy's own header when there is a policy: it is the one the filter reads.
-        None if ctx.policy_path.exists() => load(&ctx.policy_path)?
+        None if ctx.store.exists()? => ctx
+            .store
+            .load()?
+            .policy
             .requests
             .and_then(|r| r.country_header)
             .unwrap_or_else(|| DEFAULT_COUNTRY_HEADER.to_string()),
@@ -576,14 +714,15 @@ fn render_http_filters(ctx: &Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn publish(ctx: &Context, mut args: Args) -> Result<(), CliError> {
+pub fn publish(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
+    refuse_publish(ctx, "publish")?;
     let options = publish_options(&mut args, "to")?;
     args.finish()?;
     let to = options
         .to
         .clone()
         .ok_or_else(|| usage("--to PATH is required (or set SHIELDKEY_PUBLISH)"))?;
-    let policy = load(&ctx.policy_path)?;
+    let policy = ctx.store.load()?.policy;
     let master = master_key(Some(&policy))?;
     PublishTarget::prepare(Path::new(&to), &options)?.publish(&policy, master.as_ref())
 }

@@ -88,6 +88,9 @@ pub struct PolicySync {
     known: BTreeSet<String>,
     /// Upstream key ids of the current base, in index order.
     key_ids: Vec<String>,
+    /// The settings of the current base without their `revision`: every CLI change bumps the
+    /// revision, which alone must not reload everything.
+    settings_doc: Option<Vec<u8>>,
     pub failures: u64,
     pub last_success_ms: Option<i64>,
 }
@@ -114,6 +117,7 @@ impl PolicySync {
             next_reconcile_ms: 0,
             known: BTreeSet::new(),
             key_ids: Vec::new(),
+            settings_doc: None,
             failures: 0,
             last_success_ms: None,
         }
@@ -294,6 +298,7 @@ impl PolicySync {
             .ok_or_else(|| format!("no {} in etcd", self.settings.settings_key()))?;
         let mut base: RawPolicy = serde_json::from_slice(&settings)
             .map_err(|e| format!("{}: {e}", self.settings.settings_key()))?;
+        let settings_doc = without_revision(&settings);
         if !base.tokens.is_empty() || !base.upstream_keys.is_empty() || base.fleet.is_some() {
             return Err(format!(
                 "{}: tokens, upstream keys and fleet do not belong in the settings",
@@ -325,6 +330,7 @@ impl PolicySync {
                 .map_err(|e| format!("shared data: {e:?}"))?;
         }
         self.key_ids = base.upstream_keys.iter().map(|k| k.id.clone()).collect();
+        self.settings_doc = settings_doc;
 
         let mut present = BTreeSet::new();
         for (id, value, mod_revision) in &snapshot.tokens {
@@ -383,6 +389,9 @@ impl PolicySync {
                     self.apply_token(store, id, &kv.value, kv.mod_revision);
                     records += 1;
                 }
+                None if key == self.settings.settings_key()
+                    && without_revision(&kv.value).is_some()
+                    && without_revision(&kv.value) == self.settings_doc => {}
                 None => {
                     // Settings or upstream keys changed: records name keys by index, so
                     // everything is read again.
@@ -437,6 +446,13 @@ impl PolicySync {
             removed: gone.len(),
         }
     }
+}
+
+/// The settings document with its `revision` left out, for comparing what matters.
+fn without_revision(settings: &[u8]) -> Option<Vec<u8>> {
+    let mut doc: RawPolicy = serde_json::from_slice(settings).ok()?;
+    doc.revision = 0;
+    serde_json::to_vec(&doc).ok()
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-"""Shared fixtures for the end-to-end suite: the mock upstream and its real keys, and Envoy logs
-printed for failed tests."""
+"""Shared fixtures for the end-to-end suite: the mock upstream and its real keys, and Envoy (and
+etcd) logs printed for failed tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import etcd_cluster  # noqa: E402
 import harness  # noqa: E402
 
 
@@ -45,3 +46,9 @@ def pytest_runtest_makereport(item, call):
             lines = [l for l in envoy.log_text().splitlines() if "[main]" not in l]
             tail = "\n".join(lines[-60:])
             report.sections.append((f"Envoy log {envoy.log_path.name} (last 60 lines)", tail))
+        # etcd members still running (fleet mode), the last 30 lines of each.
+        for member in etcd_cluster.STARTED_ETCD:
+            if not member.running:
+                continue
+            tail = "\n".join(member.log_text().splitlines()[-30:])
+            report.sections.append((f"etcd log {member.log_path.name} (last 30 lines)", tail))

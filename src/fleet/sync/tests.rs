@@ -172,7 +172,12 @@ fn loads_everything_in_pages_then_follows_changes_one_record_at_a_time() {
     let base: RawPolicy = serde_json::from_slice(&store.get(BASE_KEY).unwrap().0).unwrap();
     assert_eq!(base.upstream_keys[0].id, "prod");
 
+    // What the CLI writes for a revocation: the token and the settings' revision.
     etcd.put("shieldkey/policy/tokens/t7", token("t7", "revoked"));
+    etcd.put(
+        "shieldkey/policy/settings",
+        json!({"version": 1, "revision": 2}),
+    );
     let reads = store.reads.get();
     let outcomes = run(&mut sync, &etcd, &store, 100);
     assert_eq!(

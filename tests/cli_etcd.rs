@@ -1,0 +1,931 @@
+//! The `shieldkey` binary in fleet mode, against a real single-member etcd per test
+//! (`/usr/bin/etcd`, 3.4), read back through etcd's JSON gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Value};
+use shieldkey::config::compile::{compile_bytes, CompileOptions};
+use shieldkey::config::raw::{RawToken, RawUpstreamKey};
+use shieldkey::master_key::MasterKey;
+use shieldkey::token;
+use shieldkey::token_digest::TokenVerifier;
+
+const REAL_KEY: &str = "AbCdEfGhIjKlMnOpQrStUvWxYz012345";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`): status and de-chunked body.
+fn http(port: u16, method: &str, path: &str, body: &[u8], auth: Option<&str>) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = raw[end + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut data = body.as_slice();
+        loop {
+            let eol = data.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16)
+                .unwrap();
+            data = &data[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&data[..size]);
+            data = &data[size + 2..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
+fn b64(s: impl AsRef<[u8]>) -> String {
+    STANDARD.encode(s)
+}
+
+fn unb64(v: &Value) -> String {
+    String::from_utf8(STANDARD.decode(v.as_str().unwrap_or("")).unwrap()).unwrap()
+}
+
+/// A single-member etcd in a temporary directory; killed and removed on drop, even when the
+/// test fails.
+struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+    /// An auth token once auth is enabled.
+    token: Option<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Etcd {
+    fn start(name: &str) -> Etcd {
+        let dir =
+            std::env::temp_dir().join(format!("shieldkey-etcd-{name}-{}", std::process::id()));
+        for attempt in 0..5 {
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            let (client, peer) = (free_port(), free_port());
+            let log = fs::File::create(dir.join("etcd.log")).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(dir.join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster",
+                    &format!("t=http://127.0.0.1:{peer}"),
+                    "--logger=zap",
+                    "--log-outputs=stderr",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd is installed (/usr/bin/etcd)");
+            let mut etcd = Etcd {
+                child,
+                dir: dir.clone(),
+                port: client,
+                token: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = etcd.child.try_wait() {
+                    break; // a port was taken meanwhile: try again
+                }
+                if TcpStream::connect(("127.0.0.1", client)).is_ok()
+                    && http(client, "GET", "/health", b"", None).1 == br#"{"health":"true"}"#
+                {
+                    return etcd;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!(
+                "etcd attempt {attempt} failed: {}",
+                fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+            );
+            // Dropped here (killed, directory removed); the next attempt takes fresh ports.
+        }
+        panic!("etcd did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn call(&self, method: &str, body: Value) -> Value {
+        let (status, answer) = http(
+            self.port,
+            "POST",
+            &format!("/v3/{method}"),
+            body.to_string().as_bytes(),
+            self.token.as_deref(),
+        );
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(status, 200, "{method}: {answer}");
+        answer
+    }
+
+    /// Every key under `prefix`: value and mod_revision.
+    fn range(&self, prefix: &str) -> BTreeMap<String, (String, i64)> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let answer = self.call(
+            "kv/range",
+            json!({"key": b64(prefix), "range_end": b64(&end)}),
+        );
+        answer["kvs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|kv| {
+                (
+                    unb64(&kv["key"]),
+                    (
+                        unb64(&kv["value"]),
+                        kv["mod_revision"].as_str().unwrap().parse().unwrap(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// The store revision: it moves with every write, to anything.
+    fn revision(&self) -> i64 {
+        let answer = self.call("kv/range", json!({"key": b64("x")}));
+        answer["header"]["revision"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn put(&self, key: &str, value: &str) {
+        self.call("kv/put", json!({"key": b64(key), "value": b64(value)}));
+    }
+
+    fn value(&self, key: &str) -> Value {
+        let kvs = self.range(key);
+        serde_json::from_str(&kvs.get(key).unwrap_or_else(|| panic!("no {key}")).0).unwrap()
+    }
+}
+
+/// The CLI pointed at etcd; the policy file it would otherwise use never exists.
+#[derive(Clone)]
+struct Cli {
+    urls: String,
+    master: String,
+    policy_file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Cli {
+    fn new(etcd: &Etcd) -> Cli {
+        let master = String::from_utf8(
+            Command::new(env!("CARGO_BIN_EXE_shieldkey"))
+                .arg("keygen")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+        Cli {
+            urls: etcd.url(),
+            master,
+            policy_file: etcd.dir.join("policy.json"),
+            env: Vec::new(),
+        }
+    }
+
+    fn with(&self, name: &str, value: &str) -> Cli {
+        let mut cli = self.clone();
+        cli.env.push((name.to_string(), value.to_string()));
+        cli
+    }
+
+    fn at(&self, urls: &str) -> Cli {
+        let mut cli = self.clone();
+        cli.urls = urls.to_string();
+        cli
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shieldkey"));
+        cmd.args(args)
+            .current_dir(self.policy_file.parent().unwrap())
+            .env("SHIELDKEY_ETCD", &self.urls)
+            .env("SHIELDKEY_POLICY", &self.policy_file)
+            .env("SHIELDKEY_MASTER_KEY", &self.master)
+            .env_remove("SHIELDKEY_ETCD_PREFIX")
+            .env_remove("SHIELDKEY_ETCD_USER")
+            .env_remove("SHIELDKEY_ETCD_PASSWORD")
+            .env_remove("SHIELDKEY_PUBLISH")
+            .env_remove("SHIELDKEY_WASM")
+            .env_remove("SHIELDKEY_ADMIN")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        if let Err(e) = pipe.write_all(stdin.unwrap_or("").as_bytes()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        }
+        drop(pipe);
+        child.wait_with_output().unwrap()
+    }
+
+    /// Succeeds; stdout and stderr.
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> (String, String) {
+        let out = self.run(args, stdin);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{args:?}: {err}");
+        (String::from_utf8(out.stdout).unwrap(), err)
+    }
+
+    /// Fails with `code`; stderr.
+    fn fails(&self, args: &[&str], stdin: Option<&str>, code: i32) -> String {
+        let out = self.run(args, stdin);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        err
+    }
+
+    /// `init`, `seal --id prod`, and a token per id; returns the printed tokens.
+    fn setup(&self, tokens: &[&str]) -> Vec<String> {
+        self.ok(&["init"], None);
+        self.ok(&["seal", "--id", "prod"], Some(&format!("{REAL_KEY}\n")));
+        tokens
+            .iter()
+            .map(|id| {
+                self.ok(&["mint", "--id", id, "--upstream-key", "prod"], None)
+                    .0
+                    .trim()
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+fn keys(kvs: &BTreeMap<String, (String, i64)>) -> Vec<&str> {
+    kvs.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn init_seal_mint_list_in_etcd_and_the_exact_keys_written() {
+    let etcd = Etcd::start("roundtrip");
+    let cli = Cli::new(&etcd);
+    let (_, err) = cli.ok(&["init"], None);
+    assert!(
+        err.contains("created an empty policy (policy revision 1, etcd prefix shieldkey/"),
+        "{err}"
+    );
+    cli.ok(&["seal", "--id", "prod"], Some(&format!("{REAL_KEY}\n")));
+    let (out, err) = cli.ok(
+        &[
+            "mint",
+            "--id",
+            "alice",
+            "--upstream-key",
+            "prod",
+            "--owner",
+            "a@x",
+            "--rpm",
+            "60",
+            "--models",
+            "mistral-small-*",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("(policy revision 3, etcd prefix shieldkey/ at http://127.0.0.1:"),
+        "{err}"
+    );
+    let printed = out.trim();
+    assert!(printed.starts_with("sk_shield_t_alice_"));
+
+    // Exactly the documented keys, with compact JSON of the policy types.
+    let kvs = etcd.range("shieldkey/");
+    assert_eq!(
+        keys(&kvs),
+        [
+            "shieldkey/policy/keys/prod",
+            "shieldkey/policy/settings",
+            "shieldkey/policy/tokens/alice"
+        ]
+    );
+    assert_eq!(
+        kvs["shieldkey/policy/settings"].0,
+        r#"{"version":1,"revision":3,"upstream_keys":[],"tokens":[]}"#
+    );
+    let key_text = &kvs["shieldkey/policy/keys/prod"].0;
+    let key: RawUpstreamKey = serde_json::from_str(key_text).unwrap();
+    assert_eq!(key.id, "prod");
+    assert!(key.sealed.starts_with("skseal:v1:"));
+    assert_eq!(*key_text, serde_json::to_string(&key).unwrap());
+    let token_text = &kvs["shieldkey/policy/tokens/alice"].0;
+    let token: RawToken = serde_json::from_str(token_text).unwrap();
+    assert_eq!(*token_text, serde_json::to_string(&token).unwrap());
+    assert_eq!(
+        (token.id.as_str(), token.upstream_key.as_str()),
+        ("alice", "prod")
+    );
+    assert_eq!(token.owner.as_deref(), Some("a@x"));
+    assert_eq!(token.rate_limit.unwrap().requests_per_minute, Some(60));
+    assert_eq!(token.models.unwrap().allow.unwrap(), ["mistral-small-*"]);
+    let stored: String = kvs.values().map(|(v, _)| v.as_str()).collect();
+    assert!(!stored.contains(printed) && !stored.contains(REAL_KEY));
+
+    // The printed token verifies against the stored digest; the sealed key opens with the
+    // filter's own compiler once the document is assembled from the keys.
+    let master = MasterKey::from_base64(&cli.master).unwrap();
+    let presented = token::parse(printed.as_bytes()).unwrap();
+    let digest: [u8; 32] = STANDARD.decode(&token.digest).unwrap().try_into().unwrap();
+    assert!(TokenVerifier::new(master.digest_key()).unwrap().verify(
+        "alice",
+        presented.secret_text(),
+        &digest
+    ));
+    let mut doc: Value = serde_json::from_str(&kvs["shieldkey/policy/settings"].0).unwrap();
+    doc["upstream_keys"] = json!([serde_json::from_str::<Value>(key_text).unwrap()]);
+    doc["tokens"] = json!([serde_json::from_str::<Value>(token_text).unwrap()]);
+    let compiled = compile_bytes(
+        doc.to_string().as_bytes(),
+        &CompileOptions {
+            master_key: Some(&master),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        compiled.authorization_for(0).unwrap().expose(),
+        format!("Bearer {REAL_KEY}").as_bytes()
+    );
+
+    let (list, _) = cli.ok(&["list"], None);
+    assert!(
+        list.contains("alice") && list.contains("active") && list.contains("a@x"),
+        "{list}"
+    );
+    let (json, _) = cli.ok(&["list", "--json"], None);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["revision"], 3);
+    assert_eq!(json["upstream_keys"], json!(["prod"]));
+    assert_eq!(json["tokens"][0]["rate_limit"]["requests_per_minute"], 60);
+    let (check, _) = cli.ok(&["check"], None);
+    assert!(
+        check.starts_with("ok: revision 3, 1 tokens (0 revoked), 1 upstream keys, all sealed keys open; etcd prefix shieldkey/"),
+        "{check}"
+    );
+    assert!(
+        !cli.policy_file.exists(),
+        "fleet mode never touches the policy file"
+    );
+
+    // init refuses a prefix that holds a policy, unless --force; --force keeps the revision going.
+    assert!(cli.fails(&["init"], None, 1).contains("--force"));
+    cli.ok(&["init", "--force"], None);
+    let kvs = etcd.range("shieldkey/");
+    assert_eq!(keys(&kvs), ["shieldkey/policy/settings"]);
+    assert_eq!(
+        kvs["shieldkey/policy/settings"].0,
+        r#"{"version":1,"revision":4,"upstream_keys":[],"tokens":[]}"#
+    );
+}
+
+#[test]
+fn revoke_changes_only_that_tokens_key_and_the_settings() {
+    let etcd = Etcd::start("revoke");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice", "bob"]);
+    let before = etcd.range("shieldkey/");
+    let store_before = etcd.revision();
+    let (_, err) = cli.ok(&["revoke", "alice"], None);
+    assert!(
+        err.contains("revoked token 'alice' (policy revision 5"),
+        "{err}"
+    );
+    let after = etcd.range("shieldkey/");
+    assert_eq!(etcd.revision(), store_before + 1, "one transaction");
+    let m =
+        |kvs: &BTreeMap<String, (String, i64)>, k: &str| kvs[&format!("shieldkey/policy/{k}")].1;
+    for unchanged in ["tokens/bob", "keys/prod"] {
+        assert_eq!(m(&before, unchanged), m(&after, unchanged), "{unchanged}");
+        assert_eq!(
+            before[&format!("shieldkey/policy/{unchanged}")].0,
+            after[&format!("shieldkey/policy/{unchanged}")].0
+        );
+    }
+    for changed in ["tokens/alice", "settings"] {
+        assert_eq!(m(&after, changed), store_before + 1, "{changed}");
+    }
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/alice")["status"],
+        "revoked"
+    );
+    assert_eq!(etcd.value("shieldkey/policy/settings")["revision"], 5);
+    assert!(cli.ok(&["list"], None).0.contains("revoked"));
+
+    cli.ok(&["unrevoke", "alice"], None);
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/alice")["status"],
+        "active"
+    );
+    assert_eq!(
+        m(&etcd.range("shieldkey/"), "tokens/bob"),
+        m(&before, "tokens/bob")
+    );
+    assert!(cli
+        .fails(&["revoke", "ghost"], None, 1)
+        .contains("no token with id 'ghost'"));
+}
+
+#[test]
+fn remove_deletes_the_tokens_key() {
+    let etcd = Etcd::start("remove");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice", "bob"]);
+    let (_, err) = cli.ok(&["remove", "bob"], None);
+    assert!(
+        err.contains("removed token 'bob' (policy revision 5"),
+        "{err}"
+    );
+    assert_eq!(
+        keys(&etcd.range("shieldkey/")),
+        [
+            "shieldkey/policy/keys/prod",
+            "shieldkey/policy/settings",
+            "shieldkey/policy/tokens/alice"
+        ]
+    );
+    let (list, _) = cli.ok(&["list"], None);
+    assert!(list.contains("alice") && !list.contains("bob"));
+    assert!(cli
+        .fails(&["remove", "bob"], None, 1)
+        .contains("no token with id 'bob'"));
+}
+
+/// A proxy in front of etcd that runs `before_txn(n)` before it forwards the n-th `kv/txn`
+/// (from 0): a deterministic race between a CLI's read and its write.
+fn racing_proxy(etcd_port: u16, mut before_txn: impl FnMut(usize) + Send + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut txns = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 8192];
+            let body_at = loop {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0);
+                request.extend_from_slice(&buf[..n]);
+                if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+            };
+            let head = String::from_utf8_lossy(&request[..body_at]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while request.len() < body_at + length {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0);
+                request.extend_from_slice(&buf[..n]);
+            }
+            if head.starts_with("post /v3/kv/txn ") {
+                before_txn(txns);
+                txns += 1;
+            }
+            let mut upstream = TcpStream::connect(("127.0.0.1", etcd_port)).unwrap();
+            upstream.write_all(&request).unwrap();
+            let mut answer = Vec::new();
+            upstream.read_to_end(&mut answer).unwrap();
+            conn.write_all(&answer).unwrap();
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn two_racing_limits_on_different_tokens_both_take_effect() {
+    let etcd = Etcd::start("race");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice", "bob"]);
+    let settings_before = etcd.value("shieldkey/policy/settings")["revision"]
+        .as_u64()
+        .unwrap();
+
+    // A reads, then B runs from start to end, then A's write arrives: A's compare on the
+    // settings key fails, A reads again and re-applies its change on top of B's.
+    let other = cli.at(&etcd.url());
+    let proxy = racing_proxy(etcd.port, move |n| {
+        if n == 0 {
+            other.ok(&["limit", "bob", "--rpm", "22"], None);
+        }
+    });
+    let (_, err) = cli.at(&proxy).ok(&["limit", "alice", "--rpm", "11"], None);
+    assert!(err.contains("retry 1 of 5"), "{err}");
+    assert!(
+        err.contains("re-applied 1 time(s) after concurrent changes"),
+        "{err}"
+    );
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/alice")["rate_limit"]["requests_per_minute"],
+        11
+    );
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/bob")["rate_limit"]["requests_per_minute"],
+        22
+    );
+    assert_eq!(
+        etcd.value("shieldkey/policy/settings")["revision"],
+        settings_before + 2,
+        "each change bumped the revision once"
+    );
+
+    // And a free-for-all: six CLIs at once on six tokens; every change lands.
+    let ids = ["t0", "t1", "t2", "t3", "t4", "t5"];
+    for id in ids {
+        cli.ok(&["mint", "--id", id, "--upstream-key", "prod"], None);
+    }
+    let start = etcd.value("shieldkey/policy/settings")["revision"]
+        .as_u64()
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(ids.len()));
+    let threads: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let cli = cli.at(&etcd.url());
+            let barrier = Arc::clone(&barrier);
+            let id = id.to_string();
+            std::thread::spawn(move || {
+                barrier.wait();
+                cli.ok(&["limit", &id, "--rpm", &(100 + i).to_string()], None)
+                    .1
+            })
+        })
+        .collect();
+    let retried = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|err| err.contains("retry"))
+        .count();
+    eprintln!("{retried} of 6 concurrent CLIs retried");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            etcd.value(&format!("shieldkey/policy/tokens/{id}"))["rate_limit"]
+                ["requests_per_minute"],
+            100 + i
+        );
+    }
+    assert_eq!(
+        etcd.value("shieldkey/policy/settings")["revision"],
+        start + 6
+    );
+}
+
+#[test]
+fn a_writer_that_keeps_losing_gives_up_clearly() {
+    let etcd = Etcd::start("giveup");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice"]);
+    let port = etcd.port;
+    // Before every write of the CLI, someone else touches the settings key.
+    let proxy = racing_proxy(port, move |_| {
+        let settings = b64("shieldkey/policy/settings");
+        let (status, body) = http(
+            port,
+            "POST",
+            "/v3/kv/range",
+            json!({"key": settings}).to_string().as_bytes(),
+            None,
+        );
+        assert_eq!(status, 200);
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        let put = json!({"key": settings, "value": value["kvs"][0]["value"]});
+        assert_eq!(
+            http(port, "POST", "/v3/kv/put", put.to_string().as_bytes(), None).0,
+            200
+        );
+    });
+    let err = cli.at(&proxy).fails(&["revoke", "alice"], None, 1);
+    assert!(err.contains("retry 5 of 5"), "{err}");
+    assert!(err.contains("gave up after 6 attempts"), "{err}");
+    assert!(err.contains("the last attempt wrote nothing"), "{err}");
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/alice")["status"],
+        "active"
+    );
+}
+
+#[test]
+fn a_change_that_fails_validation_writes_nothing() {
+    let etcd = Etcd::start("invalid");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice", "bob"]);
+    let before = etcd.revision();
+    let err = cli.fails(&["limit", "bob", "--cidrs", "10.0.0.0/33"], None, 1);
+    assert!(
+        err.contains("tokens[1].source_cidrs (etcd key shieldkey/policy/tokens/bob)"),
+        "{err}"
+    );
+    let err = cli.fails(
+        &[
+            "limit",
+            "alice",
+            "--budget-usd",
+            "5",
+            "--budget-window",
+            "weekly",
+        ],
+        None,
+        1,
+    );
+    assert!(
+        err.contains("tokens[0].budget.window (etcd key shieldkey/policy/tokens/alice)"),
+        "{err}"
+    );
+    assert!(cli
+        .fails(
+            &["mint", "--id", "carol", "--upstream-key", "nope"],
+            None,
+            1
+        )
+        .contains("no upstream key 'nope'"));
+    assert!(cli
+        .fails(&["init"], None, 1)
+        .contains("already holds a policy"));
+    assert_eq!(
+        etcd.revision(),
+        before,
+        "nothing at all was written to etcd"
+    );
+
+    // A hand-broken value is reported with its key.
+    etcd.put(
+        "shieldkey/policy/tokens/bob",
+        r#"{"id":"bob","digest":"x","upstream_key":"prod","colour":"blue"}"#,
+    );
+    let err = cli.fails(&["check"], None, 1);
+    assert!(
+        err.contains("etcd key shieldkey/policy/tokens/bob") && err.contains("colour"),
+        "{err}"
+    );
+    let before = etcd.revision();
+    assert!(cli.fails(&["revoke", "alice"], None, 1).contains("colour"));
+    assert_eq!(etcd.revision(), before);
+}
+
+#[test]
+fn publish_is_refused_in_fleet_mode() {
+    let etcd = Etcd::start("publish");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice"]);
+    let before = etcd.revision();
+    let dir = cli.policy_file.parent().unwrap().to_path_buf();
+    let err = cli.fails(&["revoke", "alice", "--publish", "ecds.json"], None, 2);
+    assert!(
+        err.contains("--publish: in fleet mode") && err.contains("nothing to publish"),
+        "{err}"
+    );
+    let err = cli.fails(&["publish", "--to", "ecds.json"], None, 2);
+    assert!(err.contains("publish: in fleet mode"), "{err}");
+    let err = cli.with("SHIELDKEY_PUBLISH", "ecds.json").fails(
+        &["limit", "alice", "--rpm", "5"],
+        None,
+        2,
+    );
+    assert!(err.contains("SHIELDKEY_PUBLISH is set"), "{err}");
+    assert!(!dir.join("ecds.json").exists());
+    assert_eq!(etcd.revision(), before);
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/alice")["status"],
+        "active"
+    );
+    // --policy names a file: it cannot be combined with etcd.
+    assert!(cli
+        .fails(
+            &["--etcd", &etcd.url(), "--policy", "p.json", "list"],
+            None,
+            2
+        )
+        .contains("exclude each other"));
+}
+
+#[test]
+fn prefixes_keep_policies_apart() {
+    let etcd = Etcd::start("prefix");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice"]);
+    let team_b = cli.with("SHIELDKEY_ETCD_PREFIX", "team-b/");
+    team_b.setup(&["bob"]);
+    let flagged = |args: &[&str]| {
+        let mut all = vec!["--etcd-prefix", "team-b/"];
+        all.extend_from_slice(args);
+        cli.ok(&all, None).0
+    };
+    let default_before = etcd.range("shieldkey/");
+    flagged(&["revoke", "bob"]);
+    assert_eq!(
+        etcd.range("shieldkey/"),
+        default_before,
+        "the other prefix is untouched"
+    );
+    assert_eq!(
+        keys(&etcd.range("team-b/")),
+        [
+            "team-b/policy/keys/prod",
+            "team-b/policy/settings",
+            "team-b/policy/tokens/bob"
+        ]
+    );
+    assert_eq!(etcd.value("team-b/policy/tokens/bob")["status"], "revoked");
+    let list_a = cli.ok(&["list"], None).0;
+    let list_b = flagged(&["list"]);
+    assert!(list_a.contains("alice") && !list_a.contains("bob"));
+    assert!(list_b.contains("bob") && !list_b.contains("alice"));
+    assert!(cli
+        .fails(&["--etcd-prefix", "team-c", "list"], None, 2)
+        .contains("ending in '/'"));
+    let err = cli.fails(&["--etcd-prefix", "team-c/", "list"], None, 1);
+    assert!(
+        err.contains("no policy in etcd prefix team-c/") && err.contains("shieldkey init"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bulk_change_is_split_into_transactions_etcd_accepts() {
+    let etcd = Etcd::start("bulk");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice"]);
+    // 160 more tokens, written the way an import would (here: directly, 40 per txn).
+    let digest = b64([9u8; 32]);
+    for chunk in 0..4 {
+        let ops: Vec<Value> = (0..40)
+            .map(|i| {
+                let id = format!("bulk-{:03}", chunk * 40 + i);
+                let value = json!({"id": id, "digest": digest, "upstream_key": "prod"});
+                json!({"request_put": {"key": b64(format!("shieldkey/policy/tokens/{id}")), "value": b64(value.to_string())}})
+            })
+            .collect();
+        assert_eq!(
+            etcd.call("kv/txn", json!({"success": ops}))["succeeded"],
+            true
+        );
+    }
+    let (list, err) = cli.ok(&["list"], None);
+    assert_eq!(list.lines().count(), 1 + 161, "{err}");
+    assert!(cli.ok(&["check"], None).0.contains("161 tokens"));
+
+    // One transaction cannot hold it: etcd allows 128 operations.
+    let deletes: Vec<Value> = etcd
+        .range("shieldkey/policy/tokens/")
+        .keys()
+        .map(|k| json!({"request_delete_range": {"key": b64(k)}}))
+        .collect();
+    let (status, body) = http(
+        etcd.port,
+        "POST",
+        "/v3/kv/txn",
+        json!({"success": deletes}).to_string().as_bytes(),
+        None,
+    );
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("too many operations"));
+
+    // Replacing the policy removes 162 keys and writes the settings: two steps.
+    let revision = etcd.value("shieldkey/policy/settings")["revision"]
+        .as_u64()
+        .unwrap();
+    let (_, err) = cli.ok(&["init", "--force"], None);
+    assert!(err.contains("applied in 2 steps"), "{err}");
+    let kvs = etcd.range("shieldkey/");
+    assert_eq!(keys(&kvs), ["shieldkey/policy/settings"]);
+    assert_eq!(
+        etcd.value("shieldkey/policy/settings")["revision"],
+        revision + 1
+    );
+}
+
+#[test]
+fn endpoints_are_tried_in_order_until_one_answers() {
+    let etcd = Etcd::start("endpoints");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let cli = Cli::new(&etcd).at(&format!("{dead},{}", etcd.url()));
+    cli.setup(&["alice"]);
+    assert!(cli.ok(&["list"], None).0.contains("alice"));
+    let err = cli.at(&dead).fails(&["list"], None, 1);
+    assert!(
+        err.contains("no etcd endpoint answered") && err.contains("cannot connect"),
+        "{err}"
+    );
+    let err = cli.at("https://127.0.0.1:2379").fails(&["list"], None, 2);
+    assert!(err.contains("TLS is not supported yet"), "{err}");
+}
+
+#[test]
+fn password_authentication() {
+    let mut etcd = Etcd::start("auth");
+    let b = |s: &str| b64(s);
+    for (method, body) in [
+        (
+            "auth/user/add",
+            json!({"name": "root", "password": "rootpw"}),
+        ),
+        ("auth/role/add", json!({"name": "root"})),
+        ("auth/user/grant", json!({"user": "root", "role": "root"})),
+        ("auth/user/add", json!({"name": "ops", "password": "opspw"})),
+        ("auth/role/add", json!({"name": "shieldkey-rw"})),
+        (
+            "auth/role/grant",
+            json!({"name": "shieldkey-rw", "perm": {"permType": "READWRITE", "key": b("shieldkey/"), "range_end": b("shieldkey0")}}),
+        ),
+        (
+            "auth/user/grant",
+            json!({"user": "ops", "role": "shieldkey-rw"}),
+        ),
+        ("auth/enable", json!({})),
+    ] {
+        etcd.call(method, body);
+    }
+    let root = etcd.call(
+        "auth/authenticate",
+        json!({"name": "root", "password": "rootpw"}),
+    );
+    etcd.token = Some(root["token"].as_str().unwrap().to_string());
+
+    let anonymous = Cli::new(&etcd);
+    let err = anonymous.fails(&["init"], None, 1);
+    assert!(err.contains("--etcd-user"), "{err}");
+    let ops = anonymous.with("SHIELDKEY_ETCD_USER", "ops");
+    let err = ops.fails(&["init"], None, 1);
+    assert!(err.contains("SHIELDKEY_ETCD_PASSWORD is not set"), "{err}");
+    let err = ops
+        .with("SHIELDKEY_ETCD_PASSWORD", "wrong")
+        .fails(&["init"], None, 1);
+    assert!(err.contains("authentication failed"), "{err}");
+
+    let ops = ops.with("SHIELDKEY_ETCD_PASSWORD", "opspw");
+    ops.setup(&["alice"]);
+    ops.ok(&["revoke", "alice"], None);
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/alice")["status"],
+        "revoked"
+    );
+    // The flag works too, and the role's range is enforced by etcd.
+    assert!(anonymous
+        .with("SHIELDKEY_ETCD_PASSWORD", "opspw")
+        .ok(&["--etcd-user", "ops", "list"], None)
+        .0
+        .contains("alice"));
+    let err = ops.fails(&["--etcd-prefix", "other/", "init"], None, 1);
+    assert!(err.contains("permission denied"), "{err}");
+}
