@@ -17,7 +17,7 @@ use crate::money::NanoUsd;
 use crate::rules::rate_window::RateWindow;
 use crate::store::{SharedStore, StoreError};
 
-const STATE_VERSION: u8 = 1;
+const STATE_VERSION: u8 = 2;
 const MINUTE_MS: u64 = 60_000;
 pub const CAS_RETRIES: usize = 32;
 
@@ -63,6 +63,11 @@ pub enum LedgerDenial {
     Budget {
         reset_at: Option<i64>,
         now: i64,
+    },
+    /// Fleet mode: the limit allows it, but this Envoy's share of the budget does not; `short`
+    /// more must be claimed from the fleet's pool first (`fleet::lease`).
+    AllowanceShort {
+        short: NanoUsd,
     },
     /// CAS retries exhausted or the store failed: fail closed.
     Busy,
@@ -120,6 +125,9 @@ struct Counters {
     window_start: i64,
     spent: NanoUsd,
     reserved: NanoUsd,
+    /// Fleet mode: what this Envoy may commit in this window (spent + reserved), the sum of the
+    /// leases it claimed from the fleet's pool. Unused in single-Envoy mode.
+    allowance: NanoUsd,
     alerts_fired: u8,
     requests: RateWindow,
     tokens: RateWindow,
@@ -131,6 +139,7 @@ impl Counters {
         w.i64(self.window_start)
             .u64(self.spent)
             .u64(self.reserved)
+            .u64(self.allowance)
             .u8(self.alerts_fired)
             .bytes(&self.requests.encode())
             .bytes(&self.tokens.encode());
@@ -143,6 +152,7 @@ impl Counters {
             window_start: r.i64()?,
             spent: r.u64()?,
             reserved: r.u64()?,
+            allowance: r.u64()?,
             alerts_fired: r.u8()?,
             requests: RateWindow::decode(r.bytes()?)?,
             tokens: RateWindow::decode(r.bytes()?)?,
@@ -158,6 +168,7 @@ impl Counters {
             self.window_start = start;
             self.spent = 0;
             self.reserved = 0;
+            self.allowance = 0;
             self.alerts_fired = 0;
         }
     }
@@ -169,6 +180,8 @@ fn key(token_id: &str) -> String {
 
 pub struct SharedDataLedger<'a> {
     store: &'a dyn SharedStore,
+    /// Fleet mode: budgets are also bounded by this Envoy's allowance.
+    fleet: bool,
 }
 
 impl<'a> SharedDataLedger<'a> {
@@ -179,7 +192,71 @@ impl<'a> SharedDataLedger<'a> {
     }
 
     pub fn new(store: &'a dyn SharedStore) -> Self {
-        SharedDataLedger { store }
+        SharedDataLedger {
+            store,
+            fleet: false,
+        }
+    }
+
+    /// The ledger of an Envoy in a fleet: budgets also bounded by its claimed allowance.
+    pub fn fleet(store: &'a dyn SharedStore) -> Self {
+        SharedDataLedger { store, fleet: true }
+    }
+
+    /// Fleet mode: adds a lease claimed from the pool to the allowance of `window_start` (a
+    /// lease of a window that has ended since is dropped: its window's budget is gone).
+    pub fn grant(
+        &self,
+        token_id: &str,
+        window: Option<BudgetWindow>,
+        window_start: i64,
+        amount: NanoUsd,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let now = now_ms.div_euclid(1000);
+        self.update(
+            token_id,
+            |c| {
+                c.roll(window, now);
+                if c.window_start == window_start {
+                    c.allowance = c.allowance.saturating_add(amount);
+                }
+                Ok(())
+            },
+            StoreError::CasMismatch,
+        )
+    }
+
+    /// Fleet mode, after a restart: what this Envoy had spent in `window_start` (as flushed to
+    /// etcd) comes back, with no allowance above it: what was claimed but not flushed may have
+    /// been spent, so new spending needs new leases.
+    pub fn restore(
+        &self,
+        token_id: &str,
+        window: Option<BudgetWindow>,
+        window_start: i64,
+        spent: NanoUsd,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let now = now_ms.div_euclid(1000);
+        self.update(
+            token_id,
+            |c| {
+                c.roll(window, now);
+                if c.window_start == window_start {
+                    c.spent = c.spent.max(spent);
+                    c.allowance = c.allowance.max(c.spent);
+                }
+                Ok(())
+            },
+            StoreError::CasMismatch,
+        )
+    }
+
+    /// (window start, spent) as stored, for flushing this Envoy's spend to etcd.
+    pub fn spent(&self, token_id: &str) -> Option<(i64, NanoUsd)> {
+        let (bytes, _) = self.store.get(&key(token_id))?;
+        Counters::decode(&bytes).map(|c| (c.window_start, c.spent))
     }
 
     /// Read-modify-CAS with bounded retries. `update` returns `Err` to abort without writing.
@@ -322,6 +399,7 @@ impl Ledger for SharedDataLedger<'_> {
         };
         let now = now_ms.div_euclid(1000);
         let window_start = admission.window_start;
+        let fleet = self.fleet;
         let added = self.update(
             token_id,
             |c| {
@@ -333,6 +411,11 @@ impl Ledger for SharedDataLedger<'_> {
                     return Err(LedgerDenial::Budget {
                         reset_at: budget.window.reset_at(now),
                         now,
+                    });
+                }
+                if fleet && committed.saturating_add(amount) > c.allowance {
+                    return Err(LedgerDenial::AllowanceShort {
+                        short: committed.saturating_add(amount) - c.allowance,
                     });
                 }
                 c.reserved = c.reserved.saturating_add(amount);
@@ -379,6 +462,51 @@ mod tests {
             budget: Some(Budget { limit, window }),
             ..Limits::default()
         }
+    }
+
+    #[test]
+    fn fleet_budgets_are_bounded_by_the_leases_this_envoy_holds() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::fleet(&s);
+        let limits = budget(USD, BudgetWindow::Lifetime);
+        let mut a = l.admit("a", &limits, 0, T0).unwrap();
+        assert_eq!(
+            l.reserve("a", &limits, &mut a, USD / 10, T0),
+            Err(LedgerDenial::AllowanceShort { short: USD / 10 })
+        );
+        l.grant("a", None, a.window_start, USD / 4, T0).unwrap();
+        assert_eq!(l.reserve("a", &limits, &mut a, USD / 10, T0), Ok(()));
+        l.settle("a", &limits, &[], &a, USD / 5, 0, T0).unwrap();
+        // 0.25 held, 0.20 spent: 0.05 more fits, 0.06 does not.
+        let mut b = l.admit("a", &limits, 0, T0).unwrap();
+        assert!(l.reserve("a", &limits, &mut b, USD / 20, T0).is_ok());
+        let mut c = l.admit("a", &limits, 0, T0).unwrap();
+        assert!(matches!(
+            l.reserve("a", &limits, &mut c, 1, T0),
+            Err(LedgerDenial::AllowanceShort { short: 1 })
+        ));
+        // The limit still comes first.
+        assert!(matches!(
+            l.reserve("a", &limits, &mut c, 2 * USD, T0),
+            Err(LedgerDenial::Budget { .. })
+        ));
+    }
+
+    #[test]
+    fn a_restart_restores_flushed_spend_without_headroom() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::fleet(&s);
+        let limits = budget(USD, BudgetWindow::Lifetime);
+        l.restore("a", None, 0, USD / 3, T0).unwrap();
+        assert_eq!(l.spent("a"), Some((0, USD / 3)));
+        let mut a = l.admit("a", &limits, 0, T0).unwrap();
+        assert!(matches!(
+            l.reserve("a", &limits, &mut a, 1, T0),
+            Err(LedgerDenial::AllowanceShort { short: 1 })
+        ));
+        // Single-Envoy mode has no allowance to be short of.
+        let single = SharedDataLedger::new(&s);
+        assert!(single.reserve("a", &limits, &mut a, 1, T0).is_ok());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - `<prefix>policy/tokens/<id>`: one `RawToken`.
 
 pub mod etcd;
+pub mod lease;
 pub mod sync;
 
 use crate::config::raw::{RawFleet, RawPolicy};

@@ -17,6 +17,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::etcd::{parse_range, prefix_end, Kv, Range, RANGE_PATH};
+use super::lease;
 use super::{FleetSettings, BASE_KEY};
 use crate::config::compile::{compile, compile_token, CompileOptions};
 use crate::config::raw::{RawPolicy, RawToken, RawUpstreamKey};
@@ -57,6 +58,13 @@ enum Phase {
         next: Vec<u8>,
         seen: BTreeSet<String>,
     },
+    /// After the first load: this Envoy's spend as flushed before a restart comes back into the
+    /// local counters before the policy is served (`fleet::lease`).
+    Restoring {
+        at: u64,
+        next: Vec<u8>,
+        restored: usize,
+    },
 }
 
 /// What the last reply did, for logs and stats.
@@ -72,12 +80,24 @@ pub enum Outcome {
     Applied { revision: u64, records: usize },
     /// Removed tokens were noticed and cleared.
     Reconciled { removed: usize },
+    /// This Envoy's spend was read back from etcd; the policy is served from now on.
+    Restored { tokens: usize },
     /// The policy in etcd is not usable (no settings, invalid settings or keys): nothing changed.
     Rejected(String),
 }
 
 pub struct PolicySync {
     settings: FleetSettings,
+    /// This Envoy's `node.id`: its budget leases and spend in etcd are its own.
+    node: String,
+    /// The base document of the first load, written once the spend is restored.
+    pending_base: Option<Vec<u8>>,
+    /// Spend may be flushed only after it was restored (or the flush would lower it).
+    restored: bool,
+    /// Tokens whose spend changed since the last flush, and the ones being flushed.
+    dirty: BTreeSet<String>,
+    flushing: Option<Vec<String>>,
+    next_flush_ms: i64,
     phase: Phase,
     /// The store revision shared data reflects (0: nothing loaded yet).
     revision: u64,
@@ -102,10 +122,16 @@ fn after(key: &[u8]) -> Vec<u8> {
 }
 
 impl PolicySync {
-    pub fn new(settings: FleetSettings) -> Self {
+    pub fn new(settings: FleetSettings, node: String) -> Self {
         let start = settings.policy_prefix().into_bytes();
         PolicySync {
             settings,
+            node,
+            pending_base: None,
+            restored: false,
+            dirty: BTreeSet::new(),
+            flushing: None,
+            next_flush_ms: 0,
             phase: Phase::Loading {
                 at: 0,
                 next: start,
@@ -123,6 +149,15 @@ impl PolicySync {
         }
     }
 
+    pub fn has_node(&self) -> bool {
+        !self.node.is_empty()
+    }
+
+    /// Names this Envoy (its `node.id`); nothing is read or written in etcd before.
+    pub fn set_node(&mut self, node: String) {
+        self.node = node;
+    }
+
     /// The store revision shared data reflects (0 before the first load).
     pub fn revision(&self) -> u64 {
         self.revision
@@ -130,7 +165,7 @@ impl PolicySync {
 
     /// The next call, when one is due and none is in flight.
     pub fn poll(&mut self, now_ms: i64) -> Option<Call> {
-        if self.in_flight || now_ms < self.next_due_ms {
+        if self.in_flight || now_ms < self.next_due_ms || self.node.is_empty() {
             return None;
         }
         if matches!(self.phase, Phase::Following { page: None }) && now_ms >= self.next_reconcile_ms
@@ -169,6 +204,13 @@ impl PolicySync {
                 keys_only: true,
                 ..Range::default()
             },
+            Phase::Restoring { at, next, .. } => Range {
+                from: next.clone(),
+                end: prefix_end(lease::node_prefix(&self.settings.prefix, &self.node).as_bytes()),
+                limit: PAGE,
+                revision: *at,
+                ..Range::default()
+            },
         };
         self.in_flight = true;
         Some(Call {
@@ -205,8 +247,14 @@ impl PolicySync {
             } => self.on_load_page(store, at, snapshot, reply),
             Phase::Following { page } => self.on_changes(store, page, reply),
             Phase::Reconciling { at, seen, next: _ } => self.on_listing(store, at, seen, reply),
+            Phase::Restoring {
+                at,
+                restored,
+                next: _,
+            } => self.on_restore_page(store, now_ms, at, restored, reply),
         };
-        if !matches!(outcome, Outcome::Paging) {
+        // The restore right after the first load goes at once: nothing is served until it is done.
+        if !matches!(outcome, Outcome::Paging) && !matches!(self.phase, Phase::Restoring { .. }) {
             self.next_due_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
         }
         if matches!(outcome, Outcome::Reconciled { .. } | Outcome::Loaded { .. }) {
@@ -225,6 +273,11 @@ impl PolicySync {
             }
             Phase::Following { page } => *page = None,
             Phase::Reconciling { .. } => self.phase = Phase::Following { page: None },
+            Phase::Restoring { at, next, restored } => {
+                *at = 0;
+                *next = lease::node_prefix(&self.settings.prefix, &self.node).into_bytes();
+                *restored = 0;
+            }
         }
     }
 
@@ -259,6 +312,13 @@ impl PolicySync {
         match self.apply_snapshot(store, snapshot, at) {
             Ok(tokens) => {
                 self.revision = at;
+                if self.pending_base.is_some() {
+                    self.phase = Phase::Restoring {
+                        at: 0,
+                        next: lease::node_prefix(&self.settings.prefix, &self.node).into_bytes(),
+                        restored: 0,
+                    };
+                }
                 Outcome::Loaded {
                     revision: at,
                     tokens,
@@ -324,7 +384,10 @@ impl PolicySync {
         // which has the master key).
         compile(&base, String::new(), &CompileOptions::default()).map_err(|e| e.to_string())?;
         let base_json = serde_json::to_vec(&base).map_err(|e| e.to_string())?;
-        if store.get(BASE_KEY).map(|(v, _)| v) != Some(base_json.clone()) {
+        if !self.restored {
+            // First load: the policy is served once this Envoy's spend is back.
+            self.pending_base = Some(base_json);
+        } else if store.get(BASE_KEY).map(|(v, _)| v) != Some(base_json.clone()) {
             store
                 .set(BASE_KEY, &base_json, None)
                 .map_err(|e| format!("shared data: {e:?}"))?;
@@ -445,6 +508,100 @@ impl PolicySync {
         Outcome::Reconciled {
             removed: gone.len(),
         }
+    }
+}
+
+impl PolicySync {
+    fn on_restore_page(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        at: u64,
+        mut restored: usize,
+        reply: super::etcd::RangeReply,
+    ) -> Outcome {
+        let at = if at == 0 { reply.revision } else { at };
+        let node_prefix = lease::node_prefix(&self.settings.prefix, &self.node);
+        let ledger = SharedDataLedger::fleet(store);
+        for (token, window_start, spent) in lease::parse_spent(&reply.kvs, &node_prefix) {
+            let window = policy_store::lookup_newest(store, &token)
+                .and_then(|(t, _)| t.rules.limits.budget)
+                .map(|b| b.window);
+            let now = now_ms.div_euclid(1000);
+            // Only the current window of a token that still has a budget matters.
+            if window.map_or(0, |w| w.start(now)) == window_start && window.is_some() {
+                let _ = ledger.restore(&token, window, window_start, spent, now_ms);
+                restored += 1;
+            }
+        }
+        if let (true, Some(last)) = (reply.more, reply.kvs.last()) {
+            self.phase = Phase::Restoring {
+                at,
+                next: after(&last.key),
+                restored,
+            };
+            return Outcome::Paging;
+        }
+        if let Some(base) = self.pending_base.take() {
+            let _ = store.set(BASE_KEY, &base, None);
+        }
+        self.restored = true;
+        Outcome::Restored { tokens: restored }
+    }
+
+    /// A token's spend changed (the HTTP filter said so through the spent queue).
+    pub fn mark_dirty(&mut self, token_id: String) {
+        self.dirty.insert(token_id);
+    }
+
+    /// The next flush of this Envoy's spend to etcd, when one is due: at most 100 tokens, each
+    /// as an absolute value (idempotent), every `sync_interval_ms`.
+    pub fn poll_flush(&mut self, store: &dyn SharedStore, now_ms: i64) -> Option<Call> {
+        if !self.restored
+            || self.flushing.is_some()
+            || self.dirty.is_empty()
+            || now_ms < self.next_flush_ms
+        {
+            return None;
+        }
+        let ledger = SharedDataLedger::fleet(store);
+        let batch: Vec<String> = self.dirty.iter().take(100).cloned().collect();
+        let mut entries = Vec::with_capacity(batch.len());
+        for id in &batch {
+            self.dirty.remove(id);
+            if let Some((window_start, spent)) = ledger.spent(id) {
+                entries.push((
+                    lease::spent_key(&self.settings.prefix, &self.node, id, window_start),
+                    spent,
+                ));
+            }
+        }
+        if entries.is_empty() {
+            return None;
+        }
+        self.flushing = Some(batch);
+        Some(Call {
+            path: lease::TXN_PATH,
+            body: lease::flush_body(&entries),
+        })
+    }
+
+    /// The reply to a flush: on failure the tokens stay dirty and are flushed again (nothing is
+    /// lost, and an absolute value cannot be counted twice).
+    pub fn on_flush_reply(&mut self, now_ms: i64, status: u32, body: &[u8]) -> bool {
+        let batch = self.flushing.take().unwrap_or_default();
+        let ok = status == 200 && lease::parse_write(body) == Some(true);
+        if !ok {
+            self.failures += 1;
+            self.dirty.extend(batch);
+        }
+        self.next_flush_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
+        ok
+    }
+
+    /// Tokens whose spend is not in etcd yet.
+    pub fn unflushed(&self) -> usize {
+        self.dirty.len() + self.flushing.as_ref().map_or(0, Vec::len)
     }
 }
 

@@ -6,13 +6,15 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::host::{dispatch_post, log, now_unix_ms, WasmHost};
+use proxy_wasm::hostcalls;
+
+use super::host::{dispatch_post, log, now_unix_ms, WasmHost, SPENT_QUEUE};
 use super::host_store::HostStore;
 use super::root::metric_ids;
 use crate::fleet::sync::{Outcome, PolicySync};
 use crate::fleet::{FleetSettings, BASE_KEY};
 use crate::master_key::MasterKey;
-use crate::stream::active::Active;
+use crate::stream::active::{Active, FleetContext};
 use crate::stream::host::{Host, LogLevel, MetricKind};
 
 /// Retries a call that never reached a member (safe for any call: it was not sent); an
@@ -24,13 +26,27 @@ const RETRY_HEADERS: &[(&str, &str)] = &[
 
 pub struct FleetFilter {
     master: MasterKey,
+    settings: FleetSettings,
     base_version: Option<u32>,
 }
 
+/// Envoy's node.id, which names this Envoy's leases and spend in etcd.
+fn node_id() -> Option<String> {
+    let id = super::host::node_id();
+    if id.is_none() {
+        log(
+            LogLevel::Warn,
+            "shieldkey: fleet mode needs Envoy's node.id (unique per Envoy); not visible yet",
+        );
+    }
+    id
+}
+
 impl FleetFilter {
-    pub fn new(master: MasterKey) -> Self {
+    pub fn new(master: MasterKey, settings: FleetSettings) -> Self {
         FleetFilter {
             master,
+            settings,
             base_version: None,
         }
     }
@@ -41,8 +57,12 @@ impl FleetFilter {
         if self.base_version == Some(version) {
             return None;
         }
+        let context = FleetContext {
+            settings: self.settings.clone(),
+            node: node_id()?,
+        };
         self.base_version = Some(version);
-        match Active::from_fleet_base(host, &base, &self.master, &metric_ids()) {
+        match Active::from_fleet_base(host, &base, &self.master, &metric_ids(), context) {
             Ok(active) => {
                 log(
                     LogLevel::Info,
@@ -77,6 +97,10 @@ pub struct Syncer {
     sync: PolicySync,
     settings: FleetSettings,
     in_flight: Option<u32>,
+    /// The flush of spend to etcd in flight (a second call slot: flushing never waits on sync).
+    flush_in_flight: Option<u32>,
+    /// Where the HTTP filter says which tokens' spend changed.
+    spent_queue: Option<u32>,
     stats: SyncStats,
     /// Failures are logged once per streak, not on every tick.
     failing: bool,
@@ -88,7 +112,10 @@ impl Syncer {
         let host = WasmHost { alert_queue: None };
         let define = |kind, name: &str| host.define_metric(kind, name);
         Syncer {
-            sync: PolicySync::new(settings.clone()),
+            // Envoy's node.id is set on the first tick that can see it.
+            sync: PolicySync::new(settings.clone(), String::new()),
+            flush_in_flight: None,
+            spent_queue: hostcalls::register_shared_queue(SPENT_QUEUE).ok(),
             stats: SyncStats {
                 revision: define(MetricKind::Gauge, "shieldkey.fleet.revision"),
                 lag_ms: define(MetricKind::Gauge, "shieldkey.fleet.sync_lag_ms"),
@@ -103,11 +130,49 @@ impl Syncer {
 
     pub fn tick(&mut self) {
         let Some(now) = now_unix_ms() else { return };
+        if !self.sync.has_node() {
+            match node_id() {
+                Some(node) => self.sync.set_node(node),
+                None => return,
+            }
+        }
         let host = WasmHost { alert_queue: None };
         if let (Some(id), Some(last)) = (self.stats.lag_ms, self.sync.last_success_ms) {
             host.record_metric(id, u64::try_from(now - last).unwrap_or(0));
         }
         self.send(now);
+        self.flush(now);
+    }
+
+    fn flush(&mut self, now: i64) {
+        if let Some(queue) = self.spent_queue {
+            // Bounded per tick; what is left waits for the next one.
+            for _ in 0..10_000 {
+                let Ok(Some(id)) = hostcalls::dequeue_shared_queue(queue) else {
+                    break;
+                };
+                if let Ok(id) = String::from_utf8(id) {
+                    self.sync.mark_dirty(id);
+                }
+            }
+        }
+        if self.flush_in_flight.is_some() {
+            return;
+        }
+        let Some(call) = self.sync.poll_flush(&HostStore, now) else {
+            return;
+        };
+        self.flush_in_flight = dispatch_post(
+            &self.settings.cluster,
+            call.path,
+            &self.settings.authority,
+            &call.body,
+            RETRY_HEADERS,
+            Duration::from_millis(self.settings.timeout_ms),
+        );
+        if self.flush_in_flight.is_none() {
+            self.sync.on_flush_reply(now, 0, b"");
+        }
     }
 
     fn send(&mut self, now: i64) {
@@ -137,6 +202,16 @@ impl Syncer {
     }
 
     pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        if self.flush_in_flight == Some(token) {
+            self.flush_in_flight = None;
+            let now = now_unix_ms().unwrap_or(0);
+            if !self.sync.on_flush_reply(now, status, body) {
+                if let Some(id) = self.stats.failures {
+                    WasmHost { alert_queue: None }.increment_metric(id, 1);
+                }
+            }
+            return;
+        }
         if self.in_flight != Some(token) {
             return;
         }
@@ -187,6 +262,10 @@ impl Syncer {
             Outcome::Rejected(why) => log(
                 LogLevel::Error,
                 &format!("shieldkey: fleet policy in etcd rejected, keeping the last one: {why}"),
+            ),
+            Outcome::Restored { tokens } => log(
+                LogLevel::Info,
+                &format!("shieldkey: fleet ledger: this Envoy's spend read back for {tokens} tokens; serving"),
             ),
             Outcome::Reconciled { .. } | Outcome::Paging => {}
         }

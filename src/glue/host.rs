@@ -15,6 +15,11 @@ pub struct WasmHost {
     pub alert_queue: Option<u32>,
 }
 
+/// The shared queue token ids whose spend changed go to (fleet mode; the syncer drains it).
+pub const SPENT_QUEUE: &str = "shieldkey.fleet.spent";
+/// The filter's `vm_id`: the namespace of shared data and queues.
+pub const VM_ID: &str = "shieldkey";
+
 pub fn log(level: LogLevel, message: &str) {
     let level = match level {
         LogLevel::Debug => proxy_wasm::types::LogLevel::Debug,
@@ -29,6 +34,16 @@ pub fn now_unix_ms() -> Option<i64> {
     let now = hostcalls::get_current_time().ok()?;
     let since = now.duration_since(std::time::UNIX_EPOCH).ok()?;
     i64::try_from(since.as_millis()).ok()
+}
+
+/// Envoy's `node.id`.
+pub fn node_id() -> Option<String> {
+    // `xds.node` is the attribute's name in current Envoy; `node` in older ones.
+    [vec!["xds", "node", "id"], vec!["node", "id"]]
+        .into_iter()
+        .find_map(|path| hostcalls::get_property(path).ok().flatten())
+        .and_then(|id| String::from_utf8(id).ok())
+        .filter(|s| !s.is_empty())
 }
 
 pub fn plugin_configuration() -> Option<Vec<u8>> {
@@ -133,6 +148,51 @@ impl Host for WasmHost {
     fn enqueue_alert(&self, body: &[u8]) {
         if let Some(queue) = self.alert_queue {
             let _ = hostcalls::enqueue_shared_queue(queue, Some(body));
+        }
+    }
+
+    fn dispatch_call(
+        &self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u32> {
+        dispatch_post(
+            cluster,
+            path,
+            authority,
+            body,
+            &[
+                ("x-envoy-retry-on", "connect-failure,refused-stream"),
+                ("x-envoy-max-retries", "2"),
+            ],
+            Duration::from_millis(timeout_ms),
+        )
+    }
+
+    fn call_response(&self, body_size: usize) -> (u32, Vec<u8>) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn resume_request(&self) {
+        let _ = hostcalls::resume_http_request();
+    }
+
+    fn mark_spent(&self, token_id: &str) {
+        // The syncer registers the queue; until it has, there is nothing to tell.
+        if let Ok(Some(queue)) = hostcalls::resolve_shared_queue(VM_ID, SPENT_QUEUE) {
+            let _ = hostcalls::enqueue_shared_queue(queue, Some(token_id.as_bytes()));
         }
     }
 }

@@ -18,7 +18,17 @@ fn action(flow: Flow) -> Action {
     }
 }
 
-impl Context for ShieldHttp {}
+impl Context for ShieldHttp {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        self.stream.on_call_response(&self.host, token, body_size);
+    }
+}
 
 impl HttpContext for ShieldHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

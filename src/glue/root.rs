@@ -164,14 +164,15 @@ impl ShieldRoot {
             let settings = compile_fleet(&raw, fleet)?;
             // A few ticks per interval, so a change waits at most a quarter interval for one.
             let tick = (settings.sync_interval_ms / 4).clamp(10, 250);
+            // Envoy's node.id names this Envoy's leases in etcd; it is read on the first tick
+            // (it is not visible while the base plugin is configured).
             if settings.sync {
                 self.mode = Mode::Syncer(Box::new(Syncer::new(settings)));
                 log(LogLevel::Info, "shieldkey: fleet syncer configured");
             } else {
-                let mut filter = FleetFilter::new(master_key(&raw)?);
-                // The policy may already be in shared data (a reload); else requests are
-                // refused (503) until the syncer wrote it.
-                self.active = filter.follow(&self.host());
+                let filter = FleetFilter::new(master_key(&raw)?, settings);
+                // The policy may already be in shared data (a reload): the first tick takes it;
+                // until then requests are refused (503).
                 self.mode = Mode::FleetFilter(filter);
             }
             let _ = hostcalls::set_tick_period(Duration::from_millis(tick));

@@ -10,6 +10,7 @@ use super::metrics::{MetricIds, Metrics};
 use crate::config::compile::{compile, fingerprint, CompileOptions};
 use crate::config::raw::RawPolicy;
 use crate::config::ConfigError;
+use crate::fleet::FleetSettings;
 use crate::ledger::{Ledger, SharedDataLedger};
 use crate::master_key::MasterKey;
 use crate::policy::{Policy, TokenPolicy};
@@ -31,7 +32,16 @@ pub struct Active {
     tokens: RefCell<HashMap<String, Rc<TokenPolicy>>>,
     /// Fleet mode: records change in place as the syncer follows etcd, so every request reads
     /// the record; the decoded one is reused while its shared-data version is unchanged.
-    fleet: Option<RefCell<HashMap<String, VersionedRecord>>>,
+    fleet_records: Option<RefCell<HashMap<String, VersionedRecord>>>,
+    fleet: Option<FleetContext>,
+}
+
+/// Fleet mode: where the etcd cluster is and who this Envoy is (its budget leases are its own).
+#[derive(Debug, Clone)]
+pub struct FleetContext {
+    pub settings: FleetSettings,
+    /// Envoy's `node.id`: unique per Envoy in a fleet.
+    pub node: String,
 }
 
 impl Active {
@@ -42,8 +52,13 @@ impl Active {
             verifier,
             metrics,
             tokens: RefCell::new(HashMap::new()),
+            fleet_records: None,
             fleet: None,
         }
+    }
+
+    pub fn fleet_context(&self) -> Option<&FleetContext> {
+        self.fleet.as_ref()
     }
 
     /// Fleet mode: the policy-wide part from the base document the syncer wrote (`base`: a
@@ -54,6 +69,7 @@ impl Active {
         base: &[u8],
         master: &MasterKey,
         ids: &Rc<MetricIds>,
+        context: FleetContext,
     ) -> Result<Active, ConfigError> {
         let raw = crate::config::raw::parse(base)?;
         let policy = compile(
@@ -67,7 +83,8 @@ impl Active {
             ConfigError::at("master_key_env", "cannot derive the token digest key")
         })?;
         let mut active = Active::new(policy, 0, verifier, Metrics::define(host, ids));
-        active.fleet = Some(RefCell::new(HashMap::new()));
+        active.fleet_records = Some(RefCell::new(HashMap::new()));
+        active.fleet = Some(context);
         Ok(active)
     }
 
@@ -143,7 +160,7 @@ impl Active {
     }
 
     pub fn token(&self, host: &dyn Host, id: &str) -> Option<Rc<TokenPolicy>> {
-        if let Some(cache) = &self.fleet {
+        if let Some(cache) = &self.fleet_records {
             let (bytes, cas) = host.store().get(&policy_store::record_key(id))?;
             if let Some((seen, token)) = cache.borrow().get(id) {
                 if *seen == cas {
@@ -167,6 +184,9 @@ impl Active {
     }
 
     pub fn ledger<'h>(&self, host: &'h dyn Host) -> SharedDataLedger<'h> {
-        SharedDataLedger::new(host.store())
+        match self.fleet {
+            Some(_) => SharedDataLedger::fleet(host.store()),
+            None => SharedDataLedger::new(host.store()),
+        }
     }
 }

@@ -39,6 +39,11 @@ pub struct FakeHost {
     pub definitions: RefCell<HashMap<String, usize>>,
     pub logs: RefCell<Vec<String>>,
     pub alerts: RefCell<Vec<Vec<u8>>>,
+    /// Callouts sent by streams (path, body), and the reply the next delivery carries.
+    pub calls: RefCell<Vec<(String, Vec<u8>)>>,
+    pub call_reply: RefCell<(u32, Vec<u8>)>,
+    pub resumed: Cell<u32>,
+    pub spent_marks: RefCell<Vec<String>>,
 }
 
 fn get(list: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
@@ -155,6 +160,27 @@ impl Host for FakeHost {
     fn enqueue_alert(&self, body: &[u8]) {
         self.alerts.borrow_mut().push(body.to_vec());
     }
+    fn dispatch_call(
+        &self,
+        _cluster: &str,
+        _authority: &str,
+        path: &str,
+        body: &[u8],
+        _timeout_ms: u64,
+    ) -> Option<u32> {
+        let mut calls = self.calls.borrow_mut();
+        calls.push((path.to_string(), body.to_vec()));
+        u32::try_from(calls.len()).ok()
+    }
+    fn call_response(&self, _body_size: usize) -> (u32, Vec<u8>) {
+        self.call_reply.borrow().clone()
+    }
+    fn resume_request(&self) {
+        self.resumed.set(self.resumed.get() + 1);
+    }
+    fn mark_spent(&self, token_id: &str) {
+        self.spent_marks.borrow_mut().push(token_id.to_string());
+    }
 }
 
 /// A gateway under test: the fake host, a loaded policy, and the tokens minted for it.
@@ -230,6 +256,47 @@ impl Gateway {
             Active::load(&self.host, &bytes, &raw, &self.master, &self.metric_ids).unwrap(),
         );
         *self.document.borrow_mut() = doc;
+    }
+
+    /// The same gateway in fleet mode: records and base as the syncer writes them, leases
+    /// claimed from etcd through the stream's callouts (answered by the test).
+    pub fn into_fleet(mut self) -> Gateway {
+        use crate::config::compile::{compile, CompileOptions};
+        use crate::ledger::{Ledger, SharedDataLedger};
+        let doc = self.document();
+        let raw = raw::parse(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        let policy = compile(&raw, "fp".into(), &CompileOptions::default()).unwrap();
+        for token in &policy.tokens {
+            let record = crate::token_record::encode(token);
+            crate::policy_store::put_newest(&self.host.store, &token.id, 1, Some(&record)).unwrap();
+            SharedDataLedger::new(&self.host.store)
+                .ensure(&token.id)
+                .unwrap();
+        }
+        let mut base = doc.clone();
+        base["tokens"] = serde_json::json!([]);
+        let fleet_raw: crate::config::raw::RawFleet =
+            serde_json::from_value(serde_json::json!({"cluster": "etcd"})).unwrap();
+        let mut with_fleet = raw.clone();
+        with_fleet.tokens.clear();
+        with_fleet.upstream_keys.clear();
+        with_fleet.fleet = Some(fleet_raw.clone());
+        let settings = crate::fleet::compile_fleet(&with_fleet, &fleet_raw).unwrap();
+        let context = super::active::FleetContext {
+            settings,
+            node: "e1".into(),
+        };
+        self.active = Rc::new(
+            Active::from_fleet_base(
+                &self.host,
+                &serde_json::to_vec(&base).unwrap(),
+                &self.master,
+                &self.metric_ids,
+                context,
+            )
+            .unwrap(),
+        );
+        self
     }
 
     fn document(&self) -> Value {

@@ -44,4 +44,21 @@ pub trait Host {
     fn record_metric(&self, id: u32, value: u64);
     /// Hands a budget alert to the root context, which delivers it off the request path.
     fn enqueue_alert(&self, body: &[u8]);
+
+    /// Fleet mode: POSTs `body` through Envoy's callout from this stream; the reply comes to
+    /// `Stream::on_call_response` with the returned id.
+    fn dispatch_call(
+        &self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Option<u32>;
+    /// The status and body of the callout reply being delivered.
+    fn call_response(&self, body_size: usize) -> (u32, Vec<u8>);
+    /// Lets a request held during a callout go on.
+    fn resume_request(&self);
+    /// Fleet mode: this token's spend changed; the syncer flushes it to etcd.
+    fn mark_spent(&self, token_id: &str);
 }

@@ -5,6 +5,7 @@
 //! `Host`, so every phase and every early end is tested natively (`tests.rs`).
 
 pub mod active;
+mod claim;
 pub mod host;
 pub mod metrics;
 
@@ -49,6 +50,8 @@ pub struct Stream {
     awaiting_body: Option<Option<Admission>>,
     /// Set once the request was forwarded.
     exchange: Option<Exchange>,
+    /// Fleet mode: the request waits for a budget lease (`claim.rs`).
+    claim: Option<claim::Pending>,
 }
 
 /// An allowed request on its way: what accounting needs when it is over.
@@ -72,6 +75,7 @@ impl Stream {
             route: None,
             awaiting_body: None,
             exchange: None,
+            claim: None,
         }
     }
 
@@ -102,10 +106,7 @@ impl Stream {
             return Flow::Continue;
         }
         let request_bytes = content_length(host);
-        match self.judge_body_and_reserve(host, &active, admission, None, request_bytes) {
-            Ok(exchange) => self.forward(host, &active, exchange),
-            Err(denial) => self.deny(host, &denial),
-        }
+        self.judge_and_reserve(host, &active, admission, None, request_bytes)
     }
 
     pub fn on_request_body(
@@ -181,9 +182,12 @@ impl Stream {
     /// The stream is over, however it ended.
     pub fn on_log(&mut self, host: &dyn Host) {
         if let Some(active) = self.active.clone() {
-            // The client went away (or another filter replied) before the body was complete:
-            // nothing was forwarded.
+            // The client went away (or another filter replied) before the body was complete, or
+            // while its request waited for a lease: nothing was forwarded.
             self.release_awaiting(host, &active);
+            if let (Some(pending), Some((token, _))) = (self.claim.take(), self.token.clone()) {
+                release(host, &active, &token, Some(pending.admission));
+            }
         }
         self.account(host);
     }
@@ -298,62 +302,78 @@ impl Stream {
         };
         let body = host.request_body().unwrap_or_default();
         let request_bytes = body.len() as u64;
-        match self.judge_body_and_reserve(host, active, admission, Some(&body), request_bytes) {
-            Ok(exchange) => self.forward(host, active, exchange),
-            Err(denial) => self.deny(host, &denial),
-        }
+        self.judge_and_reserve(host, active, admission, Some(&body), request_bytes)
     }
 
-    /// The body rules (model, output cap, size) and the budget reservation. A refusal here
-    /// sends a local reply before the buffered request is released upstream.
-    fn judge_body_and_reserve(
+    /// The body rules (model, output cap, size), then the budget reservation and forwarding. A
+    /// refusal here sends a local reply before the buffered request is released upstream.
+    fn judge_and_reserve(
         &mut self,
         host: &dyn Host,
         active: &Active,
-        mut admission: Option<Admission>,
+        admission: Option<Admission>,
         body: Option<&[u8]>,
         request_bytes: u64,
-    ) -> Result<Exchange, Denial> {
+    ) -> Flow {
         let (Some((token, _)), Some(kind)) = (self.token.clone(), self.route) else {
-            return Err(Denial::PolicyUnavailable);
+            return self.deny(host, &Denial::PolicyUnavailable);
         };
         let verdict = if access::needs_body(&token.rules, kind) {
             access::judge_body(&token.rules, &active.policy.settings, kind, body)
         } else {
             Ok(BodyVerdict::default())
         };
-        let verdict = match verdict {
-            Ok(v) => v,
+        match verdict {
+            Ok(verdict) => {
+                self.audit.model = verdict.model.clone();
+                self.reserve_and_forward(host, active, admission, verdict, request_bytes)
+            }
             Err(denial) => {
                 release(host, active, &token, admission);
-                return Err(denial);
+                self.deny(host, &denial)
             }
+        }
+    }
+
+    /// Reserves the request's worst case and forwards it. In fleet mode, when this Envoy's share
+    /// of the budget is short, the request waits for one lease claim (`claim.rs`).
+    fn reserve_and_forward(
+        &mut self,
+        host: &dyn Host,
+        active: &Active,
+        mut admission: Option<Admission>,
+        verdict: BodyVerdict,
+        request_bytes: u64,
+    ) -> Flow {
+        let Some((token, _)) = self.token.clone() else {
+            return self.deny(host, &Denial::PolicyUnavailable);
         };
-        self.audit.model = verdict.model.clone();
-        if let Some(admitted) = admission.as_mut() {
-            if verdict.reservation > 0 {
-                let reserved = host
-                    .now_unix_ms()
-                    .ok_or(Denial::LedgerBusy)
-                    .and_then(|now_ms| {
-                        active
-                            .ledger(host)
-                            .reserve(
-                                &token.id,
-                                &token.rules.limits,
-                                admitted,
-                                verdict.reservation,
-                                now_ms,
-                            )
-                            .map_err(ledger_denial)
-                    });
-                if let Err(denial) = reserved {
+        if let (Some(admitted), true) = (admission.as_mut(), verdict.reservation > 0) {
+            let reserved = host
+                .now_unix_ms()
+                .ok_or(LedgerDenial::Busy)
+                .and_then(|now_ms| {
+                    active.ledger(host).reserve(
+                        &token.id,
+                        &token.rules.limits,
+                        admitted,
+                        verdict.reservation,
+                        now_ms,
+                    )
+                });
+            match reserved {
+                Ok(()) => {}
+                Err(LedgerDenial::AllowanceShort { short }) if active.fleet_context().is_some() => {
+                    let pending = claim::Pending::new(*admitted, verdict, request_bytes, short);
+                    return self.start_claim(host, active, pending);
+                }
+                Err(e) => {
                     release(host, active, &token, admission);
-                    return Err(denial);
+                    return self.deny(host, &ledger_denial(e));
                 }
             }
         }
-        Ok(Exchange {
+        let exchange = Exchange {
             admission,
             request_model: verdict.model,
             request_bytes,
@@ -361,7 +381,8 @@ impl Stream {
             scanner: None,
             unreadable: false,
             response_ended: false,
-        })
+        };
+        self.forward(host, active, exchange)
     }
 
     fn forward(&mut self, host: &dyn Host, active: &Active, exchange: Exchange) -> Flow {
@@ -469,6 +490,9 @@ impl Stream {
                 .saturating_add(charge.completion_tokens),
             now_ms,
         );
+        if settled.is_ok() && active.fleet_context().is_some() {
+            host.mark_spent(&token.id);
+        }
         let Ok(settlement) = settled else {
             // The request already happened; the cost is in the stats. Losing it from the
             // counters must be loud.
@@ -538,6 +562,7 @@ fn ledger_denial(e: LedgerDenial) -> Denial {
             Denial::TokenRateLimited { retry_after_secs }
         }
         LedgerDenial::Budget { reset_at, .. } => Denial::BudgetExceeded { reset_at },
-        LedgerDenial::Busy => Denial::LedgerBusy,
+        // Only reached outside fleet mode, where there is no allowance to be short of.
+        LedgerDenial::AllowanceShort { .. } | LedgerDenial::Busy => Denial::LedgerBusy,
     }
 }

@@ -390,3 +390,79 @@ fn a_revocation_reaches_the_next_request_and_a_straggler_keeps_its_own_view() {
     );
     assert_eq!(code(&gw), None);
 }
+
+/// etcd's reply to a claim's read: nothing claimed yet by anyone.
+const NOTHING_CLAIMED: &[u8] = br#"{"header":{"revision":"5"},"succeeded":true,"responses":[{"response_range":{"header":{}}},{"response_range":{"header":{}}}]}"#;
+const WRITTEN: &[u8] = br#"{"header":{"revision":"6"},"succeeded":true}"#;
+
+#[test]
+fn fleet_a_request_short_of_its_share_waits_for_one_claim_then_goes_on() {
+    let gw = gateway().into_fleet();
+    let mut s = gw.request("POST", CHAT, "alice");
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Continue);
+    // The whole body is in, but this Envoy holds no lease: held while it claims one.
+    assert_eq!(gw.body(&mut s, SMALL, true), Flow::Pause);
+    assert_eq!(code(&gw), None);
+    assert_eq!(gw.host.calls.borrow().len(), 1, "read the pool");
+    *gw.host.call_reply.borrow_mut() = (200, NOTHING_CLAIMED.to_vec());
+    s.on_call_response(&gw.host, 1, 0);
+    let write: Value = serde_json::from_slice(&gw.host.calls.borrow()[1].1).unwrap();
+    assert_eq!(write["compare"][0]["mod_revision"], "0");
+    *gw.host.call_reply.borrow_mut() = (200, WRITTEN.to_vec());
+    s.on_call_response(&gw.host, 2, 0);
+    assert_eq!(gw.host.resumed.get(), 1, "forwarded");
+    assert_eq!(code(&gw), None);
+    gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+    gw.response_chunk(&mut s, USAGE, true);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice").0, 4_500);
+    assert_eq!(*gw.host.spent_marks.borrow(), vec!["alice".to_string()]);
+    // The lease (a tenth of $1) covers the next request: no call at all.
+    let mut next = gw.request("POST", CHAT, "alice");
+    next.on_request_headers(&gw.host, false);
+    assert_eq!(gw.body(&mut next, SMALL, true), Flow::Continue);
+    assert_eq!(gw.host.calls.borrow().len(), 2);
+}
+
+#[test]
+fn fleet_without_etcd_a_request_short_of_its_share_is_refused_and_gives_its_admission_back() {
+    let gw = gateway().into_fleet();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    assert_eq!(gw.body(&mut s, SMALL, true), Flow::Pause);
+    *gw.host.call_reply.borrow_mut() = (503, b"upstream connect error".to_vec());
+    s.on_call_response(&gw.host, 1, 0);
+    assert_eq!(code(&gw), Some((503, "shield_ledger_busy".to_string())));
+    assert_eq!(gw.host.resumed.get(), 0);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+}
+
+#[test]
+fn fleet_a_spent_pool_refuses_with_the_budget_code() {
+    let gw = gateway().into_fleet();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, true);
+    // Other Envoys claimed all of the $1 already.
+    let full = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        r#"{"claimed":1000000000}"#,
+    );
+    let reply = format!(
+        r#"{{"header":{{"revision":"5"}},"succeeded":true,"responses":[{{"response_range":{{"kvs":[{{"key":"a","mod_revision":"3","value":"{full}"}}]}}}},{{"response_range":{{}}}}]}}"#
+    );
+    *gw.host.call_reply.borrow_mut() = (200, reply.into_bytes());
+    s.on_call_response(&gw.host, 1, 0);
+    assert_eq!(code(&gw), Some((429, "shield_budget_exceeded".to_string())));
+}
+
+#[test]
+fn fleet_a_client_gone_while_its_request_waits_for_a_claim_leaves_nothing_held() {
+    let gw = gateway().into_fleet();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, true);
+    s.on_log(&gw.host);
+    assert_eq!(balance(&gw, "alice"), (0, 0));
+}

@@ -122,3 +122,103 @@ def test_a_restarted_envoy_reads_the_policy_back_and_refuses_until_it_has(fleet)
         fleet.etcd.wait_healthy()
     wait_status(fleet, 1, "alice", 200, timeout=5)
     assert status(fleet, 0, "alice") == 200
+
+
+# --- one ledger ------------------------------------------------------------------------------
+
+COST = 1000 * 150 + 1000 * 600  # the mock's usage (1000 + 1000 tokens) at mistral-small prices
+BODY = {"model": "mistral-small-latest", "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "hi"}]}
+
+
+def fleet_spend(fleet: Fleet, token: str) -> int:
+    """Spend of the token as the Envoys flushed it to etcd (every node, every window)."""
+    total = 0
+    for key, value in fleet.etcd.range_prefix("shieldkey/ledger/node/").items():
+        if f"/{token}/" in key and key.endswith("/spent"):
+            total += json.loads(value)["spent"]
+    return total
+
+
+def wait_flushed(fleet: Fleet, token: str, want: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fleet_spend(fleet, token)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def wait_known(fleet: Fleet, token: str, envoys=(0, 1), timeout: float = 3.0) -> None:
+    """Waits until the Envoys know a token just minted (an unreadable body spends nothing)."""
+    for i in envoys:
+        deadline = time.monotonic() + timeout
+        while request(fleet.url(i), token=fleet.tokens[token], body=b"{")[0] == 401:
+            assert time.monotonic() < deadline, f"envoy {i} does not know {token}"
+            time.sleep(0.02)
+
+
+def spend_until_refused(fleet: Fleet, token: str, envoys: list[int], attempts: int) -> list[int]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(n: int) -> int:
+        return request(fleet.url(envoys[n % len(envoys)]), token=fleet.tokens[token], body=BODY)[0]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, range(attempts)))
+
+
+def test_a_budget_spent_through_both_envoys_is_enforced_once(fleet, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    fleet.mint("team", "--budget-usd", "0.01", "--budget-window", "lifetime")
+    wait_known(fleet, "team")
+    statuses = spend_until_refused(fleet, "team", [0, 1], 40)
+    served = statuses.count(200)
+    assert set(statuses) <= {200, 429}, statuses
+    # $0.01 holds 13 requests of $0.00075; leases left unused on a node can strand at most
+    # about one reservation each.
+    assert 9 <= served <= 13, statuses
+    assert wait_flushed(fleet, "team", served * COST) == served * COST
+    assert served * COST <= 10_000_000
+
+
+def test_an_envoy_restarted_keeps_its_spend(fleet, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    fleet.mint("persist", "--budget-usd", "0.01", "--budget-window", "lifetime")
+    wait_known(fleet, "persist")
+    first = spend_until_refused(fleet, "persist", [1], 6)
+    assert first.count(200) == 6
+    assert wait_flushed(fleet, "persist", 6 * COST) == 6 * COST
+    fleet.stop(1)
+    fleet.start(1)
+    wait_known(fleet, "persist", envoys=(1,), timeout=5)
+    assert fleet_spend(fleet, "persist") == 6 * COST
+    rest = spend_until_refused(fleet, "persist", [0, 1], 20)
+    assert 429 in rest
+    total = 6 + rest.count(200)
+    assert total <= 13, (first, rest)
+    assert wait_flushed(fleet, "persist", total * COST) == total * COST
+
+
+def test_without_etcd_only_leases_already_held_are_spent_and_the_ledger_catches_up(fleet, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    fleet.mint("outage", "--budget-usd", "1", "--budget-window", "lifetime")
+    wait_known(fleet, "outage")
+    for i in range(2):
+        # Each Envoy claims a lease (a slice: $0.10).
+        assert request(fleet.url(i), token=fleet.tokens["outage"], body=BODY)[0] == 200
+    fleet.etcd.stop_all()
+    try:
+        served = [request(fleet.url(n % 2), token=fleet.tokens["outage"], body=BODY)[0]
+                  for n in range(10)]
+        assert served == [200] * 10, served
+        # A request bigger than what is held needs a claim: etcd is gone, so it is refused.
+        big = dict(BODY, max_tokens=200_000)
+        code, _, body = request(fleet.url(0), token=fleet.tokens["outage"], body=big)
+        assert code == 503 and error_code(body) == "shield_ledger_busy"
+    finally:
+        for m in range(3):
+            fleet.etcd.restart(m, wait=False)
+        fleet.etcd.wait_healthy()
+    # Nothing lost, nothing counted twice: the ledger equals what the upstream served.
+    assert wait_flushed(fleet, "outage", 12 * COST, timeout=8) == 12 * COST

@@ -155,19 +155,17 @@ fn revoked(store: &MemoryStore, id: &str) -> Option<bool> {
 fn loads_everything_in_pages_then_follows_changes_one_record_at_a_time() {
     let mut etcd = etcd_with(2_500);
     let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings());
+    let mut sync = PolicySync::new(settings(), "e1".into());
     let outcomes = run(&mut sync, &etcd, &store, 0);
     assert_eq!(
         outcomes.iter().filter(|o| **o == Outcome::Paging).count(),
         2
     );
-    assert_eq!(
-        outcomes.last(),
-        Some(&Outcome::Loaded {
-            revision: etcd.revision,
-            tokens: 2_500
-        })
-    );
+    assert!(outcomes.contains(&Outcome::Loaded {
+        revision: etcd.revision,
+        tokens: 2_500
+    }));
+    assert_eq!(outcomes.last(), Some(&Outcome::Restored { tokens: 0 }));
     assert_eq!(revoked(&store, "t7"), Some(false));
     let base: RawPolicy = serde_json::from_slice(&store.get(BASE_KEY).unwrap().0).unwrap();
     assert_eq!(base.upstream_keys[0].id, "prod");
@@ -207,7 +205,7 @@ fn loads_everything_in_pages_then_follows_changes_one_record_at_a_time() {
 fn removed_tokens_are_noticed_by_the_reconcile_listing() {
     let mut etcd = etcd_with(3);
     let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings());
+    let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
     etcd.delete("shieldkey/policy/tokens/t1");
     run(&mut sync, &etcd, &store, 100);
@@ -229,7 +227,7 @@ fn removed_tokens_are_noticed_by_the_reconcile_listing() {
 fn a_new_upstream_key_loads_everything_again_and_bad_settings_change_nothing() {
     let mut etcd = etcd_with(3);
     let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings());
+    let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
     // "a-key" sorts before "prod": every token's key index changes.
     etcd.put(
@@ -263,7 +261,7 @@ fn a_new_upstream_key_loads_everything_again_and_bad_settings_change_nothing() {
 fn a_token_that_does_not_compile_is_removed_not_kept_at_its_old_state() {
     let mut etcd = etcd_with(2);
     let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings());
+    let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
     etcd.put(
         "shieldkey/policy/tokens/t0",
@@ -277,7 +275,7 @@ fn a_token_that_does_not_compile_is_removed_not_kept_at_its_old_state() {
 fn etcd_down_keeps_the_last_policy_and_catches_up_when_it_returns() {
     let mut etcd = etcd_with(2);
     let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings());
+    let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
     etcd.down = true;
     let outcomes = run(&mut sync, &etcd, &store, 100);
@@ -300,8 +298,75 @@ fn nothing_is_served_before_the_first_load() {
         ..FakeEtcd::default()
     };
     let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings());
+    let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
     assert!(store.get(BASE_KEY).is_none());
     assert_eq!(sync.revision(), 0);
+}
+
+fn budgeted(id: &str, limit: &str) -> Value {
+    json!({"id": id, "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
+           "budget": {"limit_usd": limit, "window": "lifetime"}})
+}
+
+#[test]
+fn spend_flushed_before_a_restart_comes_back_before_the_policy_is_served() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    etcd.put("shieldkey/ledger/node/e1/b/0/spent", json!({"spent": 300}));
+    etcd.put("shieldkey/ledger/node/e2/b/0/spent", json!({"spent": 999}));
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    // Load, but stop before the restore: no policy served yet.
+    let call = sync.poll(0).unwrap();
+    let (status, body) = etcd.answer(&call.body);
+    assert!(matches!(
+        sync.on_reply(&store, 0, status, &body),
+        Outcome::Loaded { .. }
+    ));
+    assert!(
+        store.get(BASE_KEY).is_none(),
+        "served only once the spend is back"
+    );
+    let outcomes = run(&mut sync, &etcd, &store, 300);
+    assert_eq!(outcomes.last(), Some(&Outcome::Restored { tokens: 1 }));
+    assert!(store.get(BASE_KEY).is_some());
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    assert_eq!(
+        ledger.spent("b"),
+        Some((0, 300)),
+        "its own spend, not another node's"
+    );
+}
+
+#[test]
+fn spend_is_flushed_as_absolute_values_and_kept_until_etcd_takes_it() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    // Nothing is flushed before the restore.
+    sync.mark_dirty("b".into());
+    assert!(sync.poll_flush(&store, 0).is_none());
+    run(&mut sync, &etcd, &store, 0);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    ledger.restore("b", None, 0, 700, 0).unwrap();
+    let call = sync.poll_flush(&store, 0).unwrap();
+    assert_eq!(call.path, lease::TXN_PATH);
+    let doc: Value = serde_json::from_slice(&call.body).unwrap();
+    let put = &doc["success"][0]["request_put"];
+    assert_eq!(
+        STANDARD.decode(put["key"].as_str().unwrap()).unwrap(),
+        b"shieldkey/ledger/node/e1/b/0/spent"
+    );
+    assert_eq!(
+        STANDARD.decode(put["value"].as_str().unwrap()).unwrap(),
+        br#"{"spent":700}"#
+    );
+    // etcd down: still owed, flushed on a later try.
+    assert!(!sync.on_flush_reply(0, 503, b"upstream connect error"));
+    assert_eq!(sync.unflushed(), 1);
+    assert!(sync.poll_flush(&store, 100).is_some());
+    assert!(sync.on_flush_reply(100, 200, br#"{"header":{"revision":"9"},"succeeded":true}"#));
+    assert_eq!(sync.unflushed(), 0);
 }

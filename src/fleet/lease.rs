@@ -1,0 +1,271 @@
+//! Budget leases: how many Envoys share one budget without overshooting it.
+//!
+//! etcd holds, per token and budget window, the total every node has claimed (the pool) and what
+//! each node claimed and spent. A node admits requests only within what it claimed (its local
+//! allowance, in shared data), so the fleet's spend never passes the sum of the claims, and the
+//! claims never pass the limit: a claim is one etcd transaction that compares the pool's and the
+//! node's modification revisions before adding to both. A request that needs more than its node
+//! holds waits for that claim (two calls: read, then the guarded write); every other request is
+//! decided locally.
+//!
+//! Keys (values are JSON `{"claimed": N}` / `{"spent": N}`, nano-USD):
+//! - `<prefix>ledger/pool/<token>/<window start>`
+//! - `<prefix>ledger/node/<node>/<token>/<window start>/claimed`
+//! - `<prefix>ledger/node/<node>/<token>/<window start>/spent` (written by the node's syncer
+//!   only, as an absolute value: flushing twice counts nothing twice)
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::money::NanoUsd;
+
+pub const TXN_PATH: &str = "/v3/kv/txn";
+/// A claim asks for at least this share of the limit, so a busy token claims rarely.
+pub const SLICE_PERCENT: u64 = 10;
+/// Read-and-write rounds before a contended claim gives up (fail closed).
+pub const CLAIM_ATTEMPTS: u32 = 10;
+
+pub fn pool_key(prefix: &str, token: &str, window: i64) -> String {
+    format!("{prefix}ledger/pool/{token}/{window}")
+}
+
+pub fn node_prefix(prefix: &str, node: &str) -> String {
+    format!("{prefix}ledger/node/{node}/")
+}
+
+pub fn claimed_key(prefix: &str, node: &str, token: &str, window: i64) -> String {
+    format!("{}{token}/{window}/claimed", node_prefix(prefix, node))
+}
+
+pub fn spent_key(prefix: &str, node: &str, token: &str, window: i64) -> String {
+    format!("{}{token}/{window}/spent", node_prefix(prefix, node))
+}
+
+/// What a claim reads before it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Claims {
+    pub pool: NanoUsd,
+    pub pool_mod: u64,
+    pub node: NanoUsd,
+    pub node_mod: u64,
+}
+
+fn b64(s: &str) -> String {
+    STANDARD.encode(s)
+}
+
+/// Call 1 of a claim: read the pool and this node's claim (one txn with no compare).
+pub fn read_body(pool_key: &str, claimed_key: &str) -> Vec<u8> {
+    serde_json::json!({
+        "success": [
+            {"request_range": {"key": b64(pool_key)}},
+            {"request_range": {"key": b64(claimed_key)}},
+        ]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// How much to claim: at least what the request is short of, at least a slice of the limit,
+/// at most what is left in the pool. `None` when the pool cannot cover the shortfall: the
+/// fleet's budget is spent.
+pub fn grant(limit: NanoUsd, pool: NanoUsd, short: NanoUsd) -> Option<NanoUsd> {
+    let left = limit.saturating_sub(pool);
+    if left < short {
+        return None;
+    }
+    let slice = limit / 100 * SLICE_PERCENT;
+    Some(short.max(slice).min(left))
+}
+
+/// Call 2: add `amount` to the pool and to this node's claim, if nobody changed either since
+/// `seen` was read (a key that did not exist compares as revision 0).
+pub fn write_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: NanoUsd) -> Vec<u8> {
+    let value = |n: NanoUsd| b64(&format!("{{\"claimed\":{n}}}"));
+    serde_json::json!({
+        "compare": [
+            {"key": b64(pool_key), "target": "MOD", "result": "EQUAL",
+             "mod_revision": seen.pool_mod.to_string()},
+            {"key": b64(claimed_key), "target": "MOD", "result": "EQUAL",
+             "mod_revision": seen.node_mod.to_string()},
+        ],
+        "success": [
+            {"request_put": {"key": b64(pool_key), "value": value(seen.pool.saturating_add(amount))}},
+            {"request_put": {"key": b64(claimed_key), "value": value(seen.node.saturating_add(amount))}},
+        ]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A flush: this node's spend per (token, window), absolute values.
+pub fn flush_body(entries: &[(String, NanoUsd)]) -> Vec<u8> {
+    let puts: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(key, spent)| {
+            serde_json::json!({"request_put": {
+                "key": b64(key),
+                "value": b64(&format!("{{\"spent\":{spent}}}")),
+            }})
+        })
+        .collect();
+    serde_json::json!({ "success": puts })
+        .to_string()
+        .into_bytes()
+}
+
+#[derive(Deserialize)]
+struct Txn {
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<serde_json::Value>,
+    header: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct Amount {
+    #[serde(default)]
+    claimed: NanoUsd,
+    #[serde(default)]
+    spent: NanoUsd,
+}
+
+fn num(v: &serde_json::Value) -> u64 {
+    match v {
+        serde_json::Value::String(s) => s.parse().unwrap_or(0),
+        other => other.as_u64().unwrap_or(0),
+    }
+}
+
+/// The (value, mod revision) of a `response_range` of one key: (default, 0) when absent.
+fn ranged(response: &serde_json::Value) -> Option<(Amount, u64)> {
+    let range = response.get("response_range")?;
+    let Some(kv) = range.get("kvs").and_then(|k| k.get(0)) else {
+        return Some((Amount::default(), 0));
+    };
+    let value = STANDARD
+        .decode(kv.get("value")?.as_str().unwrap_or(""))
+        .ok()?;
+    let amount = serde_json::from_slice(&value).ok()?;
+    Some((amount, num(kv.get("mod_revision")?)))
+}
+
+/// The reply to `read_body`.
+pub fn parse_read(body: &[u8]) -> Option<Claims> {
+    let txn: Txn = serde_json::from_slice(body).ok()?;
+    txn.header?;
+    let (pool, pool_mod) = ranged(txn.responses.first()?)?;
+    let (node, node_mod) = ranged(txn.responses.get(1)?)?;
+    Some(Claims {
+        pool: pool.claimed,
+        pool_mod,
+        node: node.claimed,
+        node_mod,
+    })
+}
+
+/// The reply to a guarded write or a flush: `Some(true)` when it was applied, `Some(false)` when
+/// a compare failed, `None` when it is not a txn reply at all.
+pub fn parse_write(body: &[u8]) -> Option<bool> {
+    let txn: Txn = serde_json::from_slice(body).ok()?;
+    txn.header?;
+    Some(txn.succeeded)
+}
+
+/// This node's spend per `(token, window)` from a range of its node prefix.
+pub fn parse_spent(kvs: &[super::etcd::Kv], node_prefix: &str) -> Vec<(String, i64, NanoUsd)> {
+    kvs.iter()
+        .filter_map(|kv| {
+            let key = std::str::from_utf8(&kv.key).ok()?;
+            let rest = key.strip_prefix(node_prefix)?.strip_suffix("/spent")?;
+            let (token, window) = rest.rsplit_once('/')?;
+            let amount: Amount = serde_json::from_slice(&kv.value).ok()?;
+            Some((token.to_string(), window.parse().ok()?, amount.spent))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_takes_a_slice_and_never_more_than_is_left() {
+        // $1 limit: slices of 10 cents.
+        let limit = 1_000_000_000;
+        assert_eq!(grant(limit, 0, 5), Some(100_000_000));
+        assert_eq!(grant(limit, 0, 300_000_000), Some(300_000_000));
+        assert_eq!(grant(limit, 950_000_000, 10), Some(50_000_000));
+        assert_eq!(grant(limit, 950_000_000, 60_000_000), None);
+        assert_eq!(grant(limit, limit, 1), None);
+    }
+
+    #[test]
+    fn replies_as_etcd_writes_them() {
+        let value = STANDARD.encode(r#"{"claimed":700}"#);
+        let read = format!(
+            r#"{{"header":{{"revision":"9"}},"succeeded":true,"responses":[{{"response_range":{{"header":{{}},"kvs":[{{"key":"a","mod_revision":"7","value":"{value}"}}],"count":"1"}}}},{{"response_range":{{"header":{{}}}}}}]}}"#
+        );
+        assert_eq!(
+            parse_read(read.as_bytes()),
+            Some(Claims {
+                pool: 700,
+                pool_mod: 7,
+                node: 0,
+                node_mod: 0
+            })
+        );
+        assert_eq!(
+            parse_write(br#"{"header":{"revision":"10"},"succeeded":true}"#),
+            Some(true)
+        );
+        assert_eq!(parse_write(br#"{"header":{"revision":"10"}}"#), Some(false));
+        assert_eq!(parse_write(b"upstream connect error"), None);
+    }
+
+    #[test]
+    fn writes_are_guarded_by_both_revisions() {
+        let seen = Claims {
+            pool: 100,
+            pool_mod: 4,
+            node: 30,
+            node_mod: 0,
+        };
+        let body: serde_json::Value =
+            serde_json::from_slice(&write_body("p", "c", &seen, 50)).unwrap();
+        assert_eq!(body["compare"][0]["mod_revision"], "4");
+        assert_eq!(body["compare"][1]["mod_revision"], "0");
+        let put = |i: usize| {
+            String::from_utf8(
+                STANDARD
+                    .decode(body["success"][i]["request_put"]["value"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(put(0), r#"{"claimed":150}"#);
+        assert_eq!(put(1), r#"{"claimed":80}"#);
+    }
+
+    #[test]
+    fn spend_is_read_back_per_token_and_window() {
+        let kvs = vec![
+            super::super::etcd::Kv {
+                key: b"sk/ledger/node/e1/alice/0/spent".to_vec(),
+                value: br#"{"spent":42}"#.to_vec(),
+                mod_revision: 3,
+            },
+            super::super::etcd::Kv {
+                key: b"sk/ledger/node/e1/alice/0/claimed".to_vec(),
+                value: br#"{"claimed":100}"#.to_vec(),
+                mod_revision: 3,
+            },
+        ];
+        assert_eq!(
+            parse_spent(&kvs, "sk/ledger/node/e1/"),
+            vec![("alice".to_string(), 0, 42)]
+        );
+    }
+}
