@@ -347,18 +347,8 @@ fn field_int(v: &Value, name: &str) -> Option<i64> {
     v.get(name).and_then(int)
 }
 
-/// The end of the range of every key that starts with `prefix` (its last byte plus one).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte 0xff: to the end of the keyspace.
-    vec![0]
-}
+/// The end of the range of every key that starts with a prefix: the filter's own.
+pub use crate::fleet::etcd::prefix_end;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kv {
@@ -674,13 +664,6 @@ mod tests {
 
     fn key(i: usize) -> Vec<u8> {
         format!("p/policy/tokens/t{i:04}").into_bytes()
-    }
-
-    #[test]
-    fn prefix_ranges() {
-        assert_eq!(prefix_end(b"sk/policy/"), b"sk/policy0".to_vec());
-        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
-        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 
     #[test]

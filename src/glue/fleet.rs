@@ -11,7 +11,7 @@ use proxy_wasm::hostcalls;
 use super::host::{dispatch_post, log, now_unix_ms, WasmHost, SPENT_QUEUE};
 use super::host_store::HostStore;
 use super::root::metric_ids;
-use crate::fleet::sync::{Outcome, PolicySync};
+use crate::fleet::sync::{Call, Outcome, PolicySync};
 use crate::fleet::{FleetSettings, BASE_KEY};
 use crate::master_key::MasterKey;
 use crate::stream::active::{Active, FleetContext};
@@ -162,17 +162,21 @@ impl Syncer {
         let Some(call) = self.sync.poll_flush(&HostStore, now) else {
             return;
         };
-        self.flush_in_flight = dispatch_post(
+        self.flush_in_flight = self.dispatch(&call);
+        if self.flush_in_flight.is_none() {
+            self.sync.on_flush_reply(now, 0, b"");
+        }
+    }
+
+    fn dispatch(&self, call: &Call) -> Option<u32> {
+        dispatch_post(
             &self.settings.cluster,
             call.path,
             &self.settings.authority,
             &call.body,
             RETRY_HEADERS,
             Duration::from_millis(self.settings.timeout_ms),
-        );
-        if self.flush_in_flight.is_none() {
-            self.sync.on_flush_reply(now, 0, b"");
-        }
+        )
     }
 
     fn send(&mut self, now: i64) {
@@ -182,14 +186,7 @@ impl Syncer {
         let Some(call) = self.sync.poll(now) else {
             return;
         };
-        let sent = dispatch_post(
-            &self.settings.cluster,
-            call.path,
-            &self.settings.authority,
-            &call.body,
-            RETRY_HEADERS,
-            Duration::from_millis(self.settings.timeout_ms),
-        );
+        let sent = self.dispatch(&call);
         match sent {
             Some(token) => self.in_flight = Some(token),
             None => {

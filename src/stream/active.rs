@@ -72,16 +72,7 @@ impl Active {
         context: FleetContext,
     ) -> Result<Active, ConfigError> {
         let raw = crate::config::raw::parse(base)?;
-        let policy = compile(
-            &raw,
-            fingerprint(base),
-            &CompileOptions {
-                master_key: Some(master),
-            },
-        )?;
-        let verifier = TokenVerifier::new(master.digest_key()).ok_or_else(|| {
-            ConfigError::at("master_key_env", "cannot derive the token digest key")
-        })?;
+        let (policy, verifier) = compile_opened(base, &raw, master)?;
         let mut active = Active::new(policy, 0, verifier, Metrics::define(host, ids));
         active.fleet_records = Some(RefCell::new(HashMap::new()));
         active.fleet = Some(context);
@@ -98,16 +89,7 @@ impl Active {
         ids: &Rc<MetricIds>,
     ) -> Result<Active, ConfigError> {
         let started_ms = host.now_unix_ms();
-        let mut policy = compile(
-            raw,
-            fingerprint(config),
-            &CompileOptions {
-                master_key: Some(master),
-            },
-        )?;
-        let verifier = TokenVerifier::new(master.digest_key()).ok_or_else(|| {
-            ConfigError::at("master_key_env", "cannot derive the token digest key")
-        })?;
+        let (mut policy, verifier) = compile_opened(config, raw, master)?;
         let publication = policy_store::publish(host.store(), &policy).map_err(|e| {
             ConfigError::at(
                 ".",
@@ -189,4 +171,23 @@ impl Active {
             None => SharedDataLedger::new(host.store()),
         }
     }
+}
+
+/// Compiles a configuration with its upstream keys opened, and the token verifier of its
+/// master key.
+fn compile_opened(
+    config: &[u8],
+    raw: &RawPolicy,
+    master: &MasterKey,
+) -> Result<(Policy, TokenVerifier), ConfigError> {
+    let policy = compile(
+        raw,
+        fingerprint(config),
+        &CompileOptions {
+            master_key: Some(master),
+        },
+    )?;
+    let verifier = TokenVerifier::new(master.digest_key())
+        .ok_or_else(|| ConfigError::at("master_key_env", "cannot derive the token digest key"))?;
+    Ok((policy, verifier))
 }
