@@ -929,3 +929,236 @@ fn password_authentication() {
     let err = ops.fails(&["--etcd-prefix", "other/", "init"], None, 1);
     assert!(err.contains("permission denied"), "{err}");
 }
+
+/// The row of `id` in a `status` table, split on whitespace.
+fn status_row<'t>(table: &'t str, id: &str) -> Vec<&'t str> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .unwrap_or_else(|| panic!("no row {id} in\n{table}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[test]
+fn status_sums_the_current_window_over_every_envoy() {
+    let etcd = Etcd::start("status");
+    let cli = Cli::new(&etcd);
+    cli.setup(&[]);
+    let mint = |id: &str, extra: &[&str]| {
+        let mut args = vec!["mint", "--id", id, "--upstream-key", "prod"];
+        args.extend_from_slice(extra);
+        cli.ok(&args, None);
+    };
+    mint(
+        "alice",
+        &[
+            "--owner",
+            "a@x",
+            "--budget-usd",
+            "25",
+            "--budget-window",
+            "monthly",
+        ],
+    );
+    mint(
+        "bob",
+        &["--budget-usd", "1.50", "--budget-window", "lifetime"],
+    );
+    mint("carol", &["--owner", "c@x"]);
+
+    // The ledger as two Envoys' syncers and claims leave it (nano-USD). A month boundary passing
+    // while this test runs would move alice's window: the CLI and the test read the clock apart.
+    let now = now_secs();
+    let month = shieldkey::time::month_start(now);
+    let last_month = shieldkey::time::month_start(month - 1);
+    let ledger = |key: &str, field: &str, n: u64| {
+        etcd.put(
+            &format!("shieldkey/ledger/{key}"),
+            &format!("{{\"{field}\":{n}}}"),
+        );
+    };
+    ledger(&format!("pool/alice/{month}"), "claimed", 8_000_000_000);
+    ledger(
+        &format!("node/envoy-a/alice/{month}/claimed"),
+        "claimed",
+        5_000_000_000,
+    );
+    ledger(
+        &format!("node/envoy-a/alice/{month}/spent"),
+        "spent",
+        3_250_000_000,
+    );
+    // A node id may hold '/': keys are read from the right.
+    ledger(
+        &format!("node/eu/envoy-b/alice/{month}/claimed"),
+        "claimed",
+        3_000_000_000,
+    );
+    ledger(
+        &format!("node/eu/envoy-b/alice/{month}/spent"),
+        "spent",
+        1_000_000_001,
+    );
+    // Last month: not counted.
+    ledger(
+        &format!("pool/alice/{last_month}"),
+        "claimed",
+        25_000_000_000,
+    );
+    ledger(
+        &format!("node/envoy-a/alice/{last_month}/claimed"),
+        "claimed",
+        25_000_000_000,
+    );
+    ledger(
+        &format!("node/envoy-a/alice/{last_month}/spent"),
+        "spent",
+        24_000_000_000,
+    );
+    // bob's lifetime window starts at 0; his limit was lowered below what was spent.
+    ledger("pool/bob/0", "claimed", 1_500_000_000);
+    ledger("node/eu/envoy-b/bob/0/claimed", "claimed", 1_500_000_000);
+    ledger("node/eu/envoy-b/bob/0/spent", "spent", 1_750_000_000);
+    // A removed token's keys are ignored.
+    ledger("node/envoy-a/gone/0/spent", "spent", 9_000_000_000);
+
+    let (table, err) = cli.ok(&["status"], None);
+    let window = format!("monthly from {}", shieldkey::time::format_rfc3339(month));
+    let window_words: Vec<&str> = window.split(' ').collect();
+    let mut alice = vec!["alice", "a@x"];
+    alice.extend_from_slice(&window_words);
+    alice.extend_from_slice(&["$25.00", "$4.250000001", "$8.00", "$20.749999999", "2"]);
+    assert_eq!(status_row(&table, "alice"), alice, "{table}");
+    assert_eq!(
+        status_row(&table, "bob"),
+        ["bob", "-", "lifetime", "$1.50", "$1.75", "$1.50", "-$0.25", "1"],
+        "{table}"
+    );
+    assert!(table.starts_with("TOKEN "), "{table}");
+    assert_eq!(table.lines().count(), 3, "no carol without --all:\n{table}");
+    assert!(
+        err.contains("1 without a budget: --all lists them"),
+        "{err}"
+    );
+
+    let (json, _) = cli.ok(&["status", "--json"], None);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let a = &rows[0];
+    assert_eq!(a["id"], "alice");
+    assert_eq!(a["owner"], "a@x");
+    assert_eq!(a["window"], "monthly");
+    assert_eq!(a["window_start"], month);
+    assert_eq!(a["limit_nano_usd"], 25_000_000_000u64);
+    assert_eq!(
+        a["spent_nano_usd"], 4_250_000_001u64,
+        "summed, last month left out"
+    );
+    assert_eq!(a["claimed_nano_usd"], 8_000_000_000u64);
+    assert_eq!(a["remaining_nano_usd"], 20_749_999_999u64);
+    assert_eq!(a["envoys"], 2);
+    let b = &rows[1];
+    assert_eq!(
+        (&b["id"], &b["window_start"], &b["spent_nano_usd"]),
+        (&json!("bob"), &json!(0), &json!(1_750_000_000u64))
+    );
+    assert_eq!(b["remaining_nano_usd"], -250_000_000i64);
+    assert_eq!(b["envoys"], 1);
+
+    // One token, per Envoy.
+    let (one, _) = cli.ok(&["status", "--token", "alice"], None);
+    assert_eq!(status_row(&one, "alice"), alice, "{one}");
+    assert_eq!(
+        status_row(&one, "envoy-a"),
+        ["envoy-a", "$5.00", "$3.25"],
+        "{one}"
+    );
+    assert_eq!(
+        status_row(&one, "eu/envoy-b"),
+        ["eu/envoy-b", "$3.00", "$1.000000001"],
+        "{one}"
+    );
+    assert!(
+        one.contains("ENVOY") && !one.contains("$24.00") && !one.contains("bob"),
+        "{one}"
+    );
+    let (one, _) = cli.ok(&["status", "--token", "alice", "--json"], None);
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(
+        one[0]["nodes"],
+        json!([
+            {"node": "envoy-a", "claimed_nano_usd": 5_000_000_000u64,
+             "spent_nano_usd": 3_250_000_000u64, "reported_spend": true},
+            {"node": "eu/envoy-b", "claimed_nano_usd": 3_000_000_000u64,
+             "spent_nano_usd": 1_000_000_001u64, "reported_spend": true},
+        ])
+    );
+    let (carol, _) = cli.ok(&["status", "--token", "carol"], None);
+    assert_eq!(
+        status_row(&carol, "carol"),
+        ["carol", "c@x", "no", "budget", "-", "$0.00", "$0.00", "-", "0"],
+        "{carol}"
+    );
+    assert!(
+        carol.contains("no Envoy has claimed or reported spend"),
+        "{carol}"
+    );
+    assert!(cli
+        .fails(&["status", "--token", "ghost"], None, 1)
+        .contains("no token with id 'ghost'"));
+
+    // --all adds the tokens without a budget.
+    let (all, _) = cli.ok(&["status", "--all"], None);
+    assert_eq!(all.lines().count(), 4, "{all}");
+    assert_eq!(status_row(&all, "carol")[2..4], ["no", "budget"], "{all}");
+    let (all, _) = cli.ok(&["status", "--all", "--json"], None);
+    let all: Value = serde_json::from_str(&all).unwrap();
+    assert_eq!(
+        all[2],
+        json!({"id": "carol", "owner": "c@x", "window": null, "window_start": 0,
+               "limit_nano_usd": null, "spent_nano_usd": 0, "claimed_nano_usd": 0,
+               "remaining_nano_usd": null, "envoys": 0, "nodes": []})
+    );
+    assert_eq!(
+        shieldkey::time::month_start(now_secs()),
+        month,
+        "a month boundary passed during the test: run it again"
+    );
+
+    // status only reads.
+    let before = etcd.revision();
+    cli.ok(&["status", "--all"], None);
+    assert_eq!(etcd.revision(), before);
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn status_needs_fleet_mode() {
+    let dir = std::env::temp_dir().join(format!("shieldkey-status-file-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shieldkey"))
+        .args(["status", "--json"])
+        .current_dir(&dir)
+        .env_remove("SHIELDKEY_ETCD")
+        .env("SHIELDKEY_POLICY", dir.join("policy.json"))
+        .output()
+        .unwrap();
+    let _ = fs::remove_dir_all(&dir);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains("needs fleet mode (--etcd URLS or SHIELDKEY_ETCD)")
+            && err.contains("/stats")
+            && err.contains("wasmcustom.shieldkey.token_id.<id>.spend_nano_usd"),
+        "{err}"
+    );
+}

@@ -147,7 +147,7 @@ fn require_master_key(policy: Option<&RawPolicy>) -> Result<MasterKey, CliError>
     })
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

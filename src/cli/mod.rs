@@ -12,6 +12,7 @@ mod policy_file;
 mod policy_store;
 mod random;
 mod rule_flags;
+mod status;
 
 use std::path::PathBuf;
 
@@ -39,6 +40,9 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
   revoke ID | unrevoke ID | remove ID
   list [--json]                   tokens and their state (never digests or keys)
   check                           validate the policy with the filter's own code
+  status [--token ID] [--all] [--json]
+                                  fleet mode: spend per budgeted token in its current window,
+                                  summed over every Envoy (--token: per Envoy; --all: every token)
   render plugin-config|wasm-filter|ecds [filter settings]
   render http-filters [--country-header NAME] [--geoip DB_PATH] [--ecds-path PATH]
        [--filter-name NAME] [--json]
@@ -116,6 +120,14 @@ impl StoreOptions {
     /// The policy file (`--policy`, `SHIELDKEY_POLICY`, `policy.json`), or etcd when `--etcd` or
     /// `SHIELDKEY_ETCD` is given; the policy file is then not used.
     fn store(self) -> Result<PolicyStore, CliError> {
+        match self.target()? {
+            Target::File(path) => Ok(PolicyStore::File(path)),
+            Target::Etcd { urls, prefix, user } => PolicyStore::etcd(&urls, &prefix, user),
+        }
+    }
+
+    /// Where the policy is, from the flags and their environment defaults.
+    fn target(self) -> Result<Target, CliError> {
         let Some(urls) = self.etcd.or_else(|| env_var("SHIELDKEY_ETCD")) else {
             for (flag, given) in [
                 ("--etcd-prefix", self.prefix.is_some()),
@@ -131,7 +143,7 @@ impl StoreOptions {
                 .policy
                 .or_else(|| env_var("SHIELDKEY_POLICY"))
                 .unwrap_or_else(|| "policy.json".to_string());
-            return Ok(PolicyStore::File(PathBuf::from(path)));
+            return Ok(Target::File(PathBuf::from(path)));
         };
         if self.policy.is_some() {
             return Err(usage(
@@ -143,8 +155,18 @@ impl StoreOptions {
             .or_else(|| env_var("SHIELDKEY_ETCD_PREFIX"))
             .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
         let user = self.user.or_else(|| env_var("SHIELDKEY_ETCD_USER"));
-        PolicyStore::etcd(&urls, &prefix, user)
+        Ok(Target::Etcd { urls, prefix, user })
     }
+}
+
+/// Where the policy is: the file, or etcd (comma-separated URLs, prefix, user).
+enum Target {
+    File(PathBuf),
+    Etcd {
+        urls: String,
+        prefix: String,
+        user: Option<String>,
+    },
 }
 
 fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
@@ -161,6 +183,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
             return Ok(());
         }
         "keygen" => return commands::keygen(args),
+        "status" => return status::status(options.target()?, args),
         _ => {}
     }
     let mut ctx = Context {
