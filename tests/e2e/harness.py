@@ -61,10 +61,12 @@ def rewrite_ports(doc: dict, admin_port: int, listener_ports: dict[str, int],
     return doc
 
 
-def validate(bootstrap: Path, workdir: Path) -> tuple[bool, str]:
-    """`envoy --mode validate` on a shipped config, run where its relative paths resolve."""
+def validate(bootstrap: Path, workdir: Path, env: dict | None = None) -> tuple[bool, str]:
+    """`envoy --mode validate` on a shipped config, run where its relative paths resolve (an
+    inline Wasm filter is configured too, so it needs the master key in `env`)."""
     proc = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(bootstrap)],
-                          cwd=workdir, capture_output=True, text=True, timeout=60)
+                          cwd=workdir, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -41,10 +41,14 @@ def test_shipped_configs_pass_envoy_validate(dep):
     db = MMDBWriter(ip_version=6, database_type="GeoIP2-Country", ipv4_compatible=True)
     db.insert_network(IPSet(["203.0.113.0/24"]), {"country": {"iso_code": "FR"}})
     db.to_db_file(str(dep.workdir / "geoip" / "country.mmdb"))
+    # fleet.yaml loads the filter from shieldkey.wasm in Envoy's working directory.
+    wasm = dep.workdir / "shieldkey.wasm"
+    if not wasm.exists():
+        wasm.symlink_to(WASM)
     shipped = sorted(p.name for p in (harness.PROJECT / "envoy").glob("*.yaml"))
-    assert shipped == ["behind-lb.yaml", "demo.yaml", "mistral.yaml"]
+    assert shipped == ["behind-lb.yaml", "demo.yaml", "fleet.yaml", "mistral.yaml"]
     for name in shipped:
-        ok, out = harness.validate(harness.PROJECT / "envoy" / name, dep.workdir)
+        ok, out = harness.validate(harness.PROJECT / "envoy" / name, dep.workdir, dep.env)
         assert ok, out
 
 
