@@ -17,10 +17,12 @@ from etcd_cluster import EtcdCluster
 
 class Fleet:
     def __init__(self, workdir: Path, mock: "harness.MockMistral", keys: dict[str, str], *,
-                 envoys: int = 2, etcd_members: int = 3, fleet_options: dict | None = None):
+                 envoys: int = 2, etcd_members: int = 3, fleet_options: dict | None = None,
+                 concurrency: int = 2):
         self.workdir = Path(workdir)
         self.mock = mock
         self.fleet_options = fleet_options or {}
+        self.concurrency = concurrency
         self.etcd = EtcdCluster(self.workdir / "etcd", etcd_members).start()
         self.master_key = self.cli("keygen", env_extra={"SHIELDKEY_ETCD": ""}).strip()
         self.cli("init")
@@ -84,7 +86,8 @@ class Fleet:
                 self.bootstrap(n), self.workdir, admin_port=admin,
                 listener_ports={"shieldkey": listen},
                 cluster_endpoints={"mistral": ("127.0.0.1", self.mock.port)},
-                env={"SHIELDKEY_MASTER_KEY": self.master_key}, wait_ready=wait_ready)
+                env={"SHIELDKEY_MASTER_KEY": self.master_key}, wait_ready=wait_ready,
+                concurrency=self.concurrency)
             self.envoys[n] = envoy.start()
 
     def stop(self, i: int | None = None) -> None:
