@@ -118,6 +118,7 @@ impl Stream {
                             amount,
                             now,
                         );
+                        active.metrics.lease_claimed(host);
                         if granted.is_err() {
                             self.give_up(host, &active, pending, Denial::LedgerBusy);
                             return;
@@ -226,6 +227,9 @@ impl Stream {
 
     /// Refuses the held request (one local reply) and gives its admission back.
     fn give_up(&mut self, host: &dyn Host, active: &Active, pending: Pending, denial: Denial) {
+        if denial == Denial::LedgerBusy {
+            active.metrics.lease_claim_failed(host);
+        }
         if let Some((token, _)) = self.token.clone() {
             release(host, active, &token, Some(pending.admission));
         }

@@ -52,6 +52,8 @@ pub struct Metrics {
     ids: Rc<MetricIds>,
     allowed: Option<u32>,
     unreadable_responses: Option<u32>,
+    lease_claims: Option<u32>,
+    lease_claim_failures: Option<u32>,
     denied: HashMap<&'static str, u32>,
     alerts: Option<u32>,
     webhook_failures: Option<u32>,
@@ -123,6 +125,8 @@ impl Metrics {
             ids: ids.clone(),
             allowed: counter(host, ids, "shieldkey.allowed"),
             unreadable_responses: counter(host, ids, "shieldkey.unreadable_responses"),
+            lease_claims: counter(host, ids, "shieldkey.fleet.lease_claims"),
+            lease_claim_failures: counter(host, ids, "shieldkey.fleet.lease_claim_failures"),
             denied,
             alerts: counter(host, ids, "shieldkey.budget_alerts"),
             webhook_failures: counter(host, ids, "shieldkey.webhook_failures"),
@@ -142,6 +146,16 @@ impl Metrics {
 
     pub fn denied(&self, host: &dyn Host, denial: &Denial) {
         bump(host, self.denied.get(denial.code()).copied(), 1);
+    }
+
+    /// Fleet mode: a budget lease was claimed from etcd for a waiting request.
+    pub fn lease_claimed(&self, host: &dyn Host) {
+        bump(host, self.lease_claims, 1);
+    }
+
+    /// Fleet mode: a claim could not be made (etcd unreachable, contention): request refused.
+    pub fn lease_claim_failed(&self, host: &dyn Host) {
+        bump(host, self.lease_claim_failures, 1);
     }
 
     pub fn alert(&self, host: &dyn Host) {

@@ -411,6 +411,7 @@ fn fleet_a_request_short_of_its_share_waits_for_one_claim_then_goes_on() {
     *gw.host.call_reply.borrow_mut() = (200, WRITTEN.to_vec());
     s.on_call_response(&gw.host, 2, 0);
     assert_eq!(gw.host.resumed.get(), 1, "forwarded");
+    assert_eq!(gw.host.stat("shieldkey.fleet.lease_claims"), 1);
     assert_eq!(code(&gw), None);
     gw.respond(&mut s, 200, &[("content-type", "application/json")]);
     gw.response_chunk(&mut s, USAGE, true);
@@ -434,6 +435,7 @@ fn fleet_without_etcd_a_request_short_of_its_share_is_refused_and_gives_its_admi
     s.on_call_response(&gw.host, 1, 0);
     assert_eq!(code(&gw), Some((503, "shield_ledger_busy".to_string())));
     assert_eq!(gw.host.resumed.get(), 0);
+    assert_eq!(gw.host.stat("shieldkey.fleet.lease_claim_failures"), 1);
     s.on_log(&gw.host);
     assert_eq!(balance(&gw, "alice"), (0, 0));
 }
