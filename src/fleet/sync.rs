@@ -234,8 +234,15 @@ impl PolicySync {
             self.next_due_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
             // A snapshot read that fails (e.g. its revision was compacted) starts over.
             self.restart_paging();
-            let what = String::from_utf8_lossy(body.get(..body.len().min(120)).unwrap_or_default())
-                .replace(|c: char| c.is_control(), " ");
+            // An error body (etcd's or Envoy's) says why; a 200 body that does not parse is not
+            // echoed (it would be policy data).
+            let what = if status == 200 {
+                "unreadable reply".to_string()
+            } else {
+                crate::audit::printable(&String::from_utf8_lossy(
+                    body.get(..body.len().min(120)).unwrap_or_default(),
+                ))
+            };
             return Outcome::Failed(format!("status {status}: {what}"));
         };
         self.last_success_ms = Some(now_ms);
