@@ -17,7 +17,7 @@ use crate::money::NanoUsd;
 use crate::rules::rate_window::RateWindow;
 use crate::store::{SharedStore, StoreError};
 
-const STATE_VERSION: u8 = 2;
+const STATE_VERSION: u8 = 3;
 const MINUTE_MS: u64 = 60_000;
 pub const CAS_RETRIES: usize = 32;
 
@@ -128,6 +128,13 @@ struct Counters {
     /// Fleet mode: what this Envoy may commit in this window (spent + reserved), the sum of the
     /// leases it claimed from the fleet's pool. Unused in single-Envoy mode.
     allowance: NanoUsd,
+    /// Fleet mode: the UTC minute (unix minutes) the counts below are for; this Envoy's admitted
+    /// requests and settled Mistral tokens in it, and the other Envoys' as last read from etcd.
+    minute: i64,
+    minute_requests: u64,
+    minute_tokens: u64,
+    remote_requests: u64,
+    remote_tokens: u64,
     alerts_fired: u8,
     requests: RateWindow,
     tokens: RateWindow,
@@ -140,6 +147,11 @@ impl Counters {
             .u64(self.spent)
             .u64(self.reserved)
             .u64(self.allowance)
+            .i64(self.minute)
+            .u64(self.minute_requests)
+            .u64(self.minute_tokens)
+            .u64(self.remote_requests)
+            .u64(self.remote_tokens)
             .u8(self.alerts_fired)
             .bytes(&self.requests.encode())
             .bytes(&self.tokens.encode());
@@ -153,11 +165,28 @@ impl Counters {
             spent: r.u64()?,
             reserved: r.u64()?,
             allowance: r.u64()?,
+            minute: r.i64()?,
+            minute_requests: r.u64()?,
+            minute_tokens: r.u64()?,
+            remote_requests: r.u64()?,
+            remote_tokens: r.u64()?,
             alerts_fired: r.u8()?,
             requests: RateWindow::decode(r.bytes()?)?,
             tokens: RateWindow::decode(r.bytes()?)?,
         };
         r.is_done().then_some(c)
+    }
+
+    /// Starts the counts of a new minute when `now_ms` has left the stored one.
+    fn roll_minute(&mut self, now_ms: i64) {
+        let minute = now_ms.div_euclid(MINUTE_MS as i64);
+        if minute != self.minute {
+            self.minute = minute;
+            self.minute_requests = 0;
+            self.minute_tokens = 0;
+            self.remote_requests = 0;
+            self.remote_tokens = 0;
+        }
     }
 
     /// Starts a new budget window when `now` has left the stored one. Outstanding reservations
@@ -253,6 +282,35 @@ impl<'a> SharedDataLedger<'a> {
         )
     }
 
+    /// Fleet mode: the other Envoys' requests and tokens in `minute`, as read from etcd.
+    pub fn set_remote(
+        &self,
+        token_id: &str,
+        minute: i64,
+        requests: u64,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.update(
+            token_id,
+            |c| {
+                c.roll_minute(now_ms);
+                if c.minute == minute {
+                    c.remote_requests = requests;
+                    c.remote_tokens = tokens;
+                }
+                Ok(())
+            },
+            StoreError::CasMismatch,
+        )
+    }
+
+    /// (minute, requests, tokens) this Envoy counted in the stored minute, for sharing.
+    pub fn minute_counts(&self, token_id: &str) -> Option<(i64, u64, u64)> {
+        let (bytes, _) = self.store.get(&key(token_id))?;
+        Counters::decode(&bytes).map(|c| (c.minute, c.minute_requests, c.minute_tokens))
+    }
+
     /// (window start, spent) as stored, for flushing this Envoy's spend to etcd.
     pub fn spent(&self, token_id: &str) -> Option<(i64, NanoUsd)> {
         let (bytes, _) = self.store.get(&key(token_id))?;
@@ -296,6 +354,7 @@ impl Ledger for SharedDataLedger<'_> {
         now_ms: i64,
     ) -> Result<Admission, LedgerDenial> {
         let now = now_ms.div_euclid(1000);
+        let fleet = self.fleet;
         self.update(
             token_id,
             |c| {
@@ -311,6 +370,25 @@ impl Ledger for SharedDataLedger<'_> {
                     // Token counts are only known afterwards: refuse while the window is full.
                     if !c.tokens.would_allow(now_ms, MINUTE_MS, tpm, 1) {
                         let retry_after_secs = c.tokens.retry_after_secs(now_ms, MINUTE_MS, tpm, 1);
+                        return Err(LedgerDenial::TokenRate { retry_after_secs });
+                    }
+                }
+                c.roll_minute(now_ms);
+                if fleet {
+                    // The whole fleet's use of this minute, as far as the last sync knows.
+                    let next_minute = (c.minute + 1) * MINUTE_MS as i64;
+                    let retry_after_secs = u64::try_from((next_minute - now_ms + 999) / 1000)
+                        .unwrap_or(1)
+                        .max(1);
+                    let requests = c.remote_requests.saturating_add(c.minute_requests);
+                    if limits
+                        .requests_per_minute
+                        .is_some_and(|rpm| requests >= rpm)
+                    {
+                        return Err(LedgerDenial::RequestRate { retry_after_secs });
+                    }
+                    let tokens = c.remote_tokens.saturating_add(c.minute_tokens);
+                    if limits.tokens_per_minute.is_some_and(|tpm| tokens >= tpm) {
                         return Err(LedgerDenial::TokenRate { retry_after_secs });
                     }
                 }
@@ -331,6 +409,7 @@ impl Ledger for SharedDataLedger<'_> {
                 if limits.requests_per_minute.is_some() {
                     c.requests.add(now_ms, MINUTE_MS, rpm_limit(limits), 1);
                 }
+                c.minute_requests = c.minute_requests.saturating_add(1);
                 Ok(Admission {
                     window_start: c.window_start,
                     reserved,
@@ -363,6 +442,8 @@ impl Ledger for SharedDataLedger<'_> {
                 if let Some(tpm) = limits.tokens_per_minute {
                     c.tokens.add(now_ms, MINUTE_MS, tpm, tokens);
                 }
+                c.roll_minute(now_ms);
+                c.minute_tokens = c.minute_tokens.saturating_add(tokens);
                 let mut crossed = Vec::new();
                 let mut remaining = None;
                 if let Some(budget) = limits.budget {
@@ -490,6 +571,41 @@ mod tests {
             l.reserve("a", &limits, &mut c, 2 * USD, T0),
             Err(LedgerDenial::Budget { .. })
         ));
+    }
+
+    #[test]
+    fn fleet_rate_limits_count_the_other_envoys_of_the_minute() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::fleet(&s);
+        let limits = Limits {
+            requests_per_minute: Some(10),
+            tokens_per_minute: Some(1_000),
+            ..Limits::default()
+        };
+        let minute = T0.div_euclid(60_000);
+        // The other Envoys used 8 requests of this minute: 2 are left here.
+        l.set_remote("a", minute, 8, 0, T0).unwrap();
+        assert!(l.admit("a", &limits, 0, T0).is_ok());
+        assert!(l.admit("a", &limits, 0, T0 + 1).is_ok());
+        match l.admit("a", &limits, 0, T0 + 2) {
+            Err(LedgerDenial::RequestRate { retry_after_secs }) => {
+                // Until the next minute starts (T0 is 29 s into its minute).
+                assert_eq!(retry_after_secs, 31);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.minute_counts("a"), Some((minute, 2, 0)));
+        // Tokens: the fleet used the minute's 1000 already.
+        l.set_remote("b", minute, 0, 1_000, T0).unwrap();
+        assert!(matches!(
+            l.admit("b", &limits, 0, T0),
+            Err(LedgerDenial::TokenRate { .. })
+        ));
+        // A new minute starts from nothing.
+        assert!(l.admit("b", &limits, 0, T0 + 60_000).is_ok());
+        // Counts of another minute are ignored.
+        l.set_remote("c", minute - 1, 100, 0, T0).unwrap();
+        assert!(l.admit("c", &limits, 0, T0).is_ok());
     }
 
     #[test]

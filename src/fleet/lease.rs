@@ -13,6 +13,9 @@
 //! - `<prefix>ledger/node/<node>/<token>/<window start>/claimed`
 //! - `<prefix>ledger/node/<node>/<token>/<window start>/spent` (written by the node's syncer
 //!   only, as an absolute value: flushing twice counts nothing twice)
+//! - `<prefix>rate/<unix minute>/<token>/<node>`: `{"requests": N, "tokens": N}`, what this node
+//!   admitted and settled in that minute, for fleet-wide rate limits; minutes older than the
+//!   previous one are deleted.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -40,6 +43,70 @@ pub fn claimed_key(prefix: &str, node: &str, token: &str, window: i64) -> String
 
 pub fn spent_key(prefix: &str, node: &str, token: &str, window: i64) -> String {
     format!("{}{token}/{window}/spent", node_prefix(prefix, node))
+}
+
+pub fn rate_prefix(prefix: &str, minute: i64) -> String {
+    format!("{prefix}rate/{minute}/")
+}
+
+pub fn rate_key(prefix: &str, minute: i64, token: &str, node: &str) -> String {
+    format!("{}{token}/{node}", rate_prefix(prefix, minute))
+}
+
+pub fn spent_value(spent: NanoUsd) -> String {
+    format!("{{\"spent\":{spent}}}")
+}
+
+pub fn rate_value(requests: u64, tokens: u64) -> String {
+    format!("{{\"requests\":{requests},\"tokens\":{tokens}}}")
+}
+
+/// What the other nodes counted in one minute, per token (this node's own keys left out).
+pub fn parse_rates(
+    kvs: &[super::etcd::Kv],
+    rate_prefix: &str,
+    me: &str,
+) -> Vec<(String, u64, u64)> {
+    #[derive(Deserialize)]
+    struct Counts {
+        #[serde(default)]
+        requests: u64,
+        #[serde(default)]
+        tokens: u64,
+    }
+    let mut sums: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for kv in kvs {
+        let Some(rest) = std::str::from_utf8(&kv.key)
+            .ok()
+            .and_then(|k| k.strip_prefix(rate_prefix))
+        else {
+            continue;
+        };
+        let Some((token, node)) = rest.split_once('/') else {
+            continue;
+        };
+        let Ok(counts) = serde_json::from_slice::<Counts>(&kv.value) else {
+            continue;
+        };
+        let entry = sums.entry(token.to_string()).or_default();
+        if node != me {
+            entry.0 = entry.0.saturating_add(counts.requests);
+            entry.1 = entry.1.saturating_add(counts.tokens);
+        }
+    }
+    sums.into_iter().map(|(t, (r, k))| (t, r, k)).collect()
+}
+
+pub const DELETE_PATH: &str = "/v3/kv/deleterange";
+
+/// Deletes every key under `prefix`.
+pub fn delete_body(prefix: &str) -> Vec<u8> {
+    serde_json::json!({
+        "key": b64(prefix),
+        "range_end": STANDARD.encode(super::etcd::prefix_end(prefix.as_bytes())),
+    })
+    .to_string()
+    .into_bytes()
 }
 
 /// What a claim reads before it writes.
@@ -99,14 +166,15 @@ pub fn write_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: Nano
     .into_bytes()
 }
 
-/// A flush: this node's spend per (token, window), absolute values.
-pub fn flush_body(entries: &[(String, NanoUsd)]) -> Vec<u8> {
+/// A flush: this node's spend per (token, window) and counts per (minute, token), absolute
+/// values (`(key, JSON value)`).
+pub fn flush_body(entries: &[(String, String)]) -> Vec<u8> {
     let puts: Vec<serde_json::Value> = entries
         .iter()
-        .map(|(key, spent)| {
+        .map(|(key, value)| {
             serde_json::json!({"request_put": {
                 "key": b64(key),
-                "value": b64(&format!("{{\"spent\":{spent}}}")),
+                "value": b64(value),
             }})
         })
         .collect();
@@ -247,6 +315,25 @@ mod tests {
         };
         assert_eq!(put(0), r#"{"claimed":150}"#);
         assert_eq!(put(1), r#"{"claimed":80}"#);
+    }
+
+    #[test]
+    fn other_nodes_counts_are_summed_per_token() {
+        let kv = |key: &str, value: &str| super::super::etcd::Kv {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 1,
+        };
+        let kvs = vec![
+            kv("p/rate/7/alice/e1", r#"{"requests":5,"tokens":50}"#),
+            kv("p/rate/7/alice/e2", r#"{"requests":3,"tokens":30}"#),
+            kv("p/rate/7/alice/e3", r#"{"requests":1}"#),
+            kv("p/rate/7/bob/e1", r#"{"requests":9,"tokens":9}"#),
+        ];
+        assert_eq!(
+            parse_rates(&kvs, "p/rate/7/", "e1"),
+            vec![("alice".to_string(), 4, 30), ("bob".to_string(), 0, 0)]
+        );
     }
 
     #[test]

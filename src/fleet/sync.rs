@@ -98,6 +98,11 @@ pub struct PolicySync {
     dirty: BTreeSet<String>,
     flushing: Option<Vec<String>>,
     next_flush_ms: i64,
+    /// Fleet-wide rate limits: the read of the other Envoys' counts.
+    rates_in_flight: bool,
+    next_rates_ms: i64,
+    rates_minute: i64,
+    cleaned_minute: i64,
     phase: Phase,
     /// The store revision shared data reflects (0: nothing loaded yet).
     revision: u64,
@@ -132,6 +137,10 @@ impl PolicySync {
             dirty: BTreeSet::new(),
             flushing: None,
             next_flush_ms: 0,
+            rates_in_flight: false,
+            next_rates_ms: 0,
+            rates_minute: 0,
+            cleaned_minute: 0,
             phase: Phase::Loading {
                 at: 0,
                 next: start,
@@ -572,14 +581,28 @@ impl PolicySync {
             return None;
         }
         let ledger = SharedDataLedger::fleet(store);
-        let batch: Vec<String> = self.dirty.iter().take(100).cloned().collect();
-        let mut entries = Vec::with_capacity(batch.len());
+        // Two puts per token at most: 100 operations per transaction.
+        let batch: Vec<String> = self.dirty.iter().take(50).cloned().collect();
+        let mut entries = Vec::with_capacity(batch.len() * 2);
+        let prefix = &self.settings.prefix;
         for id in &batch {
             self.dirty.remove(id);
-            if let Some((window_start, spent)) = ledger.spent(id) {
+            let limits = policy_store::lookup_newest(store, id).map(|(t, _)| t.rules.limits);
+            if limits.as_ref().is_some_and(|l| l.budget.is_some()) {
+                if let Some((window_start, spent)) = ledger.spent(id) {
+                    entries.push((
+                        lease::spent_key(prefix, &self.node, id, window_start),
+                        lease::spent_value(spent),
+                    ));
+                }
+            }
+            let rated = limits
+                .as_ref()
+                .is_some_and(|l| l.requests_per_minute.is_some() || l.tokens_per_minute.is_some());
+            if let (true, Some((minute, requests, tokens))) = (rated, ledger.minute_counts(id)) {
                 entries.push((
-                    lease::spent_key(&self.settings.prefix, &self.node, id, window_start),
-                    spent,
+                    lease::rate_key(prefix, minute, id, &self.node),
+                    lease::rate_value(requests, tokens),
                 ));
             }
         }
@@ -604,6 +627,61 @@ impl PolicySync {
         }
         self.next_flush_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
         ok
+    }
+
+    /// The next read of the other Envoys' counts of this minute (every `sync_interval_ms`), or
+    /// once a minute the deletion of the minute before the previous one.
+    pub fn poll_rates(&mut self, now_ms: i64) -> Option<Call> {
+        if !self.restored || self.rates_in_flight || now_ms < self.next_rates_ms {
+            return None;
+        }
+        let minute = now_ms.div_euclid(60_000);
+        self.rates_in_flight = true;
+        if self.cleaned_minute < minute {
+            self.cleaned_minute = minute;
+            return Some(Call {
+                path: lease::DELETE_PATH,
+                body: lease::delete_body(&lease::rate_prefix(&self.settings.prefix, minute - 2)),
+            });
+        }
+        self.rates_minute = minute;
+        let prefix = lease::rate_prefix(&self.settings.prefix, minute);
+        Some(Call {
+            path: RANGE_PATH,
+            body: Range {
+                from: prefix.clone().into_bytes(),
+                end: prefix_end(prefix.as_bytes()),
+                ..Range::default()
+            }
+            .body(),
+        })
+    }
+
+    /// The reply to `poll_rates`: the other Envoys' counts go into the local counters, which
+    /// admission checks against the fleet-wide limits.
+    pub fn on_rates_reply(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        status: u32,
+        body: &[u8],
+    ) -> bool {
+        self.rates_in_flight = false;
+        self.next_rates_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
+        let Some(reply) = (status == 200).then(|| parse_range(body)).flatten() else {
+            // A deletion's reply is not a range: only a failure counts.
+            let deleted = status == 200;
+            if !deleted {
+                self.failures += 1;
+            }
+            return deleted;
+        };
+        let prefix = lease::rate_prefix(&self.settings.prefix, self.rates_minute);
+        let ledger = SharedDataLedger::fleet(store);
+        for (token, requests, tokens) in lease::parse_rates(&reply.kvs, &prefix, &self.node) {
+            let _ = ledger.set_remote(&token, self.rates_minute, requests, tokens, now_ms);
+        }
+        true
     }
 
     /// Tokens whose spend is not in etcd yet.

@@ -99,6 +99,8 @@ pub struct Syncer {
     in_flight: Option<u32>,
     /// The flush of spend to etcd in flight (a second call slot: flushing never waits on sync).
     flush_in_flight: Option<u32>,
+    /// The read of the other Envoys' rate counts in flight (a third slot).
+    rates_in_flight: Option<u32>,
     /// Where the HTTP filter says which tokens' spend changed.
     spent_queue: Option<u32>,
     stats: SyncStats,
@@ -115,6 +117,7 @@ impl Syncer {
             // Envoy's node.id is set on the first tick that can see it.
             sync: PolicySync::new(settings.clone(), String::new()),
             flush_in_flight: None,
+            rates_in_flight: None,
             spent_queue: hostcalls::register_shared_queue(SPENT_QUEUE).ok(),
             stats: SyncStats {
                 revision: define(MetricKind::Gauge, "shieldkey.fleet.revision"),
@@ -142,6 +145,14 @@ impl Syncer {
         }
         self.send(now);
         self.flush(now);
+        if self.rates_in_flight.is_none() {
+            if let Some(call) = self.sync.poll_rates(now) {
+                self.rates_in_flight = self.dispatch(&call);
+                if self.rates_in_flight.is_none() {
+                    self.sync.on_rates_reply(&HostStore, now, 0, b"");
+                }
+            }
+        }
     }
 
     fn flush(&mut self, now: i64) {
@@ -199,6 +210,16 @@ impl Syncer {
     }
 
     pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        if self.rates_in_flight == Some(token) {
+            self.rates_in_flight = None;
+            let now = now_unix_ms().unwrap_or(0);
+            if !self.sync.on_rates_reply(&HostStore, now, status, body) {
+                if let Some(id) = self.stats.failures {
+                    WasmHost { alert_queue: None }.increment_metric(id, 1);
+                }
+            }
+            return;
+        }
         if self.flush_in_flight == Some(token) {
             self.flush_in_flight = None;
             let now = now_unix_ms().unwrap_or(0);

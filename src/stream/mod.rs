@@ -277,6 +277,13 @@ impl Stream {
                 .admit(&token.id, &token.rules.limits, 0, now_ms)
                 .map_err(ledger_denial)?;
             admission = Some(admitted);
+            let limits = &token.rules.limits;
+            if active.fleet_context().is_some()
+                && (limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some())
+            {
+                // The syncer shares this Envoy's count of the minute with the fleet.
+                host.mark_spent(&token.id);
+            }
         }
         let Some(upstream_authorization) = active.policy.authorization_for(token.upstream_key)
         else {

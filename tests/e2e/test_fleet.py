@@ -150,10 +150,12 @@ def wait_flushed(fleet: Fleet, token: str, want: int, timeout: float = 5.0) -> i
 
 
 def wait_known(fleet: Fleet, token: str, envoys=(0, 1), timeout: float = 3.0) -> None:
-    """Waits until the Envoys know a token just minted (an unreadable body spends nothing)."""
+    """Waits until the Envoys know a token just minted, without using it: a wrong secret is
+    `shield_token_invalid` for a known token, `shield_token_unknown` before."""
+    wrong = fleet.tokens[token][:-4] + ("AAAA" if not fleet.tokens[token].endswith("AAAA") else "BBBB")
     for i in envoys:
         deadline = time.monotonic() + timeout
-        while request(fleet.url(i), token=fleet.tokens[token], body=b"{")[0] == 401:
+        while error_code(request(fleet.url(i), token=wrong)[2]) == "shield_token_unknown":
             assert time.monotonic() < deadline, f"envoy {i} does not know {token}"
             time.sleep(0.02)
 
@@ -222,3 +224,22 @@ def test_without_etcd_only_leases_already_held_are_spent_and_the_ledger_catches_
         fleet.etcd.wait_healthy()
     # Nothing lost, nothing counted twice: the ledger equals what the upstream served.
     assert wait_flushed(fleet, "outage", 12 * COST, timeout=8) == 12 * COST
+
+
+def test_a_rate_limit_holds_across_the_fleet_within_the_sync_tolerance(fleet, mock_mistral):
+    """10 requests per minute through two Envoys: per Envoy that would be 20. Each Envoy shares
+    its count of the minute and reads the other's every sync interval (200 ms), so the fleet
+    admits at most a few more than 10 when requests alternate every 150 ms."""
+    fleet.mint("paced", "--rpm", "10")
+    wait_known(fleet, "paced")
+    # Stay inside one minute: the limit is per UTC minute across the fleet.
+    if time.time() % 60 > 50:
+        time.sleep(61 - time.time() % 60)
+    statuses = []
+    for n in range(24):
+        statuses.append(request(fleet.url(n % 2), token=fleet.tokens["paced"])[0])
+        time.sleep(0.15)
+    served = statuses.count(200)
+    assert set(statuses) <= {200, 429}, statuses
+    assert 10 <= served <= 13, statuses
+    assert statuses[-4:] == [429] * 4, statuses

@@ -370,3 +370,57 @@ fn spend_is_flushed_as_absolute_values_and_kept_until_etcd_takes_it() {
     assert!(sync.on_flush_reply(100, 200, br#"{"header":{"revision":"9"},"succeeded":true}"#));
     assert_eq!(sync.unflushed(), 0);
 }
+
+#[test]
+fn rate_counts_are_shared_and_the_other_envoys_read_back() {
+    let mut etcd = etcd_with(0);
+    etcd.put(
+        "shieldkey/policy/tokens/r",
+        json!({"id": "r", "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
+               "rate_limit": {"requests_per_minute": 10}}),
+    );
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    let now = 1_790_000_000_000;
+    run(&mut sync, &etcd, &store, now);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let limits = policy_store::lookup_newest(&store, "r")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    ledger.admit("r", &limits, 0, now).unwrap();
+    sync.mark_dirty("r".into());
+    let flush = sync.poll_flush(&store, now).unwrap();
+    let doc: Value = serde_json::from_slice(&flush.body).unwrap();
+    let minute = now / 60_000;
+    assert_eq!(
+        STANDARD
+            .decode(doc["success"][0]["request_put"]["key"].as_str().unwrap())
+            .unwrap(),
+        format!("shieldkey/rate/{minute}/r/e1").into_bytes()
+    );
+    // Another Envoy counted 9 this minute: this one has 0 left.
+    etcd.put(
+        &format!("shieldkey/rate/{minute}/r/e2"),
+        json!({"requests": 9, "tokens": 0}),
+    );
+    etcd.put(
+        &format!("shieldkey/rate/{minute}/r/e1"),
+        json!({"requests": 1, "tokens": 0}),
+    );
+    let first = sync.poll_rates(now).unwrap();
+    assert_eq!(
+        first.path,
+        lease::DELETE_PATH,
+        "the minute before last is deleted first"
+    );
+    sync.on_rates_reply(&store, now, 200, br#"{"header":{"revision":"9"}}"#);
+    let read = sync.poll_rates(now + 200).unwrap();
+    let (status, body) = etcd.answer(&read.body);
+    assert!(sync.on_rates_reply(&store, now + 200, status, &body));
+    assert!(matches!(
+        ledger.admit("r", &limits, 0, now + 300),
+        Err(crate::ledger::LedgerDenial::RequestRate { .. })
+    ));
+}
