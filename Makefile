@@ -1,5 +1,5 @@
 # The two commands: `make run` (ShieldKey with a demo policy) and `make test` (everything).
-.PHONY: run test setup build soak fuzz
+.PHONY: run test setup build soak fuzz fleet
 
 run:
 	scripts/run.sh
@@ -12,6 +12,10 @@ setup:
 
 build: setup
 	scripts/build.sh
+
+# A fleet on loopback: 3 etcd members, 2 Envoys following the policy in etcd (README).
+fleet: build
+	scripts/fleet.sh
 
 # Long runs, documented in the README (not part of `make test`, which runs short versions).
 soak: build
