@@ -81,7 +81,10 @@ fn unb64(v: &Value) -> String {
 struct Etcd {
     child: Child,
     dir: PathBuf,
+    /// The plain-HTTP client port: the test reads and writes through it.
     port: u16,
+    /// The TLS client port (`--client-cert-auth`), when started with certificates.
+    tls_port: Option<u16>,
     /// An auth token once auth is enabled.
     token: Option<String>,
 }
@@ -96,21 +99,46 @@ impl Drop for Etcd {
 
 impl Etcd {
     fn start(name: &str) -> Etcd {
+        Etcd::start_with(name, None)
+    }
+
+    /// With `certs`, etcd also serves TLS on a second client port, with the server certificate
+    /// for 127.0.0.1 and `--client-cert-auth` against the test CA. The plain port stays for the
+    /// test's own reads (etcd applies client certificate checks to its TLS listeners only).
+    fn start_with(name: &str, certs: Option<&Certs>) -> Etcd {
         let dir =
             std::env::temp_dir().join(format!("shieldkey-etcd-{name}-{}", std::process::id()));
         for attempt in 0..5 {
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             let (client, peer) = (free_port(), free_port());
+            let tls_port = certs.map(|_| free_port());
             let log = fs::File::create(dir.join("etcd.log")).unwrap();
+            let mut listen = format!("http://127.0.0.1:{client}");
+            let mut advertise = listen.clone();
+            let mut tls_args: Vec<PathBuf> = Vec::new();
+            if let (Some(certs), Some(port)) = (certs, tls_port) {
+                listen = format!("https://127.0.0.1:{port},{listen}");
+                advertise = format!("https://127.0.0.1:{port}");
+                for (flag, file) in [
+                    ("--cert-file", &certs.server_cert),
+                    ("--key-file", &certs.server_key),
+                    ("--trusted-ca-file", &certs.ca),
+                ] {
+                    tls_args.push(flag.into());
+                    tls_args.push(file.clone());
+                }
+                tls_args.push("--client-cert-auth".into());
+            }
             let child = Command::new("etcd")
                 .args(["--name", "t", "--data-dir"])
                 .arg(dir.join("data"))
+                .args(&tls_args)
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &listen,
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &advertise,
                     "--listen-peer-urls",
                     &format!("http://127.0.0.1:{peer}"),
                     "--initial-advertise-peer-urls",
@@ -128,6 +156,7 @@ impl Etcd {
                 child,
                 dir: dir.clone(),
                 port: client,
+                tls_port,
                 token: None,
             };
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -153,6 +182,10 @@ impl Etcd {
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.tls_port.unwrap())
     }
 
     fn call(&self, method: &str, body: Value) -> Value {
@@ -264,6 +297,9 @@ impl Cli {
             .env_remove("SHIELDKEY_ETCD_PREFIX")
             .env_remove("SHIELDKEY_ETCD_USER")
             .env_remove("SHIELDKEY_ETCD_PASSWORD")
+            .env_remove("SHIELDKEY_ETCD_CACERT")
+            .env_remove("SHIELDKEY_ETCD_CERT")
+            .env_remove("SHIELDKEY_ETCD_KEY")
             .env_remove("SHIELDKEY_PUBLISH")
             .env_remove("SHIELDKEY_WASM")
             .env_remove("SHIELDKEY_ADMIN")
@@ -672,8 +708,9 @@ fn a_change_that_fails_validation_writes_nothing() {
     cli.setup(&["alice", "bob"]);
     let before = etcd.revision();
     let err = cli.fails(&["limit", "bob", "--cidrs", "10.0.0.0/33"], None, 1);
+    // A change to one token reads (and validates) that token alone: the etcd key names it.
     assert!(
-        err.contains("tokens[1].source_cidrs (etcd key shieldkey/policy/tokens/bob)"),
+        err.contains(".source_cidrs (etcd key shieldkey/policy/tokens/bob)"),
         "{err}"
     );
     let err = cli.fails(
@@ -718,9 +755,10 @@ fn a_change_that_fails_validation_writes_nothing() {
         err.contains("etcd key shieldkey/policy/tokens/bob") && err.contains("colour"),
         "{err}"
     );
-    let before = etcd.revision();
-    assert!(cli.fails(&["revoke", "alice"], None, 1).contains("colour"));
-    assert_eq!(etcd.revision(), before);
+    // A change to another token reads only that token, so a broken neighbour does not block
+    // it (the Envoys refuse the broken token; `check` names it).
+    cli.ok(&["revoke", "alice"], None);
+    assert!(cli.fails(&["revoke", "bob"], None, 1).contains("colour"));
 }
 
 #[test]
@@ -868,7 +906,7 @@ fn endpoints_are_tried_in_order_until_one_answers() {
         "{err}"
     );
     let err = cli.at("https://127.0.0.1:2379").fails(&["list"], None, 2);
-    assert!(err.contains("TLS is not supported yet"), "{err}");
+    assert!(err.contains("need --etcd-cacert"), "{err}");
 }
 
 #[test]
@@ -1161,4 +1199,336 @@ fn status_needs_fleet_mode() {
             && err.contains("wasmcustom.shieldkey.token_id.<id>.spend_nano_usd"),
         "{err}"
     );
+}
+
+/// A throwaway CA, etcd's server certificate for 127.0.0.1 (an IP SAN only), a client
+/// certificate, and a second CA that signed none of them; made with `openssl`.
+struct Certs {
+    dir: PathBuf,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    other_ca: PathBuf,
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Certs {
+    fn make(name: &str) -> Certs {
+        let dir =
+            std::env::temp_dir().join(format!("shieldkey-certs-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl is installed");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let mut args = vec!["req", "-x509", "-days", "2"];
+            args.extend_from_slice(&key);
+            let (keyout, out, subject) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=shieldkey test {ca}"),
+            );
+            args.extend_from_slice(&["-keyout", &keyout, "-out", &out, "-subj", &subject]);
+            openssl(&args);
+        }
+        for (leaf, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n\
+                 basicConstraints=CA:FALSE\n",
+            ),
+            (
+                "client",
+                "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+            ),
+        ] {
+            fs::write(dir.join(format!("{leaf}.ext")), ext).unwrap();
+            let mut args = vec!["req"];
+            args.extend_from_slice(&key);
+            let (keyout, csr, subject) = (
+                format!("{leaf}.key"),
+                format!("{leaf}.csr"),
+                format!("/CN={leaf}"),
+            );
+            args.extend_from_slice(&["-keyout", &keyout, "-out", &csr, "-subj", &subject]);
+            openssl(&args);
+            let (out, extfile) = (format!("{leaf}.pem"), format!("{leaf}.ext"));
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &out,
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            other_ca: dir.join("other-ca.pem"),
+            dir,
+        }
+    }
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The CLI against etcd's TLS port, with `ca` and, when given, the client certificate.
+fn tls_cli(etcd: &Etcd, ca: &std::path::Path, client: Option<&Certs>) -> Cli {
+    let mut cli = Cli::new(etcd)
+        .at(&etcd.https_url())
+        .with("SHIELDKEY_ETCD_CACERT", path(ca));
+    if let Some(certs) = client {
+        cli = cli
+            .with("SHIELDKEY_ETCD_CERT", path(&certs.client_cert))
+            .with("SHIELDKEY_ETCD_KEY", path(&certs.client_key));
+    }
+    cli
+}
+
+#[test]
+fn init_seal_mint_list_status_over_tls_with_a_client_certificate() {
+    let certs = Certs::make("roundtrip");
+    let etcd = Etcd::start_with("tls-roundtrip", Some(&certs));
+    let cli = tls_cli(&etcd, &certs.ca, Some(&certs));
+    let (_, err) = cli.ok(&["init"], None);
+    assert!(
+        err.contains(&format!("etcd prefix shieldkey/ at {}", etcd.https_url())),
+        "{err}"
+    );
+    cli.ok(&["seal", "--id", "prod"], Some(&format!("{REAL_KEY}\n")));
+    let token = cli
+        .ok(
+            &[
+                "mint",
+                "--id",
+                "alice",
+                "--upstream-key",
+                "prod",
+                "--budget-usd",
+                "5",
+                "--budget-window",
+                "monthly",
+            ],
+            None,
+        )
+        .0;
+    assert!(token.trim().starts_with("sk_shield_t_alice_"), "{token}");
+    // Written to etcd, as read back through the plain port.
+    let kvs = etcd.range("shieldkey/");
+    assert_eq!(
+        keys(&kvs),
+        [
+            "shieldkey/policy/keys/prod",
+            "shieldkey/policy/settings",
+            "shieldkey/policy/tokens/alice"
+        ]
+    );
+    assert!(cli.ok(&["list"], None).0.contains("alice"));
+    // status reads the ledger over TLS too.
+    let month = shieldkey::time::month_start(now_secs());
+    etcd.put(
+        &format!("shieldkey/ledger/node/envoy-a/alice/{month}/spent"),
+        "{\"spent\":1250000000}",
+    );
+    let (table, _) = cli.ok(&["status"], None);
+    assert!(status_row(&table, "alice").contains(&"$1.25"), "{table}");
+
+    // The flags instead of the variables.
+    let flags = Cli::new(&etcd).at(&etcd.https_url());
+    let (out, _) = flags.ok(
+        &[
+            "--etcd-cacert",
+            path(&certs.ca),
+            "--etcd-cert",
+            path(&certs.client_cert),
+            "--etcd-key",
+            path(&certs.client_key),
+            "list",
+        ],
+        None,
+    );
+    assert!(out.contains("alice"), "{out}");
+}
+
+#[test]
+fn tls_failures_are_clear_and_write_nothing() {
+    let certs = Certs::make("failures");
+    let etcd = Etcd::start_with("tls-failures", Some(&certs));
+    let before = etcd.revision();
+
+    // A CA that did not sign etcd's certificate: refused by the CLI before anything is sent.
+    let wrong_ca = tls_cli(&etcd, &certs.other_ca, Some(&certs));
+    let err = wrong_ca.fails(&["init"], None, 1);
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer")
+            && err.contains(&format!(
+                "not signed by a CA in --etcd-cacert {}",
+                path(&certs.other_ca)
+            )),
+        "{err}"
+    );
+
+    // etcd's certificate names 127.0.0.1, not localhost.
+    let err = tls_cli(&etcd, &certs.ca, Some(&certs))
+        .at(&format!("https://localhost:{}", etcd.tls_port.unwrap()))
+        .fails(&["init"], None, 1);
+    assert!(
+        err.contains("not valid for name \"localhost\"")
+            && err.contains("not made for 'localhost'"),
+        "{err}"
+    );
+
+    // No client certificate: etcd (--client-cert-auth) refuses the session.
+    let anonymous = tls_cli(&etcd, &certs.ca, None);
+    let err = anonymous.fails(&["init"], None, 1);
+    assert!(
+        err.contains("requires a client certificate") && err.contains("--etcd-cert"),
+        "{err}"
+    );
+    // A certificate etcd's CA did not sign (the server's own key pair is fine for the CLI).
+    let err = anonymous
+        .with("SHIELDKEY_ETCD_CERT", path(&certs.other_ca))
+        .with("SHIELDKEY_ETCD_KEY", path(&certs.dir.join("other-ca.key")))
+        .fails(&["init"], None, 1);
+    assert!(
+        err.contains(&format!(
+            "refused the client certificate in --etcd-cert {}",
+            path(&certs.other_ca)
+        )),
+        "{err}"
+    );
+
+    // Plain HTTP to the TLS port, TLS to the plain port.
+    let err = Cli::new(&etcd)
+        .at(&format!("http://127.0.0.1:{}", etcd.tls_port.unwrap()))
+        .fails(&["init"], None, 1);
+    assert!(err.contains("give its URL as https://"), "{err}");
+    let err = tls_cli(&etcd, &certs.ca, Some(&certs))
+        .at(&format!("https://127.0.0.1:{}", etcd.port))
+        .fails(&["init"], None, 1);
+    assert!(err.contains("does it serve TLS there?"), "{err}");
+
+    assert!(etcd.range("shieldkey/").is_empty());
+    assert_eq!(etcd.revision(), before, "nothing was written");
+}
+
+#[test]
+fn tls_options_are_checked_before_etcd_is_asked() {
+    let certs = Certs::make("options");
+    let dir = certs.dir.clone();
+    let cli = Cli {
+        urls: format!("https://127.0.0.1:{}", free_port()),
+        master: "unused".to_string(),
+        policy_file: dir.join("policy.json"),
+        env: Vec::new(),
+    };
+    let ca = path(&certs.ca);
+    let err = cli.fails(&["list"], None, 2);
+    assert!(
+        err.contains("https:// etcd URLs need --etcd-cacert PATH"),
+        "{err}"
+    );
+    let err = cli
+        .with("SHIELDKEY_ETCD_CERT", path(&certs.client_cert))
+        .fails(&["--etcd-cacert", ca, "list"], None, 2);
+    assert!(
+        err.contains("SHIELDKEY_ETCD_CERT needs --etcd-key PATH"),
+        "{err}"
+    );
+    let err = cli.at(&format!("http://127.0.0.1:{}", free_port())).fails(
+        &["--etcd-cacert", ca, "list"],
+        None,
+        2,
+    );
+    assert!(
+        err.contains("--etcd-cacert is for https:// etcd URLs"),
+        "{err}"
+    );
+    let err = cli.at("http://127.0.0.1:1,https://127.0.0.1:2").fails(
+        &["--etcd-cacert", ca, "list"],
+        None,
+        2,
+    );
+    assert!(err.contains("the same scheme"), "{err}");
+    // Files: named, with the reason; a key's contents are never echoed.
+    let err = cli.fails(&["--etcd-cacert", "/nonexistent/ca.pem", "list"], None, 1);
+    assert!(
+        err.contains("--etcd-cacert /nonexistent/ca.pem: No such file"),
+        "{err}"
+    );
+    let key_text = fs::read_to_string(&certs.client_key).unwrap();
+    let err = cli.fails(&["--etcd-cacert", path(&certs.client_key), "list"], None, 1);
+    assert!(err.contains("no PEM certificate in it"), "{err}");
+    let err = cli.fails(
+        &[
+            "--etcd-cacert",
+            ca,
+            "--etcd-cert",
+            path(&certs.client_cert),
+            "--etcd-key",
+            path(&certs.server_key),
+            "list",
+        ],
+        None,
+        1,
+    );
+    assert!(
+        err.contains("is not the key of the certificate in --etcd-cert"),
+        "{err}"
+    );
+    for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!err.contains(line), "{err}");
+    }
+}
+
+#[test]
+fn a_change_to_one_token_reads_that_token_only() {
+    let etcd = Etcd::start("scoped");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice", "bob"]);
+    // A token key that would not even parse: a change to another token must not read it.
+    etcd.put("shieldkey/policy/tokens/zed", "{not json");
+    cli.ok(&["revoke", "alice"], None);
+    assert!(cli
+        .fails(&["list"], None, 1)
+        .contains("shieldkey/policy/tokens/zed"));
 }

@@ -14,7 +14,7 @@ use super::args::Args;
 use super::duration::parse_ttl;
 use super::error::{failed, usage, CliError};
 use super::policy_file::{validate, write_atomic};
-use super::policy_store::{Loaded, PolicyStore, Saved};
+use super::policy_store::{Loaded, PolicyStore, Saved, Scope};
 use super::random;
 use super::rule_flags::RuleFlags;
 use crate::config::raw::{
@@ -284,6 +284,7 @@ fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> 
 fn change(
     ctx: &mut Context,
     publish: Publish,
+    scope: Scope,
     needs_master_key: bool,
     mut edit: impl FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<String, CliError>,
 ) -> Result<(), CliError> {
@@ -302,7 +303,7 @@ fn change(
         None => None,
     };
     let ((done, policy, master), steps, retries) = retrying(&mut ctx.store, |store| {
-        let Loaded { mut policy, base } = store.load()?;
+        let Loaded { mut policy, base } = store.load_scoped(&scope)?;
         let master = if needs_master_key {
             Some(require_master_key(Some(&policy))?)
         } else {
@@ -336,7 +337,7 @@ pub fn seal_key(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     args.finish()?;
     let plaintext = read_upstream_key(from_env.as_deref())?;
-    change(ctx, publish, true, |policy, master| {
+    change(ctx, publish, Scope::NoTokens, true, |policy, master| {
         let master = master.ok_or_else(|| failed("the master key is required"))?;
         let mut nonce = [0u8; NONCE_LEN];
         random::fill(&mut nonce)?;
@@ -438,37 +439,43 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     random::fill(&mut secret)?;
     let (full, secret_text) = token::format_token(&id, &secret);
     wipe(&mut secret);
-    change(ctx, publish, true, |policy, master| {
-        let master = master.ok_or_else(|| failed("the master key is required"))?;
-        if policy.tokens.iter().any(|t| t.id == id) {
-            return Err(failed(format!(
-                "a token with id '{id}' exists (revoke or remove it, or pick another id)"
-            )));
-        }
-        if !policy.upstream_keys.iter().any(|k| k.id == upstream_key) {
-            return Err(failed(format!(
+    change(
+        ctx,
+        publish,
+        Scope::Token(id.clone()),
+        true,
+        |policy, master| {
+            let master = master.ok_or_else(|| failed("the master key is required"))?;
+            if policy.tokens.iter().any(|t| t.id == id) {
+                return Err(failed(format!(
+                    "a token with id '{id}' exists (revoke or remove it, or pick another id)"
+                )));
+            }
+            if !policy.upstream_keys.iter().any(|k| k.id == upstream_key) {
+                return Err(failed(format!(
                 "no upstream key '{upstream_key}' (seal it first: shieldkey seal --id {upstream_key})"
             )));
-        }
-        let verifier = TokenVerifier::new(master.digest_key())
-            .ok_or_else(|| failed("cannot derive the digest key"))?;
-        let digest = verifier.digest(&id, secret_text.expose());
-        let mut token = RawToken {
-            id: id.clone(),
-            digest: STANDARD.encode(digest),
-            upstream_key: upstream_key.clone(),
-            owner: owner.clone(),
-            description: description.clone(),
-            not_before: not_before.clone(),
-            expires_at: expires_at.clone(),
-            ..RawToken::default()
-        };
-        rule_args.rules()?.apply(&mut token)?;
-        policy.tokens.push(token);
-        Ok(format!(
-            "minted token '{id}'; it is shown once, store it now"
-        ))
-    })?;
+            }
+            let verifier = TokenVerifier::new(master.digest_key())
+                .ok_or_else(|| failed("cannot derive the digest key"))?;
+            let digest = verifier.digest(&id, secret_text.expose());
+            let mut token = RawToken {
+                id: id.clone(),
+                digest: STANDARD.encode(digest),
+                upstream_key: upstream_key.clone(),
+                owner: owner.clone(),
+                description: description.clone(),
+                not_before: not_before.clone(),
+                expires_at: expires_at.clone(),
+                ..RawToken::default()
+            };
+            rule_args.rules()?.apply(&mut token)?;
+            policy.tokens.push(token);
+            Ok(format!(
+                "minted token '{id}'; it is shown once, store it now"
+            ))
+        },
+    )?;
     println!("{}", String::from_utf8_lossy(full.expose()));
     Ok(())
 }
@@ -485,14 +492,20 @@ pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Resul
     let publish = publish_options(&mut args, "publish")?;
     let id = args.positional("token id")?;
     args.finish()?;
-    change(ctx, publish, false, |policy, _| {
-        let token = token_mut(policy, &id)?;
-        token.status = status;
-        Ok(match status {
-            RawStatus::Revoked => format!("revoked token '{id}'"),
-            RawStatus::Active => format!("re-enabled token '{id}'"),
-        })
-    })
+    change(
+        ctx,
+        publish,
+        Scope::Token(id.clone()),
+        false,
+        |policy, _| {
+            let token = token_mut(policy, &id)?;
+            token.status = status;
+            Ok(match status {
+                RawStatus::Revoked => format!("revoked token '{id}'"),
+                RawStatus::Active => format!("re-enabled token '{id}'"),
+            })
+        },
+    )
 }
 
 /// `limit ID <rule flags>`: changes a token's rules (budget, rates, networks, countries, models).
@@ -506,24 +519,36 @@ pub fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
             "nothing to change: give at least one rule flag (see --help)",
         ));
     }
-    change(ctx, publish, false, |policy, _| {
-        rule_args.rules()?.apply(token_mut(policy, &id)?)?;
-        Ok(format!("changed the rules of token '{id}'"))
-    })
+    change(
+        ctx,
+        publish,
+        Scope::Token(id.clone()),
+        false,
+        |policy, _| {
+            rule_args.rules()?.apply(token_mut(policy, &id)?)?;
+            Ok(format!("changed the rules of token '{id}'"))
+        },
+    )
 }
 
 pub fn remove(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let id = args.positional("token id")?;
     args.finish()?;
-    change(ctx, publish, false, |policy, _| {
-        let before = policy.tokens.len();
-        policy.tokens.retain(|t| t.id != id);
-        if policy.tokens.len() == before {
-            return Err(failed(format!("no token with id '{id}'")));
-        }
-        Ok(format!("removed token '{id}'"))
-    })
+    change(
+        ctx,
+        publish,
+        Scope::Token(id.clone()),
+        false,
+        |policy, _| {
+            let before = policy.tokens.len();
+            policy.tokens.retain(|t| t.id != id);
+            if policy.tokens.len() == before {
+                return Err(failed(format!("no token with id '{id}'")));
+            }
+            Ok(format!("removed token '{id}'"))
+        },
+    )
 }
 
 pub fn list(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {

@@ -1,11 +1,13 @@
-//! etcd v3 through its JSON gateway (checked with etcd 3.4: `POST /v3/<service>/<method>`, plain
+//! etcd v3 through its JSON gateway (checked with etcd 3.4: `POST /v3/<service>/<method>`,
 //! HTTP/1.1, keys and values standard base64, int64 as strings, zero values left out).
 //!
 //! What the CLI needs: a prefix read in pages at one store revision, guarded writes (every key
 //! written is compared with the `mod_revision` it was read at) split into transactions under
-//! etcd's operation limit, and password authentication. TLS is not supported yet.
+//! etcd's operation limit, password authentication, and TLS for `https://` URLs (the server
+//! verified against `--etcd-cacert`, optionally a client certificate: `tls`).
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -13,6 +15,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::http::{self, Endpoint, HttpError, Limits, Request, UrlError};
+use super::tls::Tls;
 use crate::secret::SecretBytes;
 
 /// Keys per `kv/range` page.
@@ -73,9 +76,21 @@ pub struct Credentials {
     pub password_env: &'static str,
 }
 
+/// The TLS settings of the global options, for `https://` endpoints: set once, before any client
+/// is made (the policy store and the ledger reader make their own).
+static TLS: OnceLock<Tls> = OnceLock::new();
+
+/// Makes every `HttpTransport` made after it connect to `https://` endpoints with `tls`. The first
+/// call wins: the CLI calls it once, from its global options.
+pub fn use_tls(tls: Tls) {
+    let _ = TLS.set(tls);
+}
+
 /// The real transport: HTTP/1.1 to the endpoints, tried in order until one answers.
 pub struct HttpTransport {
     endpoints: Vec<Endpoint>,
+    /// For `https://` endpoints.
+    tls: Option<Tls>,
     /// The endpoint that answered last; tried first.
     next: usize,
     credentials: Option<Credentials>,
@@ -93,16 +108,38 @@ enum Failure {
 }
 
 impl HttpTransport {
-    /// `urls`: comma-separated `http://host:port`.
+    /// `urls`: comma-separated `http://host:port` or `https://host:port`; `https://` ones use the
+    /// TLS settings given to `use_tls`.
     pub fn new(urls: &str, credentials: Option<Credentials>) -> Result<HttpTransport, String> {
-        let mut endpoints = Vec::new();
+        HttpTransport::with_tls(urls, credentials, TLS.get().cloned())
+    }
+
+    /// `new`, with these TLS settings.
+    pub fn with_tls(
+        urls: &str,
+        credentials: Option<Credentials>,
+        tls: Option<Tls>,
+    ) -> Result<HttpTransport, String> {
+        let mut endpoints: Vec<Endpoint> = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let endpoint = Endpoint::parse(url).map_err(|e| match e {
-                UrlError::NotHttp => format!(
-                    "{url}: give etcd client URLs as http://HOST:PORT (TLS is not supported yet)"
-                ),
+            let endpoint = Endpoint::parse_http_or_https(url).map_err(|e| match e {
+                UrlError::NotHttp => {
+                    format!("{url}: give etcd client URLs as http://HOST:PORT or https://HOST:PORT")
+                }
                 UrlError::BadHostPort => format!("{url}: cannot read host and port"),
             })?;
+            if let Some(first) = endpoints.first().filter(|f| f.https != endpoint.https) {
+                return Err(format!(
+                    "{} and {url}: give every etcd URL with the same scheme, http:// or https://",
+                    first.url()
+                ));
+            }
+            if endpoint.https && tls.is_none() {
+                return Err(format!(
+                    "{url}: an https:// etcd needs --etcd-cacert PATH (or SHIELDKEY_ETCD_CACERT), \
+                     the PEM CA bundle that signed its certificate"
+                ));
+            }
             endpoints.push(endpoint);
         }
         if endpoints.is_empty() {
@@ -110,6 +147,7 @@ impl HttpTransport {
         }
         Ok(HttpTransport {
             tokens: vec![None; endpoints.len()],
+            tls: tls.filter(|_| endpoints.iter().any(|e| e.https)),
             endpoints,
             next: 0,
             credentials,
@@ -137,7 +175,7 @@ impl HttpTransport {
         if let Some(token) = token {
             headers.push(("Authorization", token));
         }
-        http::send(
+        http::send_over(
             endpoint,
             &Request {
                 method: "POST",
@@ -146,6 +184,7 @@ impl HttpTransport {
                 body,
             },
             &self.limits,
+            self.tls.as_ref(),
         )
     }
 
@@ -840,10 +879,15 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(HttpTransport::new("http://127.0.0.1:1,http://[::1]:2", None).is_ok());
-        let e = HttpTransport::new("https://127.0.0.1:2379", None)
+        let e = HttpTransport::with_tls("https://127.0.0.1:2379", None, None)
             .err()
             .unwrap();
-        assert!(e.contains("TLS is not supported"), "{e}");
+        assert!(e.contains("needs --etcd-cacert"), "{e}");
+        let e = HttpTransport::with_tls("http://127.0.0.1:1,https://127.0.0.1:2", None, None)
+            .err()
+            .unwrap();
+        assert!(e.contains("same scheme"), "{e}");
+        assert!(HttpTransport::with_tls("ftp://h:1", None, None).is_err());
         assert!(HttpTransport::new(" , ", None).is_err());
         assert!(HttpTransport::new("http://h:x", None).is_err());
     }

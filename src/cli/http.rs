@@ -1,12 +1,15 @@
-//! A small std-only HTTP/1.1 client for the CLI: one request per connection (`Connection: close`),
-//! plain HTTP only. Used for Envoy's admin API and etcd's JSON gateway, both on trusted networks.
+//! A small std-only HTTP/1.1 client for the CLI: one request per connection (`Connection: close`).
+//! Plain HTTP for Envoy's admin API; plain HTTP or TLS (`https://`, through `tls`) for etcd's JSON
+//! gateway.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-/// `http://host[:port][/base-path]`.
+use super::tls::{Tls, TlsStream};
+
+/// `http://host[:port][/base-path]`, or `https://` where TLS is allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     url: String,
@@ -14,20 +17,39 @@ pub struct Endpoint {
     pub port: u16,
     /// Prepended to every request path; no trailing `/`.
     pub base_path: String,
+    /// `https://`: the connection is TLS.
+    pub https: bool,
 }
 
 /// Why a URL is not an `Endpoint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UrlError {
-    /// Not `http://` (https and bare `host:port` included).
+    /// Not `http://` (nor `https://` where allowed; bare `host:port` included).
     NotHttp,
     /// The host or port cannot be read.
     BadHostPort,
 }
 
 impl Endpoint {
+    /// `http://` only.
     pub fn parse(url: &str) -> Result<Endpoint, UrlError> {
-        let rest = url.strip_prefix("http://").ok_or(UrlError::NotHttp)?;
+        Endpoint::parse_scheme(url, false)
+    }
+
+    /// `http://` or `https://`.
+    pub fn parse_http_or_https(url: &str) -> Result<Endpoint, UrlError> {
+        Endpoint::parse_scheme(url, true)
+    }
+
+    fn parse_scheme(url: &str, https_allowed: bool) -> Result<Endpoint, UrlError> {
+        let (rest, https) = match url.strip_prefix("http://") {
+            Some(rest) => (rest, false),
+            None => match url.strip_prefix("https://") {
+                Some(rest) if https_allowed => (rest, true),
+                _ => return Err(UrlError::NotHttp),
+            },
+        };
+        let default_port = if https { 443 } else { 80 };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
@@ -37,14 +59,14 @@ impl Endpoint {
             let (h, after) = v6.split_once(']').ok_or(bad)?;
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse().map_err(|_| bad)?,
-                None if after.is_empty() => 80,
+                None if after.is_empty() => default_port,
                 None => return Err(bad),
             };
             (h.to_string(), port)
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad)?),
-                None => (authority.to_string(), 80),
+                None => (authority.to_string(), default_port),
             }
         };
         if host.is_empty() || authority.contains('@') {
@@ -55,6 +77,7 @@ impl Endpoint {
             host,
             port,
             base_path: path.to_string(),
+            https,
         })
     }
 
@@ -112,11 +135,52 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// Sends one request and reads the whole answer.
+/// A connection: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Sends one request over plain HTTP and reads the whole answer.
 pub fn send(
     endpoint: &Endpoint,
     request: &Request<'_>,
     limits: &Limits,
+) -> Result<Response, HttpError> {
+    send_over(endpoint, request, limits, None)
+}
+
+/// Sends one request and reads the whole answer; `tls` is what `https://` endpoints connect with.
+pub fn send_over(
+    endpoint: &Endpoint,
+    request: &Request<'_>,
+    limits: &Limits,
+    tls: Option<&Tls>,
 ) -> Result<Response, HttpError> {
     let addrs = (endpoint.host.as_str(), endpoint.port)
         .to_socket_addrs()
@@ -132,7 +196,7 @@ pub fn send(
             Err(e) => last = format!("cannot connect to {addr}: {e}"),
         }
     }
-    let mut stream = stream.ok_or(HttpError::Connect(last))?;
+    let tcp = stream.ok_or(HttpError::Connect(last))?;
     let io = |e: std::io::Error| {
         HttpError::Exchange(format!(
             "{} {}{} failed: {e}",
@@ -143,12 +207,31 @@ pub fn send(
     };
     let setup =
         |e: std::io::Error| HttpError::Connect(format!("cannot set up the connection: {e}"));
-    stream
-        .set_read_timeout(Some(limits.io_timeout))
+    tcp.set_read_timeout(Some(limits.io_timeout))
         .map_err(setup)?;
-    stream
-        .set_write_timeout(Some(limits.io_timeout))
+    tcp.set_write_timeout(Some(limits.io_timeout))
         .map_err(setup)?;
+    let (mut stream, tls) = match (endpoint.https, tls) {
+        (false, _) => (Stream::Plain(tcp), None),
+        (true, Some(tls)) => {
+            let stream = tls
+                .connect(tcp, &endpoint.host)
+                .map_err(|m| HttpError::Connect(format!("{}: {m}", endpoint.url())))?;
+            (Stream::Tls(Box::new(stream)), Some(tls))
+        }
+        (true, None) => {
+            return Err(HttpError::Connect(format!(
+                "{}: no TLS settings for an https:// URL",
+                endpoint.url()
+            )))
+        }
+    };
+    // A TLS server that refuses the session (a TLS 1.3 client certificate check) drops the
+    // request unread: that is a failure to connect, not a failed exchange.
+    let refused = |e: &io::Error| {
+        tls.and_then(|tls| tls.refusal(e, &endpoint.host))
+            .map(|m| HttpError::Connect(format!("{}: {m}", endpoint.url())))
+    };
     let mut head = format!(
         "{} {}{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: shieldkey\r\nConnection: close\r\n",
         request.method,
@@ -165,12 +248,38 @@ pub fn send(
     head.push_str("\r\n");
     let mut out = head.into_bytes();
     out.extend_from_slice(request.body);
-    stream.write_all(&out).map_err(io)?;
+    if let Err(e) = stream.write_all(&out).and_then(|()| stream.flush()) {
+        return Err(refused(&e).unwrap_or_else(|| io(e)));
+    }
     let mut raw = Vec::new();
-    stream
+    if let Err(e) = stream
         .take(limits.max_response.saturating_add(1))
         .read_to_end(&mut raw)
-        .map_err(io)?;
+    {
+        if raw.is_empty() {
+            if let Some(refusal) = refused(&e) {
+                return Err(refusal);
+            }
+        }
+        // A TLS peer that closes without close_notify: accepted when the answer is complete by
+        // its own framing (a Content-Length or the last chunk), so nothing can have been cut.
+        if !(tls.is_some() && e.kind() == io::ErrorKind::UnexpectedEof && is_complete(&raw)) {
+            return Err(io(e));
+        }
+    }
+    if raw.is_empty() {
+        let hint = if endpoint.https {
+            ""
+        } else {
+            " (if it serves TLS there, give its URL as https://)"
+        };
+        return Err(HttpError::Exchange(format!(
+            "{} closed the connection without answering {} {}{hint}",
+            endpoint.url(),
+            request.method,
+            request.path
+        )));
+    }
     if u64::try_from(raw.len()).map_or(true, |n| n > limits.max_response) {
         return Err(HttpError::Exchange(format!(
             "the answer of {} is larger than {} bytes",
@@ -182,6 +291,22 @@ pub fn send(
         HttpError::Exchange(format!("{m} (from {}{})", endpoint.url(), request.path))
     })?;
     Ok(Response { status, body })
+}
+
+/// Whether an answer read so far is whole by its framing: a Content-Length body or a complete
+/// chunked body (an answer delimited only by the connection's end cannot tell).
+fn is_complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let framed = head.split("\r\n").skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim() == "content-length"
+                || (name.trim() == "transfer-encoding" && value.trim() == "chunked")
+        })
+    });
+    framed && parse_response(raw).is_ok()
 }
 
 /// Splits an HTTP/1.1 response into its status and (de-chunked) body.
@@ -258,6 +383,16 @@ mod tests {
         );
         assert_eq!(Endpoint::parse("http://localhost").unwrap().port, 80);
         assert_eq!(Endpoint::parse("https://x:1"), Err(UrlError::NotHttp));
+        let c = Endpoint::parse_http_or_https("https://[::1]/etcd").unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.base_path.as_str(), c.https),
+            ("::1", 443, "/etcd", true)
+        );
+        assert!(!Endpoint::parse_http_or_https("http://h:1").unwrap().https);
+        assert_eq!(
+            Endpoint::parse_http_or_https("ftp://h:1"),
+            Err(UrlError::NotHttp)
+        );
         assert_eq!(Endpoint::parse("127.0.0.1:9901"), Err(UrlError::NotHttp));
         for bad in [
             "http://:9901",
@@ -277,6 +412,19 @@ mod tests {
         assert_eq!(parse_response(raw).unwrap(), (404, b"no!".to_vec()));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort").is_err());
         assert!(parse_response(b"garbage").is_err());
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        ));
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok"
+        ));
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\n\r\nwho knows"));
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        ));
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
+        ));
     }
 
     #[test]

@@ -13,12 +13,13 @@ mod policy_store;
 mod random;
 mod rule_flags;
 mod status;
+mod tls;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use args::Args;
 use commands::Context;
-use error::{usage, CliError};
+use error::{failed, usage, CliError};
 use policy_store::{PolicyStore, DEFAULT_PREFIX};
 
 use crate::config::raw::RawStatus;
@@ -26,7 +27,8 @@ use crate::config::raw::RawStatus;
 const USAGE: &str = "\
 shieldkey: revocable shield tokens for Mistral behind Envoy
 
-usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAME]]
+usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAME]
+                   [--etcd-cacert PATH [--etcd-cert PATH --etcd-key PATH]]]
                  <command> [options]
 
   keygen                          print a new base64 master key (keep it in your secret store)
@@ -61,19 +63,27 @@ defaults are shieldkey.wasm (relative to Envoy's working directory), vm_id shiel
 --admin URL (Envoy's admin, e.g. http://127.0.0.1:9901): after writing, wait up to --wait-secs
 (default 10) until Envoy applied the new revision; exit 1 if it rejected it or did not apply it.
 
-Fleet mode: with --etcd URLS (comma-separated http://HOST:PORT etcd client URLs, tried in order
-until one answers) every command reads and writes the policy in etcd under --etcd-prefix
-(default shieldkey/) instead of the policy file: <prefix>policy/settings, <prefix>policy/keys/<id>,
-<prefix>policy/tokens/<id>. A change writes only the keys it changes, guarded by the revisions it
-read: when another writer got there first it is read and applied again (up to 5 times). There is
-nothing to publish (Envoys follow etcd): publish and --publish are refused. --etcd-user NAME
-authenticates with the password from SHIELDKEY_ETCD_PASSWORD (never argv). Plain HTTP only: TLS
-to etcd is not supported yet.
+Fleet mode: with --etcd URLS (comma-separated etcd client URLs, all http://HOST:PORT or all
+https://HOST:PORT, tried in order until one answers) every command reads and writes the policy
+in etcd under --etcd-prefix (default shieldkey/) instead of the policy file:
+<prefix>policy/settings, <prefix>policy/keys/<id>, <prefix>policy/tokens/<id>. A change writes
+only the keys it changes, guarded by the revisions it read: when another writer got there first
+it is read and applied again (up to 5 times). There is nothing to publish (Envoys follow etcd):
+publish and --publish are refused. --etcd-user NAME authenticates with the password from
+SHIELDKEY_ETCD_PASSWORD (never argv).
+
+TLS to etcd (https:// URLs): --etcd-cacert PATH, a PEM bundle of the CAs that etcd's server
+certificate must chain to (required: the system's roots are not used); the certificate must name
+the URL's host (a DNS name, or an IP address as an IP SAN). --etcd-cert PATH and --etcd-key PATH:
+a PEM client certificate (chain) and its unencrypted private key, for an etcd that runs with
+--client-cert-auth.
 
 Environment: SHIELDKEY_POLICY (policy file, default policy.json), SHIELDKEY_MASTER_KEY (or the
 variable the policy's master_key_env names), SHIELDKEY_PUBLISH, SHIELDKEY_WASM, SHIELDKEY_ADMIN
 (defaults for --publish/--to, --wasm and --admin), SHIELDKEY_ETCD, SHIELDKEY_ETCD_PREFIX,
-SHIELDKEY_ETCD_USER (defaults for --etcd, --etcd-prefix, --etcd-user), SHIELDKEY_ETCD_PASSWORD.
+SHIELDKEY_ETCD_USER, SHIELDKEY_ETCD_CACERT, SHIELDKEY_ETCD_CERT, SHIELDKEY_ETCD_KEY (defaults for
+--etcd, --etcd-prefix, --etcd-user, --etcd-cacert, --etcd-cert, --etcd-key),
+SHIELDKEY_ETCD_PASSWORD.
 Times are RFC 3339, e.g. 2027-01-31T00:00:00Z.
 ";
 
@@ -105,6 +115,9 @@ struct StoreOptions {
     etcd: Option<String>,
     prefix: Option<String>,
     user: Option<String>,
+    cacert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
 }
 
 impl StoreOptions {
@@ -114,6 +127,9 @@ impl StoreOptions {
             etcd: args.option("etcd")?,
             prefix: args.option("etcd-prefix")?,
             user: args.option("etcd-user")?,
+            cacert: args.option("etcd-cacert")?,
+            cert: args.option("etcd-cert")?,
+            key: args.option("etcd-key")?,
         })
     }
 
@@ -126,12 +142,16 @@ impl StoreOptions {
         }
     }
 
-    /// Where the policy is, from the flags and their environment defaults.
+    /// Where the policy is, from the flags and their environment defaults. In fleet mode this
+    /// also loads the TLS options: every etcd client made afterwards uses them.
     fn target(self) -> Result<Target, CliError> {
         let Some(urls) = self.etcd.or_else(|| env_var("SHIELDKEY_ETCD")) else {
             for (flag, given) in [
                 ("--etcd-prefix", self.prefix.is_some()),
                 ("--etcd-user", self.user.is_some()),
+                ("--etcd-cacert", self.cacert.is_some()),
+                ("--etcd-cert", self.cert.is_some()),
+                ("--etcd-key", self.key.is_some()),
             ] {
                 if given {
                     return Err(usage(format!(
@@ -155,8 +175,68 @@ impl StoreOptions {
             .or_else(|| env_var("SHIELDKEY_ETCD_PREFIX"))
             .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
         let user = self.user.or_else(|| env_var("SHIELDKEY_ETCD_USER"));
+        configure_tls(&urls, self.cacert, self.cert, self.key)?;
         Ok(Target::Etcd { urls, prefix, user })
     }
+}
+
+/// A path option: the flag, or else its variable; with the name it was given by, for messages.
+fn path_option(
+    flag: Option<String>,
+    name: &'static str,
+    var: &'static str,
+) -> Option<(String, &'static str)> {
+    flag.map(|v| (v, name))
+        .or_else(|| env_var(var).map(|v| (v, var)))
+}
+
+/// Checks the TLS options (`--etcd-cacert`, `--etcd-cert`, `--etcd-key` or their variables)
+/// against the etcd URLs and loads them for `https://` URLs.
+fn configure_tls(
+    urls: &str,
+    cacert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+) -> Result<(), CliError> {
+    let ca = path_option(cacert, "--etcd-cacert", "SHIELDKEY_ETCD_CACERT");
+    let cert = path_option(cert, "--etcd-cert", "SHIELDKEY_ETCD_CERT");
+    let key = path_option(key, "--etcd-key", "SHIELDKEY_ETCD_KEY");
+    let https = urls
+        .split(',')
+        .any(|url| url.trim().starts_with("https://"));
+    if !https {
+        // Given for a TLS etcd but pointed at a plain one: say so rather than send in the clear.
+        return match ca.iter().chain(&cert).chain(&key).next() {
+            Some((_, name)) => Err(usage(format!(
+                "{name} is for https:// etcd URLs, and the etcd URLs ({urls}) have none"
+            ))),
+            None => Ok(()),
+        };
+    }
+    let Some((ca, _)) = ca else {
+        return Err(usage(
+            "https:// etcd URLs need --etcd-cacert PATH (or SHIELDKEY_ETCD_CACERT): the PEM CA \
+             bundle that signed etcd's server certificate",
+        ));
+    };
+    let client = match (&cert, &key) {
+        (Some((cert, _)), Some((key, _))) => Some((Path::new(cert), Path::new(key))),
+        (None, None) => None,
+        (Some((_, name)), None) => {
+            return Err(usage(format!(
+                "{name} needs --etcd-key PATH (or SHIELDKEY_ETCD_KEY): the client certificate's \
+                 private key"
+            )))
+        }
+        (None, Some((_, name))) => {
+            return Err(usage(format!(
+                "{name} needs --etcd-cert PATH (or SHIELDKEY_ETCD_CERT): the client certificate \
+                 of that key"
+            )))
+        }
+    };
+    etcd::use_tls(tls::Tls::load(Path::new(&ca), client).map_err(failed)?);
+    Ok(())
 }
 
 /// Where the policy is: the file, or etcd (comma-separated URLs, prefix, user).

@@ -45,6 +45,15 @@ pub struct EtcdPolicy {
 /// Keys read from etcd: key → (value, `mod_revision`).
 type Keys = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
+/// What a change reads: in etcd, a command about one token reads the settings, the upstream keys
+/// and that token only, so its cost does not grow with the number of tokens (the write is
+/// guarded by the settings key, which every change rewrites). A file is always read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Token(String),
+    NoTokens,
+}
+
 /// What a save is based on: the keys and `mod_revision`s read (etcd), or nothing (the file).
 pub struct Base(Option<Keys>);
 
@@ -137,6 +146,14 @@ impl PolicyStore {
                 base: Base(None),
             }),
             PolicyStore::Etcd(e) => e.load(),
+        }
+    }
+
+    /// `load`, reading only what `scope` needs from etcd.
+    pub fn load_scoped(&mut self, scope: &Scope) -> Result<Loaded, CliError> {
+        match (self, scope) {
+            (PolicyStore::Etcd(e), scope) => e.load_scoped(scope),
+            (store, _) => store.load(),
         }
     }
 
@@ -270,6 +287,37 @@ impl EtcdPolicy {
                  }| (key, (value, mod_revision)),
             )
             .collect())
+    }
+
+    fn load_scoped(&mut self, scope: &Scope) -> Result<Loaded, CliError> {
+        let mut kvs = Keys::new();
+        let mut read = |store: &mut Self, prefix: String, exact: bool| -> Result<(), CliError> {
+            let snapshot = store
+                .etcd
+                .range_prefix(prefix.as_bytes())
+                .map_err(etcd_failed)?;
+            for Kv {
+                key,
+                value,
+                mod_revision,
+            } in snapshot.kvs
+            {
+                if !exact || key == prefix.as_bytes() {
+                    kvs.insert(key, (value, mod_revision));
+                }
+            }
+            Ok(())
+        };
+        read(self, self.settings_key(), true)?;
+        read(self, self.keys_prefix(), false)?;
+        if let Scope::Token(id) = scope {
+            read(self, format!("{}{id}", self.tokens_prefix()), true)?;
+        }
+        let policy = self.assemble(&kvs)?;
+        Ok(Loaded {
+            policy,
+            base: Base(Some(kvs)),
+        })
     }
 
     fn load(&mut self) -> Result<Loaded, CliError> {

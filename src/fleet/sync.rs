@@ -38,6 +38,7 @@ pub struct Call {
 #[derive(Debug, Default)]
 struct Snapshot {
     settings: Option<Vec<u8>>,
+    settings_mod: u64,
     keys: Vec<(String, Vec<u8>)>,
     tokens: Vec<(String, Vec<u8>, u64)>,
 }
@@ -49,6 +50,10 @@ enum Phase {
         next: Vec<u8>,
         snapshot: Snapshot,
     },
+    /// Reading the settings key alone, which the CLI rewrites with every change: a change scan
+    /// runs only when it moved, so following costs etcd one key per interval, not a scan of
+    /// the whole policy.
+    Probing,
     Following {
         /// Paging through one batch of changes: (snapshot revision, next key).
         page: Option<(u64, Vec<u8>)>,
@@ -116,6 +121,10 @@ pub struct PolicySync {
     /// The settings of the current base without their `revision`: every CLI change bumps the
     /// revision, which alone must not reload everything.
     settings_doc: Option<Vec<u8>>,
+    /// The settings key's modification revision as last seen, and whether a change scan is due
+    /// (the settings moved, or the reconcile interval came round).
+    settings_mod: u64,
+    scan_due: bool,
     pub failures: u64,
     pub last_success_ms: Option<i64>,
 }
@@ -153,6 +162,8 @@ impl PolicySync {
             known: BTreeSet::new(),
             key_ids: Vec::new(),
             settings_doc: None,
+            settings_mod: 0,
+            scan_due: false,
             failures: 0,
             last_success_ms: None,
         }
@@ -184,6 +195,8 @@ impl PolicySync {
                 next: self.settings.tokens_prefix().into_bytes(),
                 seen: BTreeSet::new(),
             };
+        } else if matches!(self.phase, Phase::Following { page: None }) && !self.scan_due {
+            self.phase = Phase::Probing;
         }
         let policy_prefix = self.settings.policy_prefix().into_bytes();
         let range = match &self.phase {
@@ -202,6 +215,14 @@ impl PolicySync {
                     limit: PAGE,
                     min_mod_revision: self.revision + 1,
                     revision: at,
+                    ..Range::default()
+                }
+            }
+            Phase::Probing => {
+                let key = self.settings.settings_key().into_bytes();
+                Range {
+                    end: after(&key),
+                    from: key,
                     ..Range::default()
                 }
             }
@@ -261,6 +282,7 @@ impl PolicySync {
                 snapshot,
                 next: _,
             } => self.on_load_page(store, at, snapshot, reply),
+            Phase::Probing => self.on_probe(&reply),
             Phase::Following { page } => self.on_changes(store, page, reply),
             Phase::Reconciling { at, seen, next: _ } => self.on_listing(store, at, seen, reply),
             Phase::Restoring {
@@ -288,7 +310,9 @@ impl PolicySync {
                 *snapshot = Snapshot::default();
             }
             Phase::Following { page } => *page = None,
-            Phase::Reconciling { .. } => self.phase = Phase::Following { page: None },
+            Phase::Probing | Phase::Reconciling { .. } => {
+                self.phase = Phase::Following { page: None }
+            }
             Phase::Restoring { at, next, restored } => {
                 *at = 0;
                 *next = lease::node_prefix(&self.settings.prefix, &self.node).into_bytes();
@@ -352,6 +376,7 @@ impl PolicySync {
         let key = String::from_utf8_lossy(&kv.key).into_owned();
         if key == self.settings.settings_key() {
             snapshot.settings = Some(kv.value);
+            snapshot.settings_mod = kv.mod_revision;
         } else if let Some(id) = key.strip_prefix(&self.settings.keys_prefix()) {
             snapshot.keys.push((id.to_string(), kv.value));
         } else if let Some(id) = key.strip_prefix(&self.settings.tokens_prefix()) {
@@ -372,6 +397,7 @@ impl PolicySync {
         let settings = snapshot
             .settings
             .ok_or_else(|| format!("no {} in etcd", self.settings.settings_key()))?;
+        self.settings_mod = snapshot.settings_mod;
         let mut base: RawPolicy = serde_json::from_slice(&settings)
             .map_err(|e| format!("{}: {e}", self.settings.settings_key()))?;
         let settings_doc = without_revision(&settings);
@@ -451,6 +477,20 @@ impl PolicySync {
         }
     }
 
+    fn on_probe(&mut self, reply: &super::etcd::RangeReply) -> Outcome {
+        let moved = reply.kvs.first().map_or(0, |kv| kv.mod_revision);
+        if moved != self.settings_mod {
+            self.settings_mod = moved;
+            self.scan_due = true;
+            // Scan at once.
+            return Outcome::Paging;
+        }
+        Outcome::Applied {
+            revision: self.revision,
+            records: 0,
+        }
+    }
+
     fn on_changes(
         &mut self,
         store: &dyn SharedStore,
@@ -486,6 +526,7 @@ impl PolicySync {
             return Outcome::Paging;
         }
         self.revision = self.revision.max(at);
+        self.scan_due = false;
         Outcome::Applied {
             revision: self.revision,
             records,
@@ -521,6 +562,9 @@ impl PolicySync {
             let _ = policy_store::put_newest(store, id, at.max(self.revision), None);
             self.known.remove(id);
         }
+        // Keys written without the settings key moving (by hand, not by the CLI) are picked up
+        // by the scan that follows every reconcile.
+        self.scan_due = true;
         Outcome::Reconciled {
             removed: gone.len(),
         }

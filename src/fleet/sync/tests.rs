@@ -116,6 +116,15 @@ fn token(id: &str, status: &str) -> Value {
     json!({"id": id, "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod", "status": status})
 }
 
+/// What every CLI change also does: rewrite the settings with the next revision.
+fn bump_settings(etcd: &mut FakeEtcd) {
+    let revision = etcd.revision;
+    etcd.put(
+        "shieldkey/policy/settings",
+        json!({"version": 1, "revision": revision}),
+    );
+}
+
 fn etcd_with(tokens: usize) -> FakeEtcd {
     let mut etcd = FakeEtcd::default();
     etcd.put(
@@ -178,12 +187,16 @@ fn loads_everything_in_pages_then_follows_changes_one_record_at_a_time() {
     );
     let reads = store.reads.get();
     let outcomes = run(&mut sync, &etcd, &store, 100);
+    // The probe of the settings key saw it move; the scan applied one record.
     assert_eq!(
         outcomes,
-        vec![Outcome::Applied {
-            revision: etcd.revision,
-            records: 1
-        }]
+        vec![
+            Outcome::Paging,
+            Outcome::Applied {
+                revision: etcd.revision,
+                records: 1
+            }
+        ]
     );
     assert_eq!(revoked(&store, "t7"), Some(true));
     assert!(
@@ -234,6 +247,7 @@ fn a_new_upstream_key_loads_everything_again_and_bad_settings_change_nothing() {
         "shieldkey/policy/keys/a-key",
         json!({"id": "a-key", "sealed": sealed("a-key")}),
     );
+    bump_settings(&mut etcd);
     let outcomes = run(&mut sync, &etcd, &store, 100);
     assert!(
         matches!(outcomes.last(), Some(Outcome::Loaded { tokens: 3, .. })),
@@ -267,6 +281,7 @@ fn a_token_that_does_not_compile_is_removed_not_kept_at_its_old_state() {
         "shieldkey/policy/tokens/t0",
         json!({"id": "t0", "digest": "x", "upstream_key": "prod"}),
     );
+    bump_settings(&mut etcd);
     run(&mut sync, &etcd, &store, 100);
     assert_eq!(revoked(&store, "t0"), None);
 }
@@ -286,6 +301,7 @@ fn etcd_down_keeps_the_last_policy_and_catches_up_when_it_returns() {
     assert_eq!(sync.failures, 1);
     assert_eq!(revoked(&store, "t1"), Some(false));
     etcd.put("shieldkey/policy/tokens/t1", token("t1", "revoked"));
+    bump_settings(&mut etcd);
     etcd.down = false;
     run(&mut sync, &etcd, &store, 200);
     assert_eq!(revoked(&store, "t1"), Some(true));
@@ -423,4 +439,35 @@ fn rate_counts_are_shared_and_the_other_envoys_read_back() {
         ledger.admit("r", &limits, 0, now + 300),
         Err(crate::ledger::LedgerDenial::RequestRate { .. })
     ));
+}
+
+#[test]
+fn following_reads_one_key_until_the_settings_move_and_a_hand_written_key_waits_for_the_reconcile()
+{
+    let mut etcd = etcd_with(3);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, 0);
+    // Idle: each interval is one range of the settings key alone.
+    let probe = sync.poll(100).unwrap();
+    let doc: Value = serde_json::from_slice(&probe.body).unwrap();
+    assert_eq!(
+        STANDARD.decode(doc["key"].as_str().unwrap()).unwrap(),
+        b"shieldkey/policy/settings"
+    );
+    let (status, body) = etcd.answer(&probe.body);
+    assert_eq!(
+        sync.on_reply(&store, 100, status, &body),
+        Outcome::Applied {
+            revision: sync.revision(),
+            records: 0
+        }
+    );
+    // Written by hand without touching the settings: seen after the reconcile listing.
+    etcd.put("shieldkey/policy/tokens/t2", token("t2", "revoked"));
+    run(&mut sync, &etcd, &store, 300);
+    assert_eq!(revoked(&store, "t2"), Some(false));
+    run(&mut sync, &etcd, &store, 1_000);
+    run(&mut sync, &etcd, &store, 1_100);
+    assert_eq!(revoked(&store, "t2"), Some(true));
 }
