@@ -125,6 +125,10 @@ pub struct PolicySync {
     /// (the settings moved, or the reconcile interval came round).
     settings_mod: u64,
     scan_due: bool,
+    /// The reconcile listing in progress (snapshot revision, next key, ids seen), paged between
+    /// probes, and whose turn it is.
+    listing: Option<(u64, Vec<u8>, BTreeSet<String>)>,
+    list_turn: bool,
     pub failures: u64,
     pub last_success_ms: Option<i64>,
 }
@@ -164,6 +168,8 @@ impl PolicySync {
             settings_doc: None,
             settings_mod: 0,
             scan_due: false,
+            listing: None,
+            list_turn: false,
             failures: 0,
             last_success_ms: None,
         }
@@ -188,15 +194,26 @@ impl PolicySync {
         if self.in_flight || now_ms < self.next_due_ms || self.node.is_empty() {
             return None;
         }
-        if matches!(self.phase, Phase::Following { page: None }) && now_ms >= self.next_reconcile_ms
-        {
-            self.phase = Phase::Reconciling {
-                at: 0,
-                next: self.settings.tokens_prefix().into_bytes(),
-                seen: BTreeSet::new(),
-            };
-        } else if matches!(self.phase, Phase::Following { page: None }) && !self.scan_due {
-            self.phase = Phase::Probing;
+        if matches!(self.phase, Phase::Following { page: None }) {
+            if self.listing.is_none() && now_ms >= self.next_reconcile_ms {
+                self.listing = Some((
+                    0,
+                    self.settings.tokens_prefix().into_bytes(),
+                    BTreeSet::new(),
+                ));
+                self.list_turn = true;
+            }
+            if self.scan_due {
+                // The change scan (Following) goes first.
+            } else if let (true, Some((at, next, seen))) = (self.list_turn, self.listing.take()) {
+                // A page of the listing, then a probe: a long listing never delays following
+                // by more than a page.
+                self.phase = Phase::Reconciling { at, next, seen };
+                self.list_turn = false;
+            } else {
+                self.phase = Phase::Probing;
+                self.list_turn = true;
+            }
         }
         let policy_prefix = self.settings.policy_prefix().into_bytes();
         let range = match &self.phase {
@@ -229,7 +246,7 @@ impl PolicySync {
             Phase::Reconciling { at, next, .. } => Range {
                 from: next.clone(),
                 end: prefix_end(self.settings.tokens_prefix().as_bytes()),
-                limit: PAGE * 10,
+                limit: PAGE * 5,
                 revision: *at,
                 keys_only: true,
                 ..Range::default()
@@ -549,11 +566,7 @@ impl PolicySync {
             }
         }
         if let (true, Some(last)) = (reply.more, last) {
-            self.phase = Phase::Reconciling {
-                at,
-                next: after(&last),
-                seen,
-            };
+            self.listing = Some((at, after(&last), seen));
             return Outcome::Paging;
         }
         // Only what the followed revision already knew and the listing no longer has.

@@ -471,3 +471,43 @@ fn following_reads_one_key_until_the_settings_move_and_a_hand_written_key_waits_
     run(&mut sync, &etcd, &store, 1_100);
     assert_eq!(revoked(&store, "t2"), Some(true));
 }
+
+#[test]
+fn a_long_reconcile_listing_is_paged_between_probes() {
+    let mut etcd = etcd_with(12_000);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, 0);
+    let kind = |call: &Call| -> &'static str {
+        let doc: Value = serde_json::from_slice(&call.body).unwrap();
+        if doc["keys_only"] == true {
+            "listing"
+        } else if STANDARD.decode(doc["key"].as_str().unwrap()).unwrap()
+            == b"shieldkey/policy/settings"
+        {
+            "probe"
+        } else {
+            "other"
+        }
+    };
+    let mut seen = Vec::new();
+    for now in [1_000, 1_000, 1_100, 1_100, 1_200, 1_200] {
+        let Some(call) = sync.poll(now) else {
+            seen.push("idle");
+            continue;
+        };
+        seen.push(kind(&call));
+        let (status, body) = etcd.answer(&call.body);
+        sync.on_reply(&store, now, status, &body);
+    }
+    assert_eq!(
+        seen,
+        ["listing", "probe", "listing", "probe", "listing", "probe"],
+        "a revocation waits at most one page of the listing"
+    );
+    // A revocation made now is applied at the next interval, listing or not.
+    etcd.put("shieldkey/policy/tokens/t5", token("t5", "revoked"));
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 1_300);
+    assert_eq!(revoked(&store, "t5"), Some(true));
+}
