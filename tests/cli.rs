@@ -708,3 +708,208 @@ fn publish_with_admin_waits_for_envoys_verdict() {
         file_before
     );
 }
+
+/// Each token's status in the policy file, by id.
+fn statuses(ws: &Workspace) -> Vec<(String, String)> {
+    read_json(&ws.policy())["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_string(),
+                t["status"].as_str().unwrap_or("active").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn expect_statuses(ws: &Workspace, want: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(id, s)| (id.to_string(), s.to_string()))
+        .collect();
+    assert_eq!(statuses(ws), want);
+}
+
+#[test]
+fn revoke_by_owner_changes_every_token_of_that_owner_in_one_revision() {
+    let ws = Workspace::new("owner");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    let alice = "alice@example.com";
+    for (id, owner) in [
+        ("a1", alice),
+        ("a2", alice),
+        ("a3", alice),
+        ("b1", "bob@example.com"),
+        // Another owner for an exact, case-sensitive match.
+        ("c1", "Alice@example.com"),
+    ] {
+        ws.ok(
+            &[
+                "mint",
+                "--id",
+                id,
+                "--upstream-key",
+                "prod",
+                "--owner",
+                owner,
+            ],
+            None,
+        );
+    }
+    ws.ok(&["revoke", "a2"], None);
+    let rev = revision(&ws);
+    let before = fs::read(ws.policy()).unwrap();
+
+    // --dry-run: what would change, on stdout as the real run prints it; nothing written.
+    let out = ws.run(&["revoke", "--owner", alice, "--dry-run"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a1\na3\n");
+    assert!(
+        err.contains(&format!(
+            "dry run: would revoke 2 tokens of owner '{alice}' (policy revision {rev} -> {}); \
+             nothing was written",
+            rev + 1
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("left as they are (already revoked): a2"),
+        "{err}"
+    );
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+
+    // The change: the two active tokens of alice, in one revision; bob and Alice untouched.
+    let out = ws.run(&["revoke", "--owner", alice], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a1\na3\n");
+    assert!(
+        err.contains(&format!(
+            "revoked 2 tokens of owner '{alice}' (policy revision {})",
+            rev + 1
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("left as they are (already revoked): a2"),
+        "{err}"
+    );
+    assert_eq!(revision(&ws), rev + 1, "one revision");
+    expect_statuses(
+        &ws,
+        &[
+            ("a1", "revoked"),
+            ("a2", "revoked"),
+            ("a3", "revoked"),
+            ("b1", "active"),
+            ("c1", "active"),
+        ],
+    );
+    assert!(ws.ok(&["check"], None).starts_with("ok: revision"));
+
+    // Nothing left to change, no such owner, or a near miss: exit 1, nothing written.
+    let before = fs::read(ws.policy()).unwrap();
+    let err = ws.fails(&["revoke", "--owner", alice], None, 1);
+    assert!(
+        err.contains(&format!(
+            "no active token of owner '{alice}': its 3 tokens are already revoked (a1, a2, a3); \
+             nothing was changed"
+        )),
+        "{err}"
+    );
+    let err = ws.fails(&["revoke", "--owner", "carol@example.com"], None, 1);
+    assert!(
+        err.contains("no token has owner 'carol@example.com'; nothing was changed"),
+        "{err}"
+    );
+    let err = ws.fails(
+        &["revoke", "--owner", "ALICE@example.com", "--dry-run"],
+        None,
+        1,
+    );
+    assert!(
+        err.contains(
+            "no token has owner 'ALICE@example.com' (owners match exactly; similar: \
+             'Alice@example.com', 'alice@example.com')"
+        ),
+        "{err}"
+    );
+    // An id and --owner exclude each other (the id is not echoed); an empty owner is refused.
+    let err = ws.fails(&["revoke", "b1", "--owner", alice], None, 2);
+    assert!(
+        err.contains("give a token id or --owner OWNER, not both") && !err.contains("b1"),
+        "{err}"
+    );
+    ws.fails(&["unrevoke", "--owner", alice, "a1"], None, 2);
+    ws.fails(&["revoke", "--owner="], None, 2);
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+
+    // unrevoke --owner: the reverse, by the same rules, in one revision.
+    assert_eq!(ws.ok(&["unrevoke", "--owner", alice], None), "a1\na2\na3\n");
+    assert_eq!(revision(&ws), rev + 2);
+    let err = ws.fails(&["unrevoke", "--owner", "bob@example.com"], None, 1);
+    assert!(
+        err.contains(
+            "no revoked token of owner 'bob@example.com': its 1 token is already active (b1)"
+        ),
+        "{err}"
+    );
+
+    // The single-token form takes --dry-run too.
+    let before = fs::read(ws.policy()).unwrap();
+    let err = String::from_utf8(ws.run(&["revoke", "b1", "--dry-run"], None).stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "dry run: would revoke token 'b1' (policy revision {} -> {}); nothing was written",
+            rev + 2,
+            rev + 3
+        )),
+        "{err}"
+    );
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+
+    // With --publish: one change, one publish of it.
+    fs::create_dir(ws.dir.join("filter")).unwrap();
+    let out = ws.run(
+        &[
+            "revoke",
+            "--owner",
+            "bob@example.com",
+            "--publish",
+            "filter/shieldkey.json",
+            "--wasm",
+            "/opt/shieldkey.wasm",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "b1\n");
+    assert_eq!(revision(&ws), rev + 3);
+    assert!(
+        err.contains(&format!(
+            "published revision {} to filter/shieldkey.json",
+            rev + 3
+        )),
+        "{err}"
+    );
+    let ecds = read_json(&ws.dir.join("filter/shieldkey.json"));
+    assert_eq!(ecds["version_info"], (rev + 3).to_string());
+    let inner: serde_json::Value = serde_json::from_str(
+        ecds["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let b1 = inner["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "b1")
+        .unwrap();
+    assert_eq!(b1["status"], "revoked");
+}

@@ -1532,3 +1532,134 @@ fn a_change_to_one_token_reads_that_token_only() {
         .fails(&["list"], None, 1)
         .contains("shieldkey/policy/tokens/zed"));
 }
+
+#[test]
+fn revoke_by_owner_is_one_change_of_exactly_those_tokens() {
+    let etcd = Etcd::start("owner");
+    let cli = Cli::new(&etcd);
+    cli.ok(&["init"], None);
+    cli.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    let alice = "alice@example.com";
+    for (id, owner) in [
+        ("a1", alice),
+        ("a2", alice),
+        ("a3", alice),
+        ("b1", "bob@example.com"),
+    ] {
+        cli.ok(
+            &[
+                "mint",
+                "--id",
+                id,
+                "--upstream-key",
+                "prod",
+                "--owner",
+                owner,
+            ],
+            None,
+        );
+    }
+    cli.ok(&["revoke", "a2"], None);
+    let settings = "shieldkey/policy/settings";
+    let policy_revision = etcd.value(settings)["revision"].as_u64().unwrap();
+    let before = etcd.range("shieldkey/");
+    let store_before = etcd.revision();
+
+    // --dry-run: the same answer, nothing written.
+    let (out, err) = cli.ok(&["revoke", "--owner", alice, "--dry-run"], None);
+    assert_eq!(out, "a1\na3\n");
+    assert!(
+        err.contains(&format!(
+            "dry run: would revoke 2 tokens of owner '{alice}' (policy revision \
+             {policy_revision} -> {})",
+            policy_revision + 1
+        )),
+        "{err}"
+    );
+    assert_eq!(etcd.revision(), store_before, "a dry run writes nothing");
+
+    let (out, err) = cli.ok(&["revoke", "--owner", alice], None);
+    assert_eq!(out, "a1\na3\n");
+    assert!(
+        err.contains(&format!(
+            "revoked 2 tokens of owner '{alice}' (policy revision {}, etcd prefix shieldkey/",
+            policy_revision + 1
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("left as they are (already revoked): a2"),
+        "{err}"
+    );
+    assert_eq!(etcd.revision(), store_before + 1, "one transaction");
+    assert_eq!(
+        etcd.value(settings)["revision"].as_u64().unwrap(),
+        policy_revision + 1,
+        "one policy revision"
+    );
+    let after = etcd.range("shieldkey/");
+    assert_eq!(keys(&after), keys(&before));
+    let written: Vec<&str> = after
+        .iter()
+        .filter(|(k, v)| before[*k] != **v)
+        .map(|(k, (_, m))| {
+            assert_eq!(*m, store_before + 1, "{k}");
+            k.as_str()
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [
+            settings,
+            "shieldkey/policy/tokens/a1",
+            "shieldkey/policy/tokens/a3"
+        ]
+    );
+    for (id, status) in [
+        ("a1", "revoked"),
+        ("a2", "revoked"),
+        ("a3", "revoked"),
+        ("b1", "active"),
+    ] {
+        let token = etcd.value(&format!("shieldkey/policy/tokens/{id}"));
+        assert_eq!(token["status"].as_str().unwrap_or("active"), status, "{id}");
+    }
+
+    // Nothing to change, or --publish in fleet mode: refused, nothing written.
+    let store = etcd.revision();
+    assert!(cli
+        .fails(&["revoke", "--owner", alice], None, 1)
+        .contains("no active token of owner 'alice@example.com'"));
+    assert!(cli
+        .fails(&["revoke", "--owner", "b1@example.com"], None, 1)
+        .contains("no token has owner 'b1@example.com'; nothing was changed"));
+    cli.fails(
+        &[
+            "revoke",
+            "--owner",
+            "bob@example.com",
+            "--publish",
+            "x.json",
+        ],
+        None,
+        2,
+    );
+    cli.fails(&["revoke", "b1", "--owner", "bob@example.com"], None, 2);
+    assert_eq!(etcd.revision(), store);
+    assert_eq!(
+        etcd.value("shieldkey/policy/tokens/b1")["status"]
+            .as_str()
+            .unwrap_or("active"),
+        "active"
+    );
+
+    // unrevoke --owner: every revoked token of alice, again in one transaction.
+    let (out, _) = cli.ok(&["unrevoke", "--owner", alice], None);
+    assert_eq!(out, "a1\na2\na3\n");
+    assert_eq!(etcd.revision(), store + 1);
+    assert_eq!(
+        etcd.value(settings)["revision"].as_u64().unwrap(),
+        policy_revision + 2
+    );
+    assert!(!cli.ok(&["list"], None).0.contains("revoked"));
+}

@@ -288,6 +288,31 @@ fn change(
     needs_master_key: bool,
     mut edit: impl FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<String, CliError>,
 ) -> Result<(), CliError> {
+    change_reporting(
+        ctx,
+        publish,
+        scope,
+        needs_master_key,
+        false,
+        |policy, master| Ok((edit(policy, master)?, ())),
+        |_| {},
+    )
+}
+
+/// `change`, for an edit that also returns what it did in detail: `report` gets the value of the
+/// attempt that was written, once it is written and before publishing (so a publish that fails
+/// does not hide what changed). With `dry_run` the edit is applied to one fresh read and
+/// validated like a save, the revision it would get is shown, `report` gets its value, and
+/// nothing is written or published.
+fn change_reporting<T>(
+    ctx: &mut Context,
+    publish: Publish,
+    scope: Scope,
+    needs_master_key: bool,
+    dry_run: bool,
+    mut edit: impl FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<(String, T), CliError>,
+    report: impl FnOnce(&T),
+) -> Result<(), CliError> {
     if publish.to.is_some() {
         refuse_publish(
             ctx,
@@ -298,26 +323,50 @@ fn change(
             },
         )?;
     }
+    let load_master = |policy: &RawPolicy| {
+        if needs_master_key {
+            require_master_key(Some(policy)).map(Some)
+        } else {
+            master_key(Some(policy))
+        }
+    };
+    if dry_run {
+        let mut policy = ctx.store.load_scoped(&scope)?.policy;
+        let master = load_master(&policy)?;
+        let from = policy.revision;
+        let (done, value) = edit(&mut policy, master.as_ref())?;
+        policy.revision = from.saturating_add(1);
+        let json = compact(&policy)?;
+        ctx.store
+            .validate(&policy, json.as_bytes(), master.as_ref())?;
+        let publish_note = match &publish.to {
+            Some(to) => format!(" or published to {to}"),
+            None => String::new(),
+        };
+        eprintln!(
+            "dry run: {done} (policy revision {from} -> {}); nothing was written{publish_note}",
+            policy.revision
+        );
+        report(&value);
+        return Ok(());
+    }
     let target = match &publish.to {
         Some(to) => Some(PublishTarget::prepare(Path::new(to), &publish)?),
         None => None,
     };
-    let ((done, policy, master), steps, retries) = retrying(&mut ctx.store, |store| {
+    let ((done, value, policy, master), steps, retries) = retrying(&mut ctx.store, |store| {
         let Loaded { mut policy, base } = store.load_scoped(&scope)?;
-        let master = if needs_master_key {
-            Some(require_master_key(Some(&policy))?)
-        } else {
-            master_key(Some(&policy))?
-        };
-        let done = edit(&mut policy, master.as_ref())?;
+        let master = load_master(&policy)?;
+        let (done, value) = edit(&mut policy, master.as_ref())?;
         let saved = store.save(&base, &mut policy, master.as_ref())?;
-        Ok((saved, (done, policy, master)))
+        Ok((saved, (done, value, policy, master)))
     })?;
     eprintln!(
         "{done} (policy revision {}{})",
         policy.revision,
         written_note(&ctx.store, steps, retries)
     );
+    report(&value);
     if let Some(target) = target {
         target.publish(&policy, master.as_ref()).map_err(|e| {
             failed(format!(
@@ -488,24 +537,183 @@ fn token_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawToken
         .ok_or_else(|| failed(format!("no token with id '{id}'")))
 }
 
+/// Which tokens `revoke` and `unrevoke` change.
+enum Selection {
+    Id(String),
+    /// Every token whose `owner` is exactly this.
+    Owner(String),
+}
+
+/// How `revoke` and `unrevoke` speak of what they do.
+struct StatusWords {
+    /// "revoke": what a dry run would do.
+    verb: &'static str,
+    /// "revoked": what was done.
+    done: &'static str,
+    /// The state the command puts tokens in, and the one it takes them from.
+    to: &'static str,
+    from: &'static str,
+}
+
+impl StatusWords {
+    fn of(status: RawStatus) -> StatusWords {
+        match status {
+            RawStatus::Revoked => StatusWords {
+                verb: "revoke",
+                done: "revoked",
+                to: "revoked",
+                from: "active",
+            },
+            RawStatus::Active => StatusWords {
+                verb: "re-enable",
+                done: "re-enabled",
+                to: "active",
+                from: "revoked",
+            },
+        }
+    }
+
+    fn did(&self, dry_run: bool) -> String {
+        if dry_run {
+            format!("would {}", self.verb)
+        } else {
+            self.done.to_string()
+        }
+    }
+}
+
+/// `revoke ID`, `unrevoke ID`, and `revoke --owner OWNER` / `unrevoke --owner OWNER`: every
+/// token of that owner in one change (one revision, one publish). The ids changed go to stdout,
+/// one a line; tokens of the owner already in the wanted state are left as they are and named
+/// on stderr. With `--dry-run` nothing is written.
 pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
-    let id = args.positional("token id")?;
+    let owner = args.option("owner")?;
+    let dry_run = args.flag("dry-run");
+    let selection = match owner {
+        None => Selection::Id(args.positional("token id (or --owner OWNER)")?),
+        Some(owner) => {
+            // Not echoed: it may be a token pasted where an id belongs.
+            if args.positional("token id").is_ok() {
+                return Err(usage(
+                    "give a token id or --owner OWNER, not both; nothing was changed",
+                ));
+            }
+            if owner.is_empty() {
+                return Err(usage("--owner must not be empty"));
+            }
+            Selection::Owner(owner)
+        }
+    };
     args.finish()?;
-    change(
-        ctx,
-        publish,
-        Scope::Token(id.clone()),
-        false,
-        |policy, _| {
-            let token = token_mut(policy, &id)?;
+    let words = StatusWords::of(status);
+    match selection {
+        Selection::Id(id) => change_reporting(
+            ctx,
+            publish,
+            Scope::Token(id.clone()),
+            false,
+            dry_run,
+            |policy, _| {
+                let token = token_mut(policy, &id)?;
+                token.status = status;
+                Ok((format!("{} token '{id}'", words.did(dry_run)), ()))
+            },
+            |_| {},
+        ),
+        Selection::Owner(owner) => change_reporting(
+            ctx,
+            publish,
+            Scope::Whole,
+            false,
+            dry_run,
+            |policy, _| set_status_of_owner(policy, &owner, status, &words, dry_run),
+            |outcome: &OwnerChange| {
+                for id in &outcome.changed {
+                    println!("{id}");
+                }
+                if !outcome.left.is_empty() {
+                    eprintln!(
+                        "left as they are (already {}): {}",
+                        words.to,
+                        outcome.left.join(", ")
+                    );
+                }
+            },
+        ),
+    }
+}
+
+/// The tokens of an owner that `revoke --owner` / `unrevoke --owner` changed, and those it left
+/// as they were (already in the wanted state), by id in policy order.
+struct OwnerChange {
+    changed: Vec<String>,
+    left: Vec<String>,
+}
+
+/// Puts every token of `owner` in `status`: what was done, and the ids. Fails, changing nothing,
+/// when no token is changed.
+fn set_status_of_owner(
+    policy: &mut RawPolicy,
+    owner: &str,
+    status: RawStatus,
+    words: &StatusWords,
+    dry_run: bool,
+) -> Result<(String, OwnerChange), CliError> {
+    let (mut changed, mut left) = (Vec::new(), Vec::new());
+    for token in policy
+        .tokens
+        .iter_mut()
+        .filter(|t| t.owner.as_deref() == Some(owner))
+    {
+        if token.status == status {
+            left.push(token.id.clone());
+        } else {
             token.status = status;
-            Ok(match status {
-                RawStatus::Revoked => format!("revoked token '{id}'"),
-                RawStatus::Active => format!("re-enabled token '{id}'"),
-            })
-        },
-    )
+            changed.push(token.id.clone());
+        }
+    }
+    if changed.is_empty() {
+        let why = if left.is_empty() {
+            let mut near: Vec<&str> = policy
+                .tokens
+                .iter()
+                .filter_map(|t| t.owner.as_deref())
+                .filter(|o| o.eq_ignore_ascii_case(owner) || o.trim() == owner.trim())
+                .collect();
+            near.sort_unstable();
+            near.dedup();
+            let hint = if near.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (owners match exactly; similar: {})",
+                    near.iter()
+                        .map(|o| format!("'{o}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            format!("no token has owner '{owner}'{hint}")
+        } else {
+            format!(
+                "no {} token of owner '{owner}': its {} token{} already {} ({})",
+                words.from,
+                left.len(),
+                if left.len() == 1 { " is" } else { "s are" },
+                words.to,
+                left.join(", ")
+            )
+        };
+        return Err(failed(format!("{why}; nothing was changed")));
+    }
+    let done = format!(
+        "{} {} token{} of owner '{owner}'",
+        words.did(dry_run),
+        changed.len(),
+        if changed.len() == 1 { "" } else { "s" }
+    );
+    Ok((done, OwnerChange { changed, left }))
 }
 
 /// `limit ID <rule flags>`: changes a token's rules (budget, rates, networks, countries, models).

@@ -40,6 +40,12 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   create a token; prints it once on stdout
   limit ID <rule flags>           change a token's rules
   revoke ID | unrevoke ID | remove ID
+  revoke --owner O | unrevoke --owner O
+                                  every token whose owner is exactly O, in one change (one
+                                  revision, one publish); prints the ids changed, one a line;
+                                  tokens already in that state are left as they are; exit 1 if
+                                  there is nothing to change. revoke and unrevoke (either form)
+                                  take --dry-run: show what would change, write nothing
   list [--json]                   tokens and their state (never digests or keys)
   check                           validate the policy with the filter's own code
   status [--token ID] [--all] [--json]

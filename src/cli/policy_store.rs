@@ -47,11 +47,14 @@ type Keys = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
 /// What a change reads: in etcd, a command about one token reads the settings, the upstream keys
 /// and that token only, so its cost does not grow with the number of tokens (the write is
-/// guarded by the settings key, which every change rewrites). A file is always read whole.
+/// guarded by the settings key, which every change rewrites); `Whole` reads every key, in one
+/// snapshot, for a change that selects tokens by their content (`revoke --owner`). A file is
+/// always read whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     Token(String),
     NoTokens,
+    Whole,
 }
 
 /// What a save is based on: the keys and `mod_revision`s read (etcd), or nothing (the file).
@@ -290,6 +293,12 @@ impl EtcdPolicy {
     }
 
     fn load_scoped(&mut self, scope: &Scope) -> Result<Loaded, CliError> {
+        let token = match scope {
+            // One read of the whole prefix: every token, at one etcd revision.
+            Scope::Whole => return self.load(),
+            Scope::Token(id) => Some(id),
+            Scope::NoTokens => None,
+        };
         let mut kvs = Keys::new();
         let mut read = |store: &mut Self, prefix: String, exact: bool| -> Result<(), CliError> {
             let snapshot = store
@@ -310,7 +319,7 @@ impl EtcdPolicy {
         };
         read(self, self.settings_key(), true)?;
         read(self, self.keys_prefix(), false)?;
-        if let Scope::Token(id) = scope {
+        if let Some(id) = token {
             read(self, format!("{}{id}", self.tokens_prefix()), true)?;
         }
         let policy = self.assemble(&kvs)?;
@@ -829,6 +838,25 @@ mod tests {
         );
         assert!(fake.0.borrow().kvs.is_empty());
         assert!(fake.0.borrow().calls.is_empty());
+    }
+
+    #[test]
+    fn the_whole_scope_reads_every_token() {
+        let fake = Fake::default();
+        let mut s = store(&fake, "sk/");
+        let mut p = empty();
+        p.upstream_keys.push(sealed_key());
+        p.tokens.push(token("amy"));
+        p.tokens.push(token("zed"));
+        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        let ids = |scope: Scope, s: &mut PolicyStore| -> Vec<String> {
+            let loaded = s.load_scoped(&scope).unwrap();
+            assert_eq!(loaded.policy.upstream_keys.len(), 1);
+            loaded.policy.tokens.into_iter().map(|t| t.id).collect()
+        };
+        assert_eq!(ids(Scope::Whole, &mut s), ["amy", "zed"]);
+        assert_eq!(ids(Scope::Token("zed".into()), &mut s), ["zed"]);
+        assert!(ids(Scope::NoTokens, &mut s).is_empty());
     }
 
     #[test]
