@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import harness
+from printed_script import PrintedScript
 
 PROJECT = harness.PROJECT
 
@@ -42,7 +41,7 @@ def _bindable(port: int) -> bool:
             return False
 
 
-class FleetCommand:
+class FleetCommand(PrintedScript):
     def __init__(self, state_dir: Path):
         self.state_dir = state_dir
         base = etcd_port_base()
@@ -58,39 +57,11 @@ class FleetCommand:
                    SHIELDKEY_FLEET_ADMIN_PORT_1=str(self.ports["admin1"]),
                    SHIELDKEY_FLEET_ADMIN_PORT_2=str(self.ports["admin2"]),
                    SHIELDKEY_FLEET_MOCK_PORT=str(self.ports["mock"]))
-        self.proc = subprocess.Popen(["scripts/fleet.sh"], cwd=PROJECT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                self.ready.set()
-        self.ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__("scripts/fleet.sh", env)
 
     @property
     def all_ports(self) -> list[int]:
         return [*self.etcd_ports, *self.ports.values()]
-
-    def block_after(self, heading: str) -> str:
-        """The indented lines printed under a heading such as `curl through envoy-1:`."""
-        lines = self.output.splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith(heading)) + 1
-        block = []
-        for line in lines[start:]:
-            if not line.startswith("  "):
-                break
-            block.append(line[2:])
-        return "\n".join(block)
 
     def processes(self) -> dict[int, str]:
         """Processes of this fleet (etcd, Envoy, mock): those whose command line names the state
@@ -108,15 +79,6 @@ class FleetCommand:
                 found[int(entry.name)] = cmdline.strip()
         return found
 
-    def interrupt(self, timeout: float = 30) -> int:
-        """Ctrl-C: SIGINT to the script's whole process group."""
-        os.killpg(self.proc.pid, signal.SIGINT)
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -7,19 +7,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
 import harness
+from printed_script import PrintedScript
 
 PROJECT = harness.PROJECT
 
 
-class RunCommand:
+class RunCommand(PrintedScript):
     def __init__(self, run_dir, mistral_api_key: str | None = None):
         self.ports = {"listen": harness.free_port(), "admin": harness.free_port(), "mock": harness.free_port()}
         env = {k: v for k, v in os.environ.items() if k != "MISTRAL_API_KEY"}
@@ -27,39 +26,7 @@ class RunCommand:
             env["MISTRAL_API_KEY"] = mistral_api_key
         env.update(SHIELDKEY_RUN_DIR=str(run_dir), SHIELDKEY_LISTEN_PORT=str(self.ports["listen"]),
                    SHIELDKEY_ADMIN_PORT=str(self.ports["admin"]), SHIELDKEY_MOCK_PORT=str(self.ports["mock"]))
-        self.proc = subprocess.Popen(["scripts/run.sh"], cwd=PROJECT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                self.ready.set()
-        self.ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def block_after(self, heading: str) -> str:
-        """The indented lines printed under a heading such as `curl:`."""
-        lines = self.output.splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith(heading)) + 1
-        block = []
-        for line in lines[start:]:
-            if not line.startswith("  "):
-                break
-            block.append(line[2:])
-        return "\n".join(block)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        super().__init__("scripts/run.sh", env)
 
 
 @pytest.fixture
