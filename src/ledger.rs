@@ -135,6 +135,8 @@ struct Counters {
     minute_tokens: u64,
     remote_requests: u64,
     remote_tokens: u64,
+    /// Fleet mode: when a request last used this token here (to give idle leases back).
+    last_use_ms: i64,
     alerts_fired: u8,
     requests: RateWindow,
     tokens: RateWindow,
@@ -152,6 +154,7 @@ impl Counters {
             .u64(self.minute_tokens)
             .u64(self.remote_requests)
             .u64(self.remote_tokens)
+            .i64(self.last_use_ms)
             .u8(self.alerts_fired)
             .bytes(&self.requests.encode())
             .bytes(&self.tokens.encode());
@@ -170,6 +173,7 @@ impl Counters {
             minute_tokens: r.u64()?,
             remote_requests: r.u64()?,
             remote_tokens: r.u64()?,
+            last_use_ms: r.i64()?,
             alerts_fired: r.u8()?,
             requests: RateWindow::decode(r.bytes()?)?,
             tokens: RateWindow::decode(r.bytes()?)?,
@@ -305,6 +309,33 @@ impl<'a> SharedDataLedger<'a> {
         )
     }
 
+    /// Fleet mode: the part of this Envoy's allowance no request holds, taken back when the
+    /// token has not been used here for `idle_ms`: (window start, amount) to return to the pool.
+    /// The allowance is lowered first, so a failed return strands budget, never overspends it.
+    pub fn take_unused(
+        &self,
+        token_id: &str,
+        window: Option<BudgetWindow>,
+        idle_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<(i64, NanoUsd)>, StoreError> {
+        let now = now_ms.div_euclid(1000);
+        self.update(
+            token_id,
+            |c| {
+                c.roll(window, now);
+                let committed = c.spent.saturating_add(c.reserved);
+                if now_ms - c.last_use_ms < idle_ms || c.allowance <= committed {
+                    return Ok(None);
+                }
+                let unused = c.allowance - committed;
+                c.allowance = committed;
+                Ok(Some((c.window_start, unused)))
+            },
+            StoreError::CasMismatch,
+        )
+    }
+
     /// (minute, requests, tokens) this Envoy counted in the stored minute, for sharing.
     pub fn minute_counts(&self, token_id: &str) -> Option<(i64, u64, u64)> {
         let (bytes, _) = self.store.get(&key(token_id))?;
@@ -410,6 +441,7 @@ impl Ledger for SharedDataLedger<'_> {
                     c.requests.add(now_ms, MINUTE_MS, rpm_limit(limits), 1);
                 }
                 c.minute_requests = c.minute_requests.saturating_add(1);
+                c.last_use_ms = now_ms;
                 Ok(Admission {
                     window_start: c.window_start,
                     reserved,

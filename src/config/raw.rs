@@ -61,6 +61,10 @@ pub struct RawFleet {
     /// How often the syncer lists every token key to notice removed tokens (default 10000 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile_interval_ms: Option<u64>,
+    /// A budget lease this Envoy has not used for this long goes back to the fleet's pool
+    /// (default 30000 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_idle_ms: Option<u64>,
     /// True in the one `WasmService` per Envoy that syncs from etcd into shared data; false (the
     /// default) in the HTTP filter, which reads what the syncer wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -166,6 +166,17 @@ pub fn write_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: Nano
     .into_bytes()
 }
 
+/// Giving `amount` back: subtract it from the pool and from this node's claim, if nobody
+/// changed either since `seen` was read.
+pub fn return_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: NanoUsd) -> Vec<u8> {
+    let back = Claims {
+        pool: seen.pool.saturating_sub(amount),
+        node: seen.node.saturating_sub(amount),
+        ..*seen
+    };
+    write_body(pool_key, claimed_key, &back, 0)
+}
+
 /// A flush: this node's spend per (token, window) and counts per (minute, token), absolute
 /// values (`(key, JSON value)`).
 pub fn flush_body(entries: &[(String, String)]) -> Vec<u8> {

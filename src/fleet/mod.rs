@@ -23,6 +23,7 @@ pub const DEFAULT_PREFIX: &str = "shieldkey/";
 pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 200;
 pub const DEFAULT_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 10_000;
+pub const DEFAULT_LEASE_IDLE_MS: u64 = 30_000;
 
 /// Shared-data key of the base document the syncer writes for the HTTP filter.
 pub const BASE_KEY: &str = "shieldkey/fleet/base";
@@ -35,6 +36,7 @@ pub struct FleetSettings {
     pub sync_interval_ms: u64,
     pub timeout_ms: u64,
     pub reconcile_interval_ms: u64,
+    pub lease_idle_ms: u64,
     pub sync: bool,
 }
 
@@ -133,6 +135,12 @@ pub fn compile_fleet(raw: &RawPolicy, fleet: &RawFleet) -> Result<FleetSettings,
             DEFAULT_RECONCILE_INTERVAL_MS,
             "fleet.reconcile_interval_ms",
             (100, 3_600_000),
+        )?,
+        lease_idle_ms: ms(
+            fleet.lease_idle_ms,
+            DEFAULT_LEASE_IDLE_MS,
+            "fleet.lease_idle_ms",
+            (100, 86_400_000),
         )?,
         sync: fleet.sync.unwrap_or(false),
     })

@@ -22,6 +22,7 @@ use super::{FleetSettings, BASE_KEY};
 use crate::config::compile::{compile, compile_token, CompileOptions};
 use crate::config::raw::{RawPolicy, RawToken, RawUpstreamKey};
 use crate::ledger::{Ledger, SharedDataLedger};
+use crate::money::NanoUsd;
 use crate::policy_store;
 use crate::store::SharedStore;
 use crate::token_record;
@@ -103,6 +104,12 @@ pub struct PolicySync {
     dirty: BTreeSet<String>,
     flushing: Option<Vec<String>>,
     next_flush_ms: i64,
+    /// Budgeted tokens this Envoy spent on (and so may hold a lease of), the leases being given
+    /// back, and the return in progress.
+    leased: BTreeSet<String>,
+    to_return: std::collections::VecDeque<(String, i64, NanoUsd)>,
+    returning: Option<Return>,
+    next_return_scan_ms: i64,
     /// Fleet-wide rate limits: the read of the other Envoys' counts.
     rates_in_flight: bool,
     next_rates_ms: i64,
@@ -150,6 +157,10 @@ impl PolicySync {
             dirty: BTreeSet::new(),
             flushing: None,
             next_flush_ms: 0,
+            leased: BTreeSet::new(),
+            to_return: std::collections::VecDeque::new(),
+            returning: None,
+            next_return_scan_ms: 0,
             rates_in_flight: false,
             next_rates_ms: 0,
             rates_minute: 0,
@@ -646,6 +657,7 @@ impl PolicySync {
             self.dirty.remove(id);
             let limits = policy_store::lookup_newest(store, id).map(|(t, _)| t.rules.limits);
             if limits.as_ref().is_some_and(|l| l.budget.is_some()) {
+                self.leased.insert(id.clone());
                 if let Some((window_start, spent)) = ledger.spent(id) {
                     entries.push((
                         lease::spent_key(prefix, &self.node, id, window_start),
@@ -741,10 +753,118 @@ impl PolicySync {
         true
     }
 
+    /// The next call giving an idle lease back to the pool: every `lease_idle_ms` the tokens this
+    /// Envoy spent on are checked, and the allowance no request holds on a token idle that long
+    /// is taken back locally (first) and then subtracted from the pool and this node's claim
+    /// (read, then a guarded write). A return that fails strands that budget, never overspends.
+    pub fn poll_returns(&mut self, store: &dyn SharedStore, now_ms: i64) -> Option<Call> {
+        if !self.restored {
+            return None;
+        }
+        if let Some(r) = self.returning.as_mut() {
+            if r.in_flight {
+                return None;
+            }
+            r.in_flight = true;
+            let prefix = &self.settings.prefix;
+            let pool = lease::pool_key(prefix, &r.token, r.window);
+            let claimed = lease::claimed_key(prefix, &self.node, &r.token, r.window);
+            let body = match &r.seen {
+                None => lease::read_body(&pool, &claimed),
+                Some(seen) => lease::return_body(&pool, &claimed, seen, r.amount),
+            };
+            return Some(Call {
+                path: lease::TXN_PATH,
+                body,
+            });
+        }
+        if self.to_return.is_empty() && now_ms >= self.next_return_scan_ms {
+            self.next_return_scan_ms = now_ms.saturating_add(self.settings.lease_idle_ms as i64);
+            let ledger = SharedDataLedger::fleet(store);
+            let idle = self.settings.lease_idle_ms as i64;
+            for id in std::mem::take(&mut self.leased) {
+                let window = policy_store::lookup_newest(store, &id)
+                    .and_then(|(t, _)| t.rules.limits.budget)
+                    .map(|b| b.window);
+                match ledger.take_unused(&id, window, idle, now_ms) {
+                    Ok(Some((window_start, amount))) => {
+                        self.to_return.push_back((id, window_start, amount))
+                    }
+                    // Still in use (or nothing to give back): checked again next time.
+                    _ => {
+                        self.leased.insert(id);
+                    }
+                }
+            }
+        }
+        let (token, window, amount) = self.to_return.pop_front()?;
+        self.returning = Some(Return {
+            token,
+            window,
+            amount,
+            seen: None,
+            attempts: 0,
+            in_flight: false,
+        });
+        self.poll_returns(store, now_ms)
+    }
+
+    /// The reply to a return call; `false` when it failed.
+    pub fn on_return_reply(&mut self, status: u32, body: &[u8]) -> bool {
+        let Some(mut r) = self.returning.take() else {
+            return true;
+        };
+        r.in_flight = false;
+        let ok = status == 200;
+        match r.seen {
+            None => match ok.then(|| lease::parse_read(body)).flatten() {
+                Some(seen) => {
+                    // Never give back more than the pool or this node's claim holds.
+                    r.amount = r.amount.min(seen.pool).min(seen.node);
+                    r.seen = Some(seen);
+                    if r.amount > 0 {
+                        self.returning = Some(r);
+                    }
+                    true
+                }
+                None => {
+                    self.failures += 1;
+                    false
+                }
+            },
+            Some(_) => match ok.then(|| lease::parse_write(body)).flatten() {
+                Some(true) => true,
+                // Someone claimed in between: read again, a few times.
+                Some(false) if r.attempts + 1 < lease::CLAIM_ATTEMPTS => {
+                    r.attempts += 1;
+                    r.seen = None;
+                    self.returning = Some(r);
+                    true
+                }
+                _ => {
+                    self.failures += 1;
+                    false
+                }
+            },
+        }
+    }
+
     /// Tokens whose spend is not in etcd yet.
     pub fn unflushed(&self) -> usize {
         self.dirty.len() + self.flushing.as_ref().map_or(0, Vec::len)
     }
+}
+
+/// A lease being given back.
+#[derive(Debug)]
+struct Return {
+    token: String,
+    window: i64,
+    amount: NanoUsd,
+    /// The pool and this node's claim as read (then the guarded write is next).
+    seen: Option<lease::Claims>,
+    attempts: u32,
+    in_flight: bool,
 }
 
 /// The settings document with its `revision` left out, for comparing what matters.

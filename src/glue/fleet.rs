@@ -101,6 +101,8 @@ pub struct Syncer {
     flush_in_flight: Option<u32>,
     /// The read of the other Envoys' rate counts in flight (a third slot).
     rates_in_flight: Option<u32>,
+    /// A lease being given back to the pool (a fourth slot).
+    return_in_flight: Option<u32>,
     /// Where the HTTP filter says which tokens' spend changed.
     spent_queue: Option<u32>,
     stats: SyncStats,
@@ -118,6 +120,7 @@ impl Syncer {
             sync: PolicySync::new(settings.clone(), String::new()),
             flush_in_flight: None,
             rates_in_flight: None,
+            return_in_flight: None,
             spent_queue: hostcalls::register_shared_queue(SPENT_QUEUE).ok(),
             stats: SyncStats {
                 revision: define(MetricKind::Gauge, "shieldkey.fleet.revision"),
@@ -145,6 +148,14 @@ impl Syncer {
         }
         self.send(now);
         self.flush(now);
+        if self.return_in_flight.is_none() {
+            if let Some(call) = self.sync.poll_returns(&HostStore, now) {
+                self.return_in_flight = self.dispatch(&call);
+                if self.return_in_flight.is_none() {
+                    self.sync.on_return_reply(0, b"");
+                }
+            }
+        }
         if self.rates_in_flight.is_none() {
             if let Some(call) = self.sync.poll_rates(now) {
                 self.rates_in_flight = self.dispatch(&call);
@@ -210,6 +221,15 @@ impl Syncer {
     }
 
     pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        if self.return_in_flight == Some(token) {
+            self.return_in_flight = None;
+            if !self.sync.on_return_reply(status, body) {
+                if let Some(id) = self.stats.failures {
+                    WasmHost { alert_queue: None }.increment_metric(id, 1);
+                }
+            }
+            return;
+        }
         if self.rates_in_flight == Some(token) {
             self.rates_in_flight = None;
             let now = now_unix_ms().unwrap_or(0);

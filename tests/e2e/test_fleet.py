@@ -17,7 +17,7 @@ from fleet import Fleet
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, mock_mistral, mock_keys):
     f = Fleet(tmp_path_factory.mktemp("fleet"), mock_mistral, {"prod": mock_keys["prod"]},
-              fleet_options={"reconcile_interval_ms": 1000})
+              fleet_options={"reconcile_interval_ms": 1000, "lease_idle_ms": 1500})
     f.mint("alice")
     f.mint("bob")
     f.mint("carol")
@@ -243,3 +243,24 @@ def test_a_rate_limit_holds_across_the_fleet_within_the_sync_tolerance(fleet, mo
     assert set(statuses) <= {200, 429}, statuses
     assert 10 <= served <= 13, statuses
     assert statuses[-4:] == [429] * 4, statuses
+
+
+
+def test_an_idle_envoy_gives_its_lease_back_so_another_can_spend_it(fleet, mock_mistral):
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    fleet.mint("share", "--budget-usd", "0.01", "--budget-window", "lifetime")
+    wait_known(fleet, "share")
+    assert request(fleet.url(0), token=fleet.tokens["share"], body=BODY)[0] == 200
+    pool_key = next(k for k in fleet.etcd.range_prefix("shieldkey/ledger/pool/") if "/share/" in k)
+    claimed = json.loads(fleet.etcd.get(pool_key))["claimed"]
+    assert claimed > COST, "envoy 0 claimed a lease bigger than what it spent"
+    # Idle for longer than lease_idle_ms: the unused part goes back to the pool.
+    deadline = time.monotonic() + 8
+    while json.loads(fleet.etcd.get(pool_key))["claimed"] != COST:
+        assert time.monotonic() < deadline, json.loads(fleet.etcd.get(pool_key))
+        time.sleep(0.1)
+    # Envoy 1 can now spend the rest, up to where the last request's worst case ($0.00107)
+    # no longer fits: 12 of $0.00075 in all.
+    rest = spend_until_refused(fleet, "share", [1], 16)
+    assert rest.count(200) == 11 and 429 in rest, rest
+    assert wait_flushed(fleet, "share", 12 * COST) == 12 * COST

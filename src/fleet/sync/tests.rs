@@ -85,6 +85,7 @@ fn settings() -> FleetSettings {
         sync_interval_ms: Some(100),
         timeout_ms: None,
         reconcile_interval_ms: Some(1_000),
+        lease_idle_ms: Some(500),
         sync: Some(true),
     };
     let policy = RawPolicy {
@@ -510,4 +511,99 @@ fn a_long_reconcile_listing_is_paged_between_probes() {
     bump_settings(&mut etcd);
     run(&mut sync, &etcd, &store, 1_300);
     assert_eq!(revoked(&store, "t5"), Some(true));
+}
+
+/// etcd's in-memory txn answers for the lease tests: reads of two keys, guarded writes.
+fn answer_txn(etcd: &mut FakeEtcd, body: &[u8]) -> (u32, Vec<u8>) {
+    let req: Value = serde_json::from_slice(body).unwrap();
+    let key = |v: &Value| STANDARD.decode(v.as_str().unwrap()).unwrap();
+    let ok = req["compare"].as_array().is_none_or(|cmps| {
+        cmps.iter().all(|c| {
+            let want: u64 = c["mod_revision"].as_str().unwrap().parse().unwrap();
+            etcd.kvs.get(&key(&c["key"])).map_or(0, |(_, m)| *m) == want
+        })
+    });
+    let mut responses = Vec::new();
+    if ok {
+        for op in req["success"].as_array().unwrap() {
+            if let Some(range) = op.get("request_range") {
+                let k = key(&range["key"]);
+                let kvs: Vec<Value> = etcd.kvs.get(&k).map_or(vec![], |(v, m)| {
+                    vec![
+                        json!({"key": STANDARD.encode(&k), "value": STANDARD.encode(v),
+                                "mod_revision": m.to_string()}),
+                    ]
+                });
+                responses.push(json!({"response_range": {"kvs": kvs}}));
+            } else if let Some(put) = op.get("request_put") {
+                etcd.revision += 1;
+                let rev = etcd.revision;
+                etcd.kvs.insert(key(&put["key"]), (key(&put["value"]), rev));
+                responses.push(json!({"response_put": {}}));
+            }
+        }
+    }
+    let mut reply =
+        json!({"header": {"revision": etcd.revision.to_string()}, "responses": responses});
+    if ok {
+        reply["succeeded"] = true.into();
+    }
+    (200, reply.to_string().into_bytes())
+}
+
+#[test]
+fn an_idle_lease_goes_back_to_the_pool() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    // This node claimed $0.30 of the $1 pool, another node $0.20.
+    etcd.put(
+        "shieldkey/ledger/pool/b/0",
+        json!({"claimed": 500_000_000u64}),
+    );
+    etcd.put(
+        "shieldkey/ledger/node/e1/b/0/claimed",
+        json!({"claimed": 300_000_000u64}),
+    );
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, 0);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let limits = policy_store::lookup_newest(&store, "b")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    ledger.grant("b", None, 0, 300_000_000, 0).unwrap();
+    let a = ledger.admit("b", &limits, 0, 0).unwrap();
+    ledger
+        .settle("b", &limits, &[], &a, 100_000_000, 0, 0)
+        .unwrap();
+    sync.mark_dirty("b".into());
+    let flush = sync.poll_flush(&store, 0).unwrap();
+    let (status, body) = answer_txn(&mut etcd, &flush.body);
+    sync.on_flush_reply(0, status, &body);
+    // Used just now: nothing goes back yet.
+    assert!(sync.poll_returns(&store, 100).is_none());
+    // Idle for longer than lease_idle_ms: the unused $0.20 goes back.
+    let mut now = 700;
+    while let Some(call) = sync.poll_returns(&store, now) {
+        let (status, body) = answer_txn(&mut etcd, &call.body);
+        assert!(sync.on_return_reply(status, &body));
+        now += 10;
+    }
+    let value = |k: &str| -> Value { serde_json::from_slice(&etcd.kvs[k.as_bytes()].0).unwrap() };
+    assert_eq!(
+        value("shieldkey/ledger/pool/b/0")["claimed"],
+        300_000_000u64
+    );
+    assert_eq!(
+        value("shieldkey/ledger/node/e1/b/0/claimed")["claimed"],
+        100_000_000u64
+    );
+    // Locally: what was spent stays; the next request needs a new lease.
+    let mut next = ledger.admit("b", &limits, 0, now).unwrap();
+    assert!(matches!(
+        ledger.reserve("b", &limits, &mut next, 1, now),
+        Err(crate::ledger::LedgerDenial::AllowanceShort { short: 1 })
+    ));
 }
