@@ -246,18 +246,9 @@ impl<'a> SharedDataLedger<'a> {
         amount: NanoUsd,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let now = now_ms.div_euclid(1000);
-        self.update(
-            token_id,
-            |c| {
-                c.roll(window, now);
-                if c.window_start == window_start {
-                    c.allowance = c.allowance.saturating_add(amount);
-                }
-                Ok(())
-            },
-            StoreError::CasMismatch,
-        )
+        self.in_window(token_id, window, window_start, now_ms, |c| {
+            c.allowance = c.allowance.saturating_add(amount);
+        })
     }
 
     /// Fleet mode, after a restart: what this Envoy had spent in `window_start` (as flushed to
@@ -271,14 +262,29 @@ impl<'a> SharedDataLedger<'a> {
         spent: NanoUsd,
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        self.in_window(token_id, window, window_start, now_ms, |c| {
+            c.spent = c.spent.max(spent);
+            c.allowance = c.allowance.max(c.spent);
+        })
+    }
+
+    /// Applies `change` to the counters if they are still in the budget window that started at
+    /// `window_start` (what belonged to an ended window went with it).
+    fn in_window(
+        &self,
+        token_id: &str,
+        window: Option<BudgetWindow>,
+        window_start: i64,
+        now_ms: i64,
+        mut change: impl FnMut(&mut Counters),
+    ) -> Result<(), StoreError> {
         let now = now_ms.div_euclid(1000);
         self.update(
             token_id,
             |c| {
                 c.roll(window, now);
                 if c.window_start == window_start {
-                    c.spent = c.spent.max(spent);
-                    c.allowance = c.allowance.max(c.spent);
+                    change(c);
                 }
                 Ok(())
             },

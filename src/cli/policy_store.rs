@@ -352,21 +352,11 @@ impl EtcdPolicy {
                 settings = Some(parse_settings(&key, value)?);
             } else if let Some(id) = key.strip_prefix(&keys_prefix) {
                 let entry: RawUpstreamKey = parse_value(&key, value)?;
-                if entry.id != id {
-                    return Err(failed(format!(
-                        "etcd key {key}: its id is '{}', not '{id}'",
-                        entry.id
-                    )));
-                }
+                same_id(&key, id, &entry.id)?;
                 upstream_keys.push(entry);
             } else if let Some(id) = key.strip_prefix(&tokens_prefix) {
                 let entry: RawToken = parse_value(&key, value)?;
-                if entry.id != id {
-                    return Err(failed(format!(
-                        "etcd key {key}: its id is '{}', not '{id}'",
-                        entry.id
-                    )));
-                }
+                same_id(&key, id, &entry.id)?;
                 tokens.push(entry);
             } else {
                 return Err(failed(format!(
@@ -592,6 +582,16 @@ fn parse_settings(key: &str, value: &[u8]) -> Result<RawPolicy, CliError> {
         )));
     }
     raw::parse(value).map_err(|e| failed(format!("etcd key {key}: {e}")))
+}
+
+/// An entry's id must be the one its key names.
+fn same_id(key: &str, id: &str, inside: &str) -> Result<(), CliError> {
+    if inside == id {
+        return Ok(());
+    }
+    Err(failed(format!(
+        "etcd key {key}: its id is '{inside}', not '{id}'"
+    )))
 }
 
 #[cfg(test)]
