@@ -104,17 +104,8 @@ impl PolicyStore {
     /// is read from `SHIELDKEY_ETCD_PASSWORD` when etcd is first asked.
     pub fn etcd(urls: &str, prefix: &str, user: Option<String>) -> Result<PolicyStore, CliError> {
         check_prefix(prefix)?;
-        let credentials = user.map(|user| Credentials {
-            user,
-            password: std::env::var(PASSWORD_ENV)
-                .ok()
-                .map(|p| SecretBytes::new(p.into_bytes())),
-            password_env: PASSWORD_ENV,
-        });
-        let transport =
-            HttpTransport::new(urls, credentials).map_err(|m| usage(format!("--etcd: {m}")))?;
         Ok(PolicyStore::Etcd(EtcdPolicy {
-            etcd: Etcd::new(Box::new(transport)),
+            etcd: etcd_client(urls, user)?,
             prefix: prefix.to_string(),
         }))
     }
@@ -592,6 +583,21 @@ fn same_id(key: &str, id: &str, inside: &str) -> Result<(), CliError> {
     Err(failed(format!(
         "etcd key {key}: its id is '{inside}', not '{id}'"
     )))
+}
+
+/// An etcd client for `urls` (comma-separated); with `user`, the password is read from
+/// `SHIELDKEY_ETCD_PASSWORD` when etcd is first asked. The policy and `status` share it.
+pub fn etcd_client(urls: &str, user: Option<String>) -> Result<Etcd, CliError> {
+    let credentials = user.map(|user| Credentials {
+        user,
+        password: std::env::var(PASSWORD_ENV)
+            .ok()
+            .map(|p| SecretBytes::new(p.into_bytes())),
+        password_env: PASSWORD_ENV,
+    });
+    let transport =
+        HttpTransport::new(urls, credentials).map_err(|m| usage(format!("--etcd: {m}")))?;
+    Ok(Etcd::new(Box::new(transport)))
 }
 
 #[cfg(test)]

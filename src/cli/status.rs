@@ -15,13 +15,12 @@ use serde_json::{json, Value};
 use super::args::Args;
 use super::commands::now;
 use super::error::{failed, usage, CliError};
-use super::etcd::{Credentials, Etcd, HttpTransport, Kv};
-use super::policy_store::{PolicyStore, PASSWORD_ENV};
+use super::etcd::Kv;
+use super::policy_store::{etcd_client, PolicyStore};
 use super::Target;
 use crate::budget_window::BudgetWindow;
 use crate::config::raw::{RawPolicy, RawToken};
 use crate::money::{format_usd, parse_usd, NanoUsd};
-use crate::secret::SecretBytes;
 use crate::time::format_rfc3339;
 
 const FILE_MODE: &str = "status shows the spend of a fleet, read from etcd: it needs fleet mode \
@@ -412,20 +411,6 @@ fn nodes_table(row: &Row) -> String {
     table(&["ENVOY", "CLAIMED", "SPENT"], &[false, true, true], &cells)
 }
 
-/// The etcd client for the ledger, with the same endpoints and credentials as the policy's.
-fn ledger_client(urls: &str, user: Option<String>) -> Result<Etcd, CliError> {
-    let credentials = user.map(|user| Credentials {
-        user,
-        password: std::env::var(PASSWORD_ENV)
-            .ok()
-            .map(|p| SecretBytes::new(p.into_bytes())),
-        password_env: PASSWORD_ENV,
-    });
-    let transport =
-        HttpTransport::new(urls, credentials).map_err(|m| usage(format!("--etcd: {m}")))?;
-    Ok(Etcd::new(Box::new(transport)))
-}
-
 /// `status [--token ID] [--all] [--json]`.
 pub fn status(target: Target, mut args: Args) -> Result<(), CliError> {
     let Target::Etcd { urls, prefix, user } = target else {
@@ -446,7 +431,7 @@ pub fn status(target: Target, mut args: Args) -> Result<(), CliError> {
     let now = now();
     let mut rows = plan(&policy, &select, now)?;
     let ledger_prefix = format!("{prefix}ledger/");
-    let snapshot = ledger_client(&urls, user)?
+    let snapshot = etcd_client(&urls, user)?
         .range_prefix(ledger_prefix.as_bytes())
         .map_err(|e| {
             failed(format!(
