@@ -83,6 +83,7 @@ mod tests {
                 revoked,
                 not_before: nbf,
                 expires_at: exp,
+                team: None,
                 rules: Default::default(),
             });
             tokens.push((
@@ -97,6 +98,7 @@ mod tests {
             master_key_env: "K".into(),
             upstream_keys: vec![],
             tokens: records,
+            teams: vec![],
             settings: Default::default(),
         };
         // The first configuration published into a fresh store is generation 1.

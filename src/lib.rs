@@ -29,6 +29,7 @@ pub mod settings;
 pub mod spend;
 pub mod store;
 pub mod stream;
+pub mod team;
 pub mod time;
 pub mod token;
 pub mod token_digest;

@@ -22,6 +22,9 @@ pub struct Policy {
     pub master_key_env: String,
     pub upstream_keys: Vec<UpstreamKey>,
     pub tokens: Vec<TokenPolicy>,
+    /// Teams, compiled as records of the same shape as tokens (`team::team_record`), published
+    /// and counted alongside them under their subject ids.
+    pub teams: Vec<TokenPolicy>,
     pub settings: Settings,
 }
 
@@ -47,6 +50,9 @@ pub struct TokenPolicy {
     pub not_before: Option<i64>,
     /// Unix seconds.
     pub expires_at: Option<i64>,
+    /// The ledger subject of the token's team (`team::subject_id`), whose record holds the
+    /// team's rules; `None` outside a team.
+    pub team: Option<String>,
     pub rules: TokenRules,
 }
 
@@ -62,6 +68,9 @@ pub struct TokenRules {
     pub scopes: Scopes,
     /// Routes that cannot be capped or metered are open to a token with metered limits.
     pub allow_unmetered: bool,
+    /// `enforce: false`: a request these rules refuse is let through and counted as
+    /// `would_deny` (never authentication: that is not a rule).
+    pub dry_run: bool,
     /// The rule section exactly as configured, canonical JSON (empty when there are no rules):
     /// this is what the shared-data record carries, and what two rule sets compare by.
     pub spec: Vec<u8>,

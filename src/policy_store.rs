@@ -58,7 +58,7 @@ pub fn publish(store: &dyn SharedStore, policy: &Policy) -> Result<Publication, 
     }
     let oldest_readable = generation.saturating_sub(KEEP_GENERATIONS - 1);
     let mut written = 0;
-    for token in &policy.tokens {
+    for token in policy.tokens.iter().chain(&policy.teams) {
         let record = token_record::encode(token);
         if put_entry(store, &token.id, generation, &record, oldest_readable)? {
             written += 1;
@@ -67,7 +67,12 @@ pub fn publish(store: &dyn SharedStore, policy: &Policy) -> Result<Publication, 
     // Tokens of the previous configuration that this one does not have: tombstones.
     // Tokens this configuration does not have get a tombstone; they stay in the id list until
     // no configuration can read them any more and their value is cleared.
-    let mut ids: Vec<String> = policy.tokens.iter().map(|t| t.id.clone()).collect();
+    let mut ids: Vec<String> = policy
+        .tokens
+        .iter()
+        .chain(&policy.teams)
+        .map(|t| t.id.clone())
+        .collect();
     ids.sort_unstable();
     let current = ids.len();
     let previous = store.get(IDS_KEY).map(|(v, _)| v).unwrap_or_default();
@@ -339,6 +344,7 @@ mod tests {
             revoked,
             not_before: None,
             expires_at: None,
+            team: None,
             rules: Default::default(),
         }
     }
@@ -351,6 +357,7 @@ mod tests {
             upstream_keys: vec![],
             settings: Default::default(),
             tokens,
+            teams: vec![],
         }
     }
 

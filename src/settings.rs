@@ -27,6 +27,8 @@ pub struct Settings {
     /// Ascending percentages of a budget window, at most 8.
     pub alert_thresholds: Vec<u8>,
     pub webhook: Option<Webhook>,
+    /// `enforce: false` at the top of the policy: every rule of every token and team in dry run.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,7 @@ impl Default for Settings {
             country_header: DEFAULT_COUNTRY_HEADER.to_string(),
             alert_thresholds: DEFAULT_ALERT_THRESHOLDS.to_vec(),
             webhook: None,
+            dry_run: false,
         }
     }
 }

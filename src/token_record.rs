@@ -4,7 +4,7 @@ use crate::codec::{Reader, Writer};
 use crate::config::token_rules::rules_from_spec;
 use crate::policy::TokenPolicy;
 
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
 
 pub fn encode(t: &TokenPolicy) -> Vec<u8> {
     let mut w = Writer::new(RECORD_VERSION);
@@ -15,6 +15,7 @@ pub fn encode(t: &TokenPolicy) -> Vec<u8> {
         .u8(u8::from(t.revoked))
         .opt_i64(t.not_before)
         .opt_i64(t.expires_at)
+        .bytes(t.team.as_deref().unwrap_or_default().as_bytes())
         .bytes(&t.rules.spec);
     w.finish()
 }
@@ -33,6 +34,7 @@ pub fn decode(data: &[u8]) -> Option<TokenPolicy> {
         },
         not_before: r.opt_i64()?,
         expires_at: r.opt_i64()?,
+        team: Some(r.string()?).filter(|t| !t.is_empty()),
         rules: rules_from_spec(r.bytes()?)?,
     };
     r.is_done().then_some(t)
@@ -52,6 +54,7 @@ mod tests {
             revoked: true,
             not_before: Some(1_700_000_000),
             expires_at: None,
+            team: Some("team.eng".into()),
             rules: Default::default(),
         };
         let bytes = encode(&t);

@@ -104,6 +104,7 @@ pub fn compile(
         });
     }
 
+    let (teams, team_index) = crate::team::compile_teams(&raw.teams)?;
     let mut tokens = Vec::with_capacity(raw.tokens.len());
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(raw.tokens.len());
     for (i, t) in raw.tokens.iter().enumerate() {
@@ -115,6 +116,14 @@ pub fn compile(
                 format!("duplicate token id '{}' (first at tokens[{first}])", t.id),
             ));
         }
+        if let Some(team) = &t.team {
+            if !team_index.contains_key(team) {
+                return Err(ConfigError::at(
+                    format!("{path}.team"),
+                    format!("no team with id '{team}'"),
+                ));
+            }
+        }
         tokens.push(compile_token(t, &key_index, &path)?);
     }
 
@@ -124,6 +133,7 @@ pub fn compile(
         master_key_env,
         upstream_keys,
         tokens,
+        teams,
         settings: compile_settings(raw)?,
     })
 }
@@ -169,6 +179,15 @@ pub fn compile_token(
         revoked: t.status == RawStatus::Revoked,
         not_before,
         expires_at,
+        team: t
+            .team
+            .as_deref()
+            .map(|team| {
+                crate::team::validate_id(team)
+                    .map(|()| crate::team::subject_id(team))
+                    .map_err(|m| ConfigError::at(format!("{path}.team"), m))
+            })
+            .transpose()?,
         rules: compile_rules(&RawTokenRules::of(t), path)?,
     })
 }

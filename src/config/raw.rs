@@ -24,6 +24,13 @@ pub struct RawPolicy {
     pub upstream_keys: Vec<RawUpstreamKey>,
     #[serde(default)]
     pub tokens: Vec<RawToken>,
+    /// Teams: rules and limits shared by every token that names the team (`RawToken::team`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teams: Vec<RawTeam>,
+    /// `false` puts every rule of every token and team in dry run (see `RawToken::enforce`);
+    /// authentication is always enforced. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce: Option<bool>,
     /// Price overrides and the rule for models the price table does not know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<RawPricing>,
@@ -191,6 +198,40 @@ pub struct RawToken {
     /// ShieldKey cannot cap or meter (management, batch jobs, audio). Default false: refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_unmetered: Option<bool>,
+    /// The team (`RawTeam::id`) whose rules and limits apply on top of this token's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    /// `false`: dry run of this token's rules: a request they would refuse is let through,
+    /// logged and counted as `would_deny`. Authentication is always enforced. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce: Option<bool>,
+}
+
+/// A team: the same rules a token can have, applied to the team's members together (one budget,
+/// one rate limit shared by all of them), on top of each member's own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTeam {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RawBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RawRateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_cidrs: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub countries: Option<RawCountries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<RawModels>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_unmetered: Option<bool>,
+    /// `false`: dry run of the team's rules (see `RawToken::enforce`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

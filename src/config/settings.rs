@@ -9,6 +9,7 @@ use crate::spend::{Prices, UnknownModel};
 pub fn compile_settings(raw: &RawPolicy) -> Result<Settings, ConfigError> {
     let mut out = Settings {
         prices: compile_pricing(raw.pricing.as_ref())?,
+        dry_run: raw.enforce == Some(false),
         ..Settings::default()
     };
     if let Some(requests) = &raw.requests {

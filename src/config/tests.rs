@@ -49,8 +49,14 @@ fn valid() -> Value {
              "rate_limit": {"requests_per_minute": 60, "tokens_per_minute": 100000},
              "source_cidrs": ["10.0.0.0/8", "2001:db8::/32"],
              "countries": {"allow": ["FR", "DE"], "unknown": "deny"},
-             "models": {"allow": ["mistral-small-*"], "max_tokens": 2048}},
-            {"id": "ci-bot", "digest": digest(), "upstream_key": "dev", "status": "revoked"}
+             "models": {"allow": ["mistral-small-*"], "max_tokens": 2048}, "team": "eng"},
+            {"id": "ci-bot", "digest": digest(), "upstream_key": "dev", "status": "revoked",
+             "enforce": false}
+        ],
+        "teams": [
+            {"id": "eng", "description": "Engineering", "enforce": true,
+             "budget": {"limit_usd": "100", "window": "monthly"},
+             "rate_limit": {"requests_per_minute": 600}, "models": {"allow": ["mistral-*"]}}
         ],
         "pricing": {
             "unknown_model": "default_price",
@@ -106,6 +112,9 @@ fn the_valid_document_compiles_with_and_without_the_master_key() {
         assert_eq!(policy.revoked_count(), 1);
         assert_eq!(policy.tokens[1].upstream_key, 1);
         assert!(policy.tokens[0].rules.needs_body());
+        assert_eq!(policy.tokens[0].team.as_deref(), Some("team.eng"));
+        assert_eq!(policy.teams[0].id, "team.eng");
+        assert!(policy.tokens[1].rules.dry_run && !policy.tokens[0].rules.dry_run);
         assert_eq!(
             policy.upstream_keys[0].authorization.is_some(),
             with_master,
@@ -129,6 +138,16 @@ fn a_minimal_document_compiles_with_safe_defaults() {
 fn every_invalid_field_is_rejected_with_its_path() {
     let cases: Vec<(&str, Option<Value>, &str)> = vec![
         ("/version", Some(json!(2)), "version"),
+        ("/tokens/0/team", Some(json!("sales")), "tokens[0].team"),
+        ("/tokens/0/team", Some(json!("Eng")), "tokens[0].team"),
+        ("/teams/0/id", Some(json!("eng.x")), "teams[0].id"),
+        (
+            "/teams/0/budget/window",
+            Some(json!("weekly")),
+            "teams[0].budget.window",
+        ),
+        ("/teams/0/owner", Some(json!("x")), "teams[0].owner"),
+        ("/enforce", Some(json!("no")), "enforce"),
         ("/version", Some(json!("1")), "version"),
         ("/version", None, "."),
         ("/revision", Some(json!(-1)), "revision"),

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
-use super::raw::{RawBudget, RawCountries, RawModels, RawRateLimit, RawToken};
+use super::raw::{RawBudget, RawCountries, RawModels, RawRateLimit, RawTeam, RawToken};
 use crate::budget_window::BudgetWindow;
 use crate::ledger::{Budget, Limits};
 use crate::money;
@@ -35,6 +35,8 @@ pub struct RawTokenRules {
     pub scopes: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_unmetered: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce: Option<bool>,
 }
 
 impl RawTokenRules {
@@ -47,6 +49,20 @@ impl RawTokenRules {
             models: token.models.clone(),
             scopes: token.scopes.clone(),
             allow_unmetered: token.allow_unmetered,
+            enforce: token.enforce,
+        }
+    }
+
+    pub fn of_team(team: &RawTeam) -> Self {
+        RawTokenRules {
+            budget: team.budget.clone(),
+            rate_limit: team.rate_limit.clone(),
+            source_cidrs: team.source_cidrs.clone(),
+            countries: team.countries.clone(),
+            models: team.models.clone(),
+            scopes: team.scopes.clone(),
+            allow_unmetered: team.allow_unmetered,
+            enforce: team.enforce,
         }
     }
 
@@ -116,6 +132,7 @@ pub fn compile_rules(raw: &RawTokenRules, path: &str) -> Result<TokenRules, Conf
             Scopes::parse(scopes).map_err(|e| ConfigError::at(format!("{path}.scopes"), e))?;
     }
     rules.allow_unmetered = raw.allow_unmetered.unwrap_or(false);
+    rules.dry_run = raw.enforce == Some(false);
     Ok(rules)
 }
 

@@ -94,6 +94,8 @@ fn settings() -> FleetSettings {
         master_key_env: None,
         upstream_keys: vec![],
         tokens: vec![],
+        teams: vec![],
+        enforce: None,
         pricing: None,
         requests: None,
         alerts: None,
