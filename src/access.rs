@@ -5,6 +5,9 @@
 //! 3. request body, when a rule needs it: size cap, JSON, model patterns, `max_tokens` ceiling,
 //!    price (for the reservation),
 //! 4. rate limits and budget, in one atomic ledger update (`ledger::Ledger::admit`).
+//!
+//! A token in a team is judged twice, by its own rules and by its team's, each through a
+//! `Judge` that says which level refuses and whether that level is in dry run.
 
 use std::net::IpAddr;
 
@@ -16,21 +19,53 @@ use crate::routes::{OutputCap, PromptSource, Route, RouteKind};
 use crate::rules::request_body::{parse_request_body, BodyError, RequestFacts};
 use crate::settings::Settings;
 
+/// Where one level's refusals go: the token's own rules or its team's (`team`), enforced or in
+/// dry run. In dry run a rule's refusal (`Denial::is_rule`) is kept in `would_deny` and judging
+/// goes on as if it had passed; anything else, and every refusal of an enforced level, ends the
+/// request.
+pub struct Judge<'a> {
+    pub team: bool,
+    pub dry_run: bool,
+    pub would_deny: &'a mut Vec<Denial>,
+}
+
+impl<'a> Judge<'a> {
+    pub fn new(team: bool, dry_run: bool, would_deny: &'a mut Vec<Denial>) -> Self {
+        Judge {
+            team,
+            dry_run,
+            would_deny,
+        }
+    }
+
+    /// `Err` to refuse the request, `Ok` when the level is in dry run and `denial` is a rule's.
+    pub fn refuse(&mut self, denial: Denial) -> Result<(), Denial> {
+        let denial = if self.team { denial.by_team() } else { denial };
+        if self.dry_run && denial.is_rule() {
+            self.would_deny.push(denial);
+            Ok(())
+        } else {
+            Err(denial)
+        }
+    }
+}
+
 /// Rules that need only the connection and headers.
 pub fn check_connection(
     rules: &TokenRules,
+    judge: &mut Judge<'_>,
     source: Option<IpAddr>,
     country: Option<&[u8]>,
 ) -> Result<(), Denial> {
     if let Some(networks) = &rules.source_networks {
         // An address Envoy did not give us (or not an IP, e.g. a unix socket) is not allowed.
         if !source.is_some_and(|ip| networks.allows(ip)) {
-            return Err(Denial::SourceIpDenied);
+            judge.refuse(Denial::SourceIpDenied)?;
         }
     }
     if let Some(countries) = &rules.countries {
         if !countries.check(country) {
-            return Err(Denial::CountryDenied);
+            judge.refuse(Denial::CountryDenied)?;
         }
     }
     Ok(())
@@ -47,14 +82,22 @@ pub struct BodyVerdict {
 /// The route rules, judged from the method and path alone: the route must be in the table (or
 /// the token must have the `all` scope), within the token's scopes, and a token whose limits
 /// depend on metering may only reach routes that can be capped and metered.
-pub fn check_route(rules: &TokenRules, route: Option<&Route>) -> Result<RouteKind, Denial> {
+pub fn check_route(
+    rules: &TokenRules,
+    judge: &mut Judge<'_>,
+    route: Option<&Route>,
+) -> Result<RouteKind, Denial> {
     let kind = match route {
         Some(r) if rules.scopes.allows(r.scope) => r.kind,
         None if rules.scopes.allows_unknown_routes() => RouteKind::Unmetered,
-        _ => return Err(Denial::RouteDenied),
+        _ => {
+            judge.refuse(Denial::RouteDenied)?;
+            // Dry run: the request goes on as what it is (a route outside the table is unmetered).
+            route.map_or(RouteKind::Unmetered, |r| r.kind)
+        }
     };
     if !kind.is_capped() && rules.has_metered_limits() && !rules.allow_unmetered {
-        return Err(Denial::RouteUnmetered);
+        judge.refuse(Denial::RouteUnmetered)?;
     }
     Ok(kind)
 }
@@ -69,6 +112,7 @@ pub fn needs_body(rules: &TokenRules, kind: RouteKind) -> bool {
 /// nothing is reserved (the upstream refuses such a request).
 pub fn judge_body(
     rules: &TokenRules,
+    judge: &mut Judge<'_>,
     settings: &Settings,
     kind: RouteKind,
     body: Option<&[u8]>,
@@ -88,7 +132,7 @@ pub fn judge_body(
     if let Some(patterns) = &rules.models {
         let model = facts.model.as_deref().ok_or(Denial::BodyUnreadable)?;
         if !patterns.allows(model) {
-            return Err(Denial::ModelDenied);
+            judge.refuse(Denial::ModelDenied)?;
         }
     }
     let output_cap = output_cap(kind, &facts, settings.default_max_tokens);
@@ -96,7 +140,7 @@ pub fn judge_body(
         // Without its cap field the model may generate up to its context length: refuse rather
         // than let the ceiling be bypassed by leaving the field out.
         if output_cap.asked.is_none_or(|asked| asked > limit) {
-            return Err(Denial::MaxTokensExceeded { limit });
+            judge.refuse(Denial::MaxTokensExceeded { limit })?;
         }
     }
     let mut reservation = 0;
@@ -181,6 +225,70 @@ mod tests {
         compile_rules(&raw, "tokens[0]").unwrap()
     }
 
+    /// Runs `f` with an enforcing token-level judge.
+    fn enforced<T>(f: impl FnOnce(&mut Judge<'_>) -> T) -> T {
+        let mut would = Vec::new();
+        let out = f(&mut Judge::new(false, false, &mut would));
+        assert!(would.is_empty());
+        out
+    }
+
+    fn conn(r: &TokenRules, source: Option<IpAddr>, country: Option<&[u8]>) -> Result<(), Denial> {
+        enforced(|j| check_connection(r, j, source, country))
+    }
+
+    fn route_check(r: &TokenRules, route: Option<&Route>) -> Result<RouteKind, Denial> {
+        enforced(|j| check_route(r, j, route))
+    }
+
+    fn body_judged(
+        r: &TokenRules,
+        s: &Settings,
+        kind: RouteKind,
+        body: Option<&[u8]>,
+    ) -> Result<BodyVerdict, Denial> {
+        enforced(|j| judge_body(r, j, s, kind, body))
+    }
+
+    #[test]
+    fn a_dry_run_level_records_its_refusals_and_goes_on() {
+        let r = rules(
+            r#"{"source_cidrs":["10.0.0.0/8"],"models":{"allow":["mistral-small-*"],"max_tokens":10},"budget":{"limit_usd":"1","window":"daily"}}"#,
+        );
+        let s = Settings::default();
+        let mut would = Vec::new();
+        let mut team = Judge::new(true, true, &mut would);
+        assert_eq!(
+            check_connection(&r, &mut team, ip("11.0.0.1"), None),
+            Ok(())
+        );
+        let body = br#"{"model":"mistral-large-latest","max_tokens":50}"#;
+        let verdict = judge_body(&r, &mut team, &s, chat(), Some(body)).unwrap();
+        assert!(verdict.reservation > 0, "the reservation is still computed");
+        // Checks that keep accounting sound are never waived.
+        assert_eq!(
+            judge_body(&r, &mut team, &s, chat(), Some(b"nope")),
+            Err(Denial::BodyUnreadable)
+        );
+        let codes: Vec<&str> = would.iter().map(Denial::code).collect();
+        assert_eq!(
+            codes,
+            [
+                "shield_team_ip_denied",
+                "shield_team_model_denied",
+                "shield_team_max_tokens_exceeded"
+            ]
+        );
+        // Enforced, the same team refuses with the team's code.
+        let mut none = Vec::new();
+        let mut enforcing = Judge::new(true, false, &mut none);
+        assert_eq!(
+            check_connection(&r, &mut enforcing, ip("11.0.0.1"), None).map_err(|d| d.code()),
+            Err("shield_team_ip_denied")
+        );
+        assert!(none.is_empty());
+    }
+
     fn ip(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
     }
@@ -190,26 +298,20 @@ mod tests {
         let r = rules(
             r#"{"source_cidrs":["10.0.0.0/8","2001:db8::/32"],"countries":{"allow":["FR"]}}"#,
         );
-        assert_eq!(check_connection(&r, ip("10.1.2.3"), Some(b"FR")), Ok(()));
-        assert_eq!(check_connection(&r, ip("2001:db8::1"), Some(b"FR")), Ok(()));
+        assert_eq!(conn(&r, ip("10.1.2.3"), Some(b"FR")), Ok(()));
+        assert_eq!(conn(&r, ip("2001:db8::1"), Some(b"FR")), Ok(()));
         assert_eq!(
-            check_connection(&r, ip("11.0.0.1"), Some(b"FR")),
+            conn(&r, ip("11.0.0.1"), Some(b"FR")),
             Err(Denial::SourceIpDenied)
         );
+        assert_eq!(conn(&r, None, Some(b"FR")), Err(Denial::SourceIpDenied));
         assert_eq!(
-            check_connection(&r, None, Some(b"FR")),
-            Err(Denial::SourceIpDenied)
-        );
-        assert_eq!(
-            check_connection(&r, ip("10.0.0.1"), Some(b"US")),
+            conn(&r, ip("10.0.0.1"), Some(b"US")),
             Err(Denial::CountryDenied)
         );
-        assert_eq!(
-            check_connection(&r, ip("10.0.0.1"), None),
-            Err(Denial::CountryDenied)
-        );
+        assert_eq!(conn(&r, ip("10.0.0.1"), None), Err(Denial::CountryDenied));
         let open = TokenRules::default();
-        assert_eq!(check_connection(&open, None, None), Ok(()));
+        assert_eq!(conn(&open, None, None), Ok(()));
     }
 
     fn kind(method: &str, path: &str) -> RouteKind {
@@ -226,46 +328,49 @@ mod tests {
         let s = Settings::default();
         let ok = br#"{"model":"mistral-small-latest","max_tokens":50,"messages":[]}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(ok)).map(|v| v.model),
+            body_judged(&r, &s, chat(), Some(ok)).map(|v| v.model),
             Ok(Some("mistral-small-latest".to_string()))
         );
         let other = br#"{"model":"mistral-large-latest","max_tokens":50}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(other)),
+            body_judged(&r, &s, chat(), Some(other)),
             Err(Denial::ModelDenied)
         );
         let greedy = br#"{"model":"mistral-small-latest","max_tokens":101}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(greedy)),
+            body_judged(&r, &s, chat(), Some(greedy)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         let unset = br#"{"model":"mistral-small-latest"}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(unset)),
+            body_judged(&r, &s, chat(), Some(unset)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         // n choices multiply what a request can generate.
         let many = br#"{"model":"mistral-small-latest","max_tokens":50,"n":3}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(many)),
+            body_judged(&r, &s, chat(), Some(many)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(b"nope")),
+            body_judged(&r, &s, chat(), Some(b"nope")),
             Err(Denial::BodyUnreadable)
         );
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(br#"{"max_tokens":1}"#)),
+            body_judged(&r, &s, chat(), Some(br#"{"max_tokens":1}"#)),
             Err(Denial::BodyUnreadable)
         );
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(b"{\"model\":\"m\\nx\"}")),
+            body_judged(&r, &s, chat(), Some(b"{\"model\":\"m\\nx\"}")),
             Err(Denial::ModelNameInvalid)
         );
-        assert_eq!(judge_body(&r, &s, chat(), None), Ok(BodyVerdict::default()));
+        assert_eq!(
+            body_judged(&r, &s, chat(), None),
+            Ok(BodyVerdict::default())
+        );
         // Embeddings have no max_tokens: the ceiling does not apply.
         let embed = br#"{"model":"mistral-small-x","input":["a"]}"#;
-        assert!(judge_body(&r, &s, kind("POST", "/v1/embeddings"), Some(embed)).is_ok());
+        assert!(body_judged(&r, &s, kind("POST", "/v1/embeddings"), Some(embed)).is_ok());
     }
 
     #[test]
@@ -276,19 +381,19 @@ mod tests {
         // Mistral reads completion_args.max_tokens; a top-level max_tokens is not a cap.
         let top_level = br#"{"model":"mistral-small-latest","max_tokens":10,"inputs":"hi"}"#;
         assert_eq!(
-            judge_body(&r, &s, conv, Some(top_level)),
+            body_judged(&r, &s, conv, Some(top_level)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         let args = br#"{"inputs":"hi","completion_args":{"max_tokens":100}}"#;
-        assert!(judge_body(&r, &s, conv, Some(args)).is_ok());
+        assert!(body_judged(&r, &s, conv, Some(args)).is_ok());
         let resp = kind("POST", "/v1/responses");
         let over = br#"{"model":"mistral-small-latest","max_output_tokens":101}"#;
         assert_eq!(
-            judge_body(&r, &s, resp, Some(over)),
+            body_judged(&r, &s, resp, Some(over)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
         let fine = br#"{"model":"mistral-small-latest","max_output_tokens":99}"#;
-        assert!(judge_body(&r, &s, resp, Some(fine)).is_ok());
+        assert!(body_judged(&r, &s, resp, Some(fine)).is_ok());
     }
 
     #[test]
@@ -296,44 +401,44 @@ mod tests {
         let open = rules("{}");
         let route = |m: &str, p: &str| crate::routes::lookup(m.as_bytes(), p);
         assert_eq!(
-            check_route(&open, route("POST", "/v1/chat/completions")),
+            route_check(&open, route("POST", "/v1/chat/completions")),
             Ok(chat())
         );
         assert_eq!(
-            check_route(&open, route("DELETE", "/v1/models/m1")),
+            route_check(&open, route("DELETE", "/v1/models/m1")),
             Err(Denial::RouteDenied)
         );
         assert_eq!(
-            check_route(&open, route("GET", "/v1/files")),
+            route_check(&open, route("GET", "/v1/files")),
             Err(Denial::RouteDenied)
         );
-        assert_eq!(check_route(&open, None), Err(Denial::RouteDenied));
+        assert_eq!(route_check(&open, None), Err(Denial::RouteDenied));
         let manage = rules(r#"{"scopes":["manage"]}"#);
         assert_eq!(
-            check_route(&manage, route("POST", "/v1/batch/jobs")),
+            route_check(&manage, route("POST", "/v1/batch/jobs")),
             Ok(RouteKind::Unmetered)
         );
         assert_eq!(
-            check_route(&manage, route("POST", "/v1/chat/completions")),
+            route_check(&manage, route("POST", "/v1/chat/completions")),
             Err(Denial::RouteDenied)
         );
         let budgeted = rules(r#"{"scopes":["all"],"budget":{"limit_usd":"1","window":"daily"}}"#);
         assert_eq!(
-            check_route(&budgeted, route("POST", "/v1/batch/jobs")),
+            route_check(&budgeted, route("POST", "/v1/batch/jobs")),
             Err(Denial::RouteUnmetered)
         );
-        assert_eq!(check_route(&budgeted, None), Err(Denial::RouteUnmetered));
+        assert_eq!(route_check(&budgeted, None), Err(Denial::RouteUnmetered));
         assert_eq!(
-            check_route(&budgeted, route("POST", "/v1/audio/transcriptions")),
+            route_check(&budgeted, route("POST", "/v1/audio/transcriptions")),
             Err(Denial::RouteUnmetered)
         );
         let explicit = rules(
             r#"{"scopes":["all"],"allow_unmetered":true,"budget":{"limit_usd":"1","window":"daily"}}"#,
         );
-        assert_eq!(check_route(&explicit, None), Ok(RouteKind::Unmetered));
+        assert_eq!(route_check(&explicit, None), Ok(RouteKind::Unmetered));
         let ceiling = rules(r#"{"models":{"max_tokens":5}}"#);
         assert_eq!(
-            check_route(&ceiling, route("POST", "/v1/audio/transcriptions")),
+            route_check(&ceiling, route("POST", "/v1/audio/transcriptions")),
             Err(Denial::RouteUnmetered)
         );
         assert!(!needs_body(&budgeted, RouteKind::Free));
@@ -350,7 +455,7 @@ mod tests {
         };
         let body = br#"{"model":"mistral-small-latest"}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(body)),
+            body_judged(&r, &s, chat(), Some(body)),
             Err(Denial::BodyTooLarge { limit: 16 })
         );
     }
@@ -361,33 +466,33 @@ mod tests {
         let s = Settings::default();
         let price = s.prices.price_for(Some("mistral-small-latest")).unwrap();
         let body = br#"{"model":"mistral-small-latest","max_tokens":100}"#;
-        let v = judge_body(&r, &s, chat(), Some(body)).unwrap();
+        let v = body_judged(&r, &s, chat(), Some(body)).unwrap();
         assert_eq!(
             v.reservation,
             pricing::worst_case_cost(price, body.len() as u64, 100)
         );
         let n = br#"{"model":"mistral-small-latest","max_tokens":100,"n":20}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(n)).unwrap().reservation,
+            body_judged(&r, &s, chat(), Some(n)).unwrap().reservation,
             pricing::worst_case_cost(price, n.len() as u64, 2_000)
         );
         let none = br#"{"model":"mistral-small-latest"}"#;
         assert_eq!(
-            judge_body(&r, &s, chat(), Some(none)).unwrap().reservation,
+            body_judged(&r, &s, chat(), Some(none)).unwrap().reservation,
             pricing::worst_case_cost(price, none.len() as u64, s.default_max_tokens)
         );
         // Stored state (a conversation's history) is bounded by the context, not the body.
         let conv =
             br#"{"model":"mistral-small-latest","inputs":"x","completion_args":{"max_tokens":10}}"#;
         assert_eq!(
-            judge_body(&r, &s, kind("POST", "/v1/conversations/c1"), Some(conv))
+            body_judged(&r, &s, kind("POST", "/v1/conversations/c1"), Some(conv))
                 .unwrap()
                 .reservation,
             pricing::worst_case_cost(price, conv.len() as u64 + s.max_context_tokens, 10)
         );
         let embed = br#"{"model":"mistral-small-latest","input":"abc"}"#;
         assert_eq!(
-            judge_body(&r, &s, kind("POST", "/v1/embeddings"), Some(embed))
+            body_judged(&r, &s, kind("POST", "/v1/embeddings"), Some(embed))
                 .unwrap()
                 .reservation,
             pricing::worst_case_cost(price, embed.len() as u64, 0)
@@ -395,12 +500,12 @@ mod tests {
         let ocr = kind("POST", "/v1/ocr");
         let pages = br#"{"model":"mistral-ocr-latest","document":{},"pages":[0,1]}"#;
         assert_eq!(
-            judge_body(&r, &s, ocr, Some(pages)).unwrap().reservation,
+            body_judged(&r, &s, ocr, Some(pages)).unwrap().reservation,
             2 * pricing::OCR_NANO_PER_PAGE
         );
         let all_pages = br#"{"model":"mistral-ocr-latest","document":{}}"#;
         assert_eq!(
-            judge_body(&r, &s, ocr, Some(all_pages))
+            body_judged(&r, &s, ocr, Some(all_pages))
                 .unwrap()
                 .reservation,
             pricing::OCR_MAX_PAGES * pricing::OCR_NANO_PER_PAGE
@@ -415,7 +520,7 @@ mod tests {
         };
         let unknown = br#"{"model":"homegrown-7b"}"#;
         assert_eq!(
-            judge_body(&r, &deny_unknown, chat(), Some(unknown)),
+            body_judged(&r, &deny_unknown, chat(), Some(unknown)),
             Err(Denial::ModelUnpriced)
         );
     }

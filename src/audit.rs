@@ -26,6 +26,10 @@ pub fn printable(text: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFacts {
     pub token_id: Option<String>,
+    /// The token's team (its id, not the subject id).
+    pub team: Option<String>,
+    /// Codes of the refusals a dry run let through (`decision` is then `allowed`).
+    pub would_deny: Vec<&'static str>,
     /// `allowed` or a denial code.
     pub decision: Option<&'static str>,
     pub model: Option<String>,
@@ -38,9 +42,15 @@ pub struct AuditFacts {
 impl AuditFacts {
     /// Filter-state entries known when the request is decided.
     pub fn decision_entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(3);
+        let mut out = Vec::with_capacity(5);
         if let Some(id) = &self.token_id {
             out.push(("shieldkey_token_id", id.clone()));
+        }
+        if let Some(team) = &self.team {
+            out.push(("shieldkey_team", team.clone()));
+        }
+        if !self.would_deny.is_empty() {
+            out.push(("shieldkey_would_deny", self.would_deny.join(",")));
         }
         if let Some(decision) = self.decision {
             out.push(("shieldkey_decision", decision.to_string()));
@@ -49,6 +59,16 @@ impl AuditFacts {
             out.push(("shieldkey_model", printable(model)));
         }
         out
+    }
+
+    /// The log line of a request a dry run let through.
+    pub fn would_deny_line(&self) -> String {
+        format!(
+            "shieldkey: dry run: request of token {} (team {}) would be refused: {}",
+            self.token_id.as_deref().unwrap_or("-"),
+            self.team.as_deref().unwrap_or("-"),
+            self.would_deny.join(","),
+        )
     }
 
     /// Filter-state entries known when the response is over (the model again: without a body
@@ -85,6 +105,7 @@ mod tests {
             completion_tokens: 4,
             cost: 2_850,
             estimated: false,
+            ..AuditFacts::default()
         };
         let decided = facts.decision_entries();
         assert_eq!(decided[0], ("shieldkey_token_id", "alice".to_string()));
@@ -93,6 +114,23 @@ mod tests {
         assert!(accounted.contains(&("shieldkey_cost_nano_usd", "2850".to_string())));
         assert!(accounted.contains(&("shieldkey_model", "mistral-small-latest".to_string())));
         assert_eq!(AuditFacts::default().decision_entries(), vec![]);
+        let dry = AuditFacts {
+            token_id: Some("bob".into()),
+            team: Some("eng".into()),
+            would_deny: vec!["shield_model_denied", "shield_team_budget_exceeded"],
+            decision: Some("allowed"),
+            ..AuditFacts::default()
+        };
+        let entries = dry.decision_entries();
+        assert!(entries.contains(&("shieldkey_team", "eng".to_string())));
+        assert!(entries.contains(&(
+            "shieldkey_would_deny",
+            "shield_model_denied,shield_team_budget_exceeded".to_string()
+        )));
+        assert_eq!(
+            dry.would_deny_line(),
+            "shieldkey: dry run: request of token bob (team eng) would be refused: shield_model_denied,shield_team_budget_exceeded"
+        );
     }
 
     #[test]

@@ -53,11 +53,44 @@ pub enum Denial {
     PathNotCanonical,
     /// `model` is not a model name (control characters, too long).
     ModelNameInvalid,
+    /// A rule of the token's team refused the request (the inner denial says which).
+    Team(Box<Denial>),
+    /// The token names a team whose record is not readable (fleet mode: not synced yet).
+    TeamUnavailable,
 }
 
 impl Denial {
+    /// The same refusal, made by the token's team.
+    pub fn by_team(self) -> Denial {
+        match self {
+            Denial::Team(_) => self,
+            other => Denial::Team(Box::new(other)),
+        }
+    }
+
+    /// Whether a dry run (`enforce: false`) may let this refusal through. Only the rules an
+    /// operator configures per token or team: never authentication, never the checks that keep
+    /// judging and accounting sound (path form, body readability and size, unavailable policy,
+    /// key or counters, unpriced models).
+    pub fn is_rule(&self) -> bool {
+        match self {
+            Denial::SourceIpDenied
+            | Denial::CountryDenied
+            | Denial::RequestRateLimited { .. }
+            | Denial::TokenRateLimited { .. }
+            | Denial::BudgetExceeded { .. }
+            | Denial::ModelDenied
+            | Denial::MaxTokensExceeded { .. }
+            | Denial::RouteDenied
+            | Denial::RouteUnmetered => true,
+            Denial::Team(inner) => inner.is_rule(),
+            _ => false,
+        }
+    }
+
     pub fn status(&self) -> u32 {
         match self {
+            Denial::Team(inner) => inner.status(),
             Denial::TokenMissing
             | Denial::TokenMalformed
             | Denial::TokenUnknown
@@ -79,7 +112,10 @@ impl Denial {
             | Denial::PathNotCanonical
             | Denial::ModelNameInvalid => 400,
             Denial::BodyTooLarge { .. } => 413,
-            Denial::KeyUnavailable | Denial::PolicyUnavailable | Denial::LedgerBusy => 503,
+            Denial::KeyUnavailable
+            | Denial::PolicyUnavailable
+            | Denial::LedgerBusy
+            | Denial::TeamUnavailable => 503,
         }
     }
 
@@ -110,6 +146,19 @@ impl Denial {
             Denial::RouteUnmetered => "shield_route_unmetered",
             Denial::PathNotCanonical => "shield_path_not_canonical",
             Denial::ModelNameInvalid => "shield_model_invalid",
+            Denial::TeamUnavailable => "shield_team_unavailable",
+            Denial::Team(inner) => match inner.code() {
+                "shield_ip_denied" => "shield_team_ip_denied",
+                "shield_geo_denied" => "shield_team_geo_denied",
+                "shield_rate_limited" => "shield_team_rate_limited",
+                "shield_budget_exceeded" => "shield_team_budget_exceeded",
+                "shield_model_denied" => "shield_team_model_denied",
+                "shield_max_tokens_exceeded" => "shield_team_max_tokens_exceeded",
+                "shield_route_denied" => "shield_team_route_denied",
+                "shield_route_unmetered" => "shield_team_route_unmetered",
+                // Not a team rule (body, path, counters): the same code as the token's.
+                other => other,
+            },
         }
     }
 
@@ -124,6 +173,13 @@ impl Denial {
 
     pub fn message(&self) -> String {
         match self {
+            Denial::Team(inner) => inner
+                .message()
+                .replace("this token's", "this token's team's")
+                .replace("this token", "this token's team"),
+            Denial::TeamUnavailable => {
+                "The gateway policy for this token's team is not loaded yet; retry shortly.".into()
+            }
             Denial::TokenMissing => {
                 "No API key provided. Send your ShieldKey token as 'Authorization: Bearer sk_shield_t_...'.".into()
             }
@@ -177,7 +233,10 @@ impl Denial {
     /// Extra response headers (e.g. `retry-after`).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            Denial::PolicyUnavailable | Denial::LedgerBusy => vec![("retry-after", "1".into())],
+            Denial::Team(inner) => inner.headers(),
+            Denial::PolicyUnavailable | Denial::LedgerBusy | Denial::TeamUnavailable => {
+                vec![("retry-after", "1".into())]
+            }
             Denial::RequestRateLimited { retry_after_secs }
             | Denial::TokenRateLimited { retry_after_secs } => {
                 vec![("retry-after", retry_after_secs.max(&1).to_string())]
@@ -224,6 +283,35 @@ impl Denial {
         "shield_route_unmetered",
         "shield_path_not_canonical",
         "shield_model_invalid",
+        "shield_team_unavailable",
+        "shield_team_ip_denied",
+        "shield_team_geo_denied",
+        "shield_team_rate_limited",
+        "shield_team_budget_exceeded",
+        "shield_team_model_denied",
+        "shield_team_max_tokens_exceeded",
+        "shield_team_route_denied",
+        "shield_team_route_unmetered",
+    ];
+
+    /// The denials a dry run can let through, for defining one `would_deny` stat per reason.
+    pub const RULE_CODES: &'static [&'static str] = &[
+        "shield_ip_denied",
+        "shield_geo_denied",
+        "shield_rate_limited",
+        "shield_budget_exceeded",
+        "shield_model_denied",
+        "shield_max_tokens_exceeded",
+        "shield_route_denied",
+        "shield_route_unmetered",
+        "shield_team_ip_denied",
+        "shield_team_geo_denied",
+        "shield_team_rate_limited",
+        "shield_team_budget_exceeded",
+        "shield_team_model_denied",
+        "shield_team_max_tokens_exceeded",
+        "shield_team_route_denied",
+        "shield_team_route_unmetered",
     ];
 }
 
@@ -296,8 +384,38 @@ mod tests {
             Denial::RouteUnmetered,
             Denial::PathNotCanonical,
             Denial::ModelNameInvalid,
+            Denial::TeamUnavailable,
         ] {
             assert!(Denial::ALL_CODES.contains(&d.code()), "{}", d.code());
+            let team = d.clone().by_team();
+            assert!(Denial::ALL_CODES.contains(&team.code()), "{}", team.code());
+            assert_eq!(team.status(), d.status());
+            assert_eq!(team.is_rule(), d.is_rule());
+            if d.is_rule() {
+                assert!(Denial::RULE_CODES.contains(&d.code()), "{}", d.code());
+                assert!(Denial::RULE_CODES.contains(&team.code()), "{}", team.code());
+                assert_ne!(team.code(), d.code());
+            }
         }
+        assert!(
+            !Denial::TokenRevoked.is_rule(),
+            "authentication is never a dry-run rule"
+        );
+    }
+
+    #[test]
+    fn a_team_refusal_names_the_team_level() {
+        let d = Denial::BudgetExceeded { reset_at: None }.by_team();
+        assert_eq!(d.code(), "shield_team_budget_exceeded");
+        assert_eq!(d.status(), 429);
+        assert!(d.message().contains("team"), "{}", d.message());
+        let v: serde_json::Value = serde_json::from_slice(&d.body()).unwrap();
+        assert_eq!(v["code"], "shield_team_budget_exceeded");
+        let rate = Denial::RequestRateLimited {
+            retry_after_secs: 4,
+        }
+        .by_team();
+        assert_eq!(rate.headers(), vec![("retry-after", "4".to_string())]);
+        assert_eq!(rate.clone().by_team(), rate, "wrapping twice is one level");
     }
 }

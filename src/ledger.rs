@@ -51,6 +51,19 @@ pub struct Admission {
     pub reserved: NanoUsd,
 }
 
+impl Admission {
+    /// A request let through although the counters refused it (dry run): it holds nothing, and
+    /// settling it charges what it cost to the current window.
+    pub fn unreserved(limits: &Limits, now_ms: i64) -> Admission {
+        Admission {
+            window_start: limits
+                .budget
+                .map_or(0, |b| b.window.start(now_ms.div_euclid(1000))),
+            reserved: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LedgerDenial {
     RequestRate {

@@ -99,14 +99,24 @@ impl Active {
         // Counters are keyed by token id, not by configuration: they survive reloads. Creating
         // them here lets every request-time update be a compare-and-swap.
         let ledger = SharedDataLedger::new(host.store());
-        for token in policy.tokens.iter().filter(|t| t.rules.limits.is_tracked()) {
+        for token in policy
+            .tokens
+            .iter()
+            .chain(&policy.teams)
+            .filter(|t| t.rules.limits.is_tracked())
+        {
             ledger.ensure(&token.id).map_err(|e| {
                 ConfigError::at(".", format!("cannot create counters in shared data: {e:?}"))
             })?;
         }
         // Once in shared data, the token list is not needed in every worker's memory.
-        let (tokens, revoked) = (policy.tokens.len(), policy.revoked_count());
+        let (tokens, revoked, teams) = (
+            policy.tokens.len(),
+            policy.revoked_count(),
+            policy.teams.len(),
+        );
         policy.tokens = Vec::new();
+        policy.teams = Vec::new();
         // One root context per configuration writes; the others find the records there.
         let level = if publication.written > 0 {
             LogLevel::Info
@@ -121,13 +131,14 @@ impl Active {
         host.log(
             level,
             &format!(
-                "shieldkey: policy revision {} loaded (fingerprint {}, generation {}, {} records written): {} tokens ({} revoked), {} upstream keys, in {} ms",
+                "shieldkey: policy revision {} loaded (fingerprint {}, generation {}, {} records written): {} tokens ({} revoked), {} teams, {} upstream keys, in {} ms",
                 policy.revision,
                 policy.fingerprint,
                 publication.generation,
                 publication.written,
                 tokens,
                 revoked,
+                teams,
                 policy.upstream_keys.len(),
                 took_ms
             ),

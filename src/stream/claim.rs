@@ -1,14 +1,14 @@
-//! Fleet mode: a request that needs more of the budget than this Envoy holds waits for one lease
+//! Fleet mode: a request that needs more of a budget than this Envoy holds waits for one lease
 //! claim (`fleet::lease`): read the pool and this node's claim, then add to both in a guarded
 //! transaction, then reserve again. Contention re-reads (a few times); etcd unreachable, or the
-//! fleet's budget spent, refuses the request: fail closed.
+//! fleet's budget spent, refuses the request: fail closed. The budget is the token's or its
+//! team's (`Level`): a team's leases are keyed by its subject id like a token's.
 
 use super::host::Host;
-use super::{ledger_denial, release, Exchange, Flow, Stream};
-use crate::access::BodyVerdict;
+use super::levels::Level;
+use super::{Flow, Reserving, Stream};
 use crate::denial::Denial;
 use crate::fleet::lease::{self, Claims, CLAIM_ATTEMPTS, TXN_PATH};
-use crate::ledger::{Admission, Ledger, LedgerDenial};
 use crate::money::NanoUsd;
 use crate::stream::active::Active;
 
@@ -19,9 +19,9 @@ enum Step {
 }
 
 pub(super) struct Pending {
-    pub(super) admission: Admission,
-    verdict: BodyVerdict,
-    request_bytes: u64,
+    pub(super) request: Reserving,
+    /// The level whose budget is short.
+    level: Level,
     short: NanoUsd,
     attempts: u32,
     step: Step,
@@ -29,16 +29,10 @@ pub(super) struct Pending {
 }
 
 impl Pending {
-    pub(super) fn new(
-        admission: Admission,
-        verdict: BodyVerdict,
-        request_bytes: u64,
-        short: NanoUsd,
-    ) -> Self {
+    pub(super) fn new(request: Reserving, level: Level, short: NanoUsd) -> Self {
         Pending {
-            admission,
-            verdict,
-            request_bytes,
+            request,
+            level,
             short,
             attempts: 0,
             step: Step::Reading,
@@ -82,13 +76,18 @@ impl Stream {
             return;
         }
         let (status, body) = host.call_response(body_size);
-        let (Some((token, _)), Some(_)) = (self.token.clone(), active.fleet_context()) else {
+        let (Some(subject), Some(_)) =
+            (self.subject(pending.level).cloned(), active.fleet_context())
+        else {
             return;
         };
-        let Some(budget) = token.rules.limits.budget else {
+        let (Some(budget), Some(admission)) = (
+            subject.limits().budget,
+            pending.request.admissions.get(pending.level),
+        ) else {
             return;
         };
-        let window = pending.admission.window_start;
+        let window = admission.window_start;
         match pending.step {
             Step::Reading => {
                 let Some(claims) = (status == 200).then(|| lease::parse_read(&body)).flatten()
@@ -112,7 +111,7 @@ impl Stream {
                     Some(true) => {
                         let now = host.now_unix_ms().unwrap_or(0);
                         let granted = active.ledger(host).grant(
-                            &token.id,
+                            subject.id(),
                             Some(budget.window),
                             window,
                             amount,
@@ -133,41 +132,23 @@ impl Stream {
         }
     }
 
-    /// With the lease added, reserve again: forwarded, or (if other requests took it meanwhile)
-    /// another round.
-    fn after_grant(&mut self, host: &dyn Host, active: &Active, mut pending: Pending) {
-        let Some((token, _)) = self.token.clone() else {
-            return;
-        };
-        let now = host.now_unix_ms().unwrap_or(0);
-        let mut admission = pending.admission;
-        let reserved = active.ledger(host).reserve(
-            &token.id,
-            &token.rules.limits,
-            &mut admission,
-            pending.verdict.reservation,
-            now,
-        );
-        match reserved {
-            Ok(()) => {
-                let exchange = Exchange {
-                    admission: Some(admission),
-                    request_model: pending.verdict.model.take(),
-                    request_bytes: pending.request_bytes,
-                    status: 0,
-                    scanner: None,
-                    unreadable: false,
-                    response_ended: false,
-                };
-                if self.forward(host, active, exchange) == Flow::Continue {
-                    host.resume_request();
+    /// With the lease added, reserve again from the level that was short: forwarded, or (if
+    /// other requests took the lease meanwhile) another round.
+    fn after_grant(&mut self, host: &dyn Host, active: &Active, pending: Pending) {
+        let attempts = pending.attempts;
+        let level = pending.level;
+        if self.reserve_from(host, active, pending.request, level) == Flow::Continue {
+            host.resume_request();
+        } else if let Some(next) = self.claim.as_mut() {
+            // Short again at the same level: that counts as another round.
+            if next.level == level {
+                next.attempts = attempts + 1;
+                if next.attempts >= CLAIM_ATTEMPTS {
+                    if let Some(p) = self.claim.take() {
+                        self.give_up(host, active, p, Denial::LedgerBusy);
+                    }
                 }
             }
-            Err(LedgerDenial::AllowanceShort { short }) => {
-                pending.short = short;
-                self.retry(host, active, pending);
-            }
-            Err(e) => self.give_up(host, active, pending, ledger_denial(e)),
         }
     }
 
@@ -207,11 +188,11 @@ impl Stream {
         write: Option<(Claims, NanoUsd)>,
     ) -> Option<u32> {
         let fleet = active.fleet_context()?;
-        let (token, _) = self.token.as_ref()?;
+        let subject = self.subject(pending.level)?;
         let prefix = &fleet.settings.prefix;
-        let window = pending.admission.window_start;
-        let pool = lease::pool_key(prefix, &token.id, window);
-        let claimed = lease::claimed_key(prefix, &fleet.node, &token.id, window);
+        let window = pending.request.admissions.get(pending.level)?.window_start;
+        let pool = lease::pool_key(prefix, subject.id(), window);
+        let claimed = lease::claimed_key(prefix, &fleet.node, subject.id(), window);
         let body = match write {
             None => lease::read_body(&pool, &claimed),
             Some((seen, amount)) => lease::write_body(&pool, &claimed, &seen, amount),
@@ -225,14 +206,29 @@ impl Stream {
         )
     }
 
-    /// Refuses the held request (one local reply) and gives its admission back.
+    /// Refuses the held request (one local reply) and gives its admissions back; a level in
+    /// dry run lets a budget refusal through instead and the request goes on to the next level.
     fn give_up(&mut self, host: &dyn Host, active: &Active, pending: Pending, denial: Denial) {
         if denial == Denial::LedgerBusy {
             active.metrics.lease_claim_failed(host);
         }
-        if let Some((token, _)) = self.token.clone() {
-            release(host, active, &token, Some(pending.admission));
+        match self.refuse_at(active, pending.level, denial) {
+            Ok(()) => match pending.level.next() {
+                Some(next) => {
+                    if self.reserve_from(host, active, pending.request, next) == Flow::Continue {
+                        host.resume_request();
+                    }
+                }
+                None => {
+                    if self.forward_reserved(host, active, pending.request) == Flow::Continue {
+                        host.resume_request();
+                    }
+                }
+            },
+            Err(denial) => {
+                self.release(host, active, pending.request.admissions);
+                self.deny(host, &denial);
+            }
         }
-        self.deny(host, &denial);
     }
 }

@@ -9,6 +9,9 @@
 //! - `shieldkey.token_id.<id>.<metric>`                    → `shieldkey_<metric>{token_id}`
 //! - `shieldkey.token_id.<id>.reason.<code>.denied`        → `shieldkey_denied{token_id,reason}`
 //! - `shieldkey.model.<model>.<metric>`                    → `shieldkey_<metric>{model}`
+//! - `shieldkey.team.<team>.<metric>`                      → `shieldkey_team_<metric>{team}`
+//! - `shieldkey.team.<team>.reason.<code>.denied`          → `shieldkey_team_denied{team,reason}`
+//! - `...reason.<code>.would_deny`: as `denied`, for requests a dry run let through
 //!
 //! They appear as `wasmcustom.<name>`. Cardinality is bounded: token ids come from the policy
 //! (a stat is only defined for a token that authenticated), and model names only from the price
@@ -55,9 +58,11 @@ pub struct Metrics {
     lease_claims: Option<u32>,
     lease_claim_failures: Option<u32>,
     denied: HashMap<&'static str, u32>,
+    would_deny: HashMap<&'static str, u32>,
     alerts: Option<u32>,
     webhook_failures: Option<u32>,
     tokens: RefCell<HashMap<String, Rc<TokenMetrics>>>,
+    teams: RefCell<HashMap<String, Rc<TokenMetrics>>>,
     models: RefCell<HashMap<String, Rc<ModelMetrics>>>,
 }
 
@@ -73,6 +78,7 @@ pub struct TokenMetrics {
     budget_remaining: Option<u32>,
     alerts: Option<u32>,
     denied: RefCell<HashMap<&'static str, Option<u32>>>,
+    would_deny: RefCell<HashMap<&'static str, Option<u32>>>,
 }
 
 pub struct ModelMetrics {
@@ -121,7 +127,18 @@ impl Metrics {
                 ))
             })
             .collect();
+        let would_deny = Denial::RULE_CODES
+            .iter()
+            .filter_map(|code| {
+                Some((
+                    *code,
+                    counter(host, ids, &format!("shieldkey.reason.{code}.would_deny"))?,
+                ))
+            })
+            .collect();
         Metrics {
+            would_deny,
+            teams: RefCell::new(HashMap::new()),
             ids: ids.clone(),
             allowed: counter(host, ids, "shieldkey.allowed"),
             unreadable_responses: counter(host, ids, "shieldkey.unreadable_responses"),
@@ -148,6 +165,11 @@ impl Metrics {
         bump(host, self.denied.get(denial.code()).copied(), 1);
     }
 
+    /// A dry run let through a request this rule would have refused.
+    pub fn would_deny(&self, host: &dyn Host, denial: &Denial) {
+        bump(host, self.would_deny.get(denial.code()).copied(), 1);
+    }
+
     /// Fleet mode: a budget lease was claimed from etcd for a waiting request.
     pub fn lease_claimed(&self, host: &dyn Host) {
         bump(host, self.lease_claims, 1);
@@ -170,8 +192,24 @@ impl Metrics {
         if let Some(m) = self.tokens.borrow().get(id) {
             return m.clone();
         }
-        let m = Rc::new(TokenMetrics::define(host, &self.ids, id));
+        let prefix = format!("shieldkey.token_id.{id}");
+        let m = Rc::new(TokenMetrics::define(host, &self.ids, prefix));
         self.tokens.borrow_mut().insert(id.to_string(), m.clone());
+        m
+    }
+
+    /// The stats of a team (`subject`: its subject id `team.<id>`), same names as a token's
+    /// under `shieldkey.team.<id>`.
+    pub fn team(&self, host: &dyn Host, subject: &str) -> Rc<TokenMetrics> {
+        if let Some(m) = self.teams.borrow().get(subject) {
+            return m.clone();
+        }
+        let team = crate::team::team_of_subject(subject).unwrap_or(subject);
+        let prefix = format!("shieldkey.team.{team}");
+        let m = Rc::new(TokenMetrics::define(host, &self.ids, prefix));
+        self.teams
+            .borrow_mut()
+            .insert(subject.to_string(), m.clone());
         m
     }
 
@@ -197,8 +235,7 @@ impl Metrics {
 }
 
 impl TokenMetrics {
-    fn define(host: &dyn Host, ids: &Rc<MetricIds>, id: &str) -> Self {
-        let prefix = format!("shieldkey.token_id.{id}");
+    fn define(host: &dyn Host, ids: &Rc<MetricIds>, prefix: String) -> Self {
         TokenMetrics {
             requests: counter(host, ids, &format!("{prefix}.requests")),
             prompt_tokens: counter(host, ids, &format!("{prefix}.prompt_tokens")),
@@ -209,6 +246,7 @@ impl TokenMetrics {
             budget_remaining: gauge(host, ids, &format!("{prefix}.budget_remaining_nano_usd")),
             alerts: counter(host, ids, &format!("{prefix}.budget_alerts")),
             denied: RefCell::new(HashMap::new()),
+            would_deny: RefCell::new(HashMap::new()),
             ids: ids.clone(),
             prefix,
         }
@@ -225,6 +263,18 @@ impl TokenMetrics {
                 host,
                 &self.ids,
                 &format!("{}.reason.{code}.denied", self.prefix),
+            )
+        });
+        bump(host, id, 1);
+    }
+
+    pub fn would_deny(&self, host: &dyn Host, denial: &Denial) {
+        let code = denial.code();
+        let id = *self.would_deny.borrow_mut().entry(code).or_insert_with(|| {
+            counter(
+                host,
+                &self.ids,
+                &format!("{}.reason.{code}.would_deny", self.prefix),
             )
         });
         bump(host, id, 1);

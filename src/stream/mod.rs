@@ -7,10 +7,13 @@
 pub mod active;
 mod claim;
 pub mod host;
+mod levels;
 pub mod metrics;
 
 #[cfg(test)]
 mod fake;
+#[cfg(test)]
+mod team_tests;
 #[cfg(test)]
 mod tests;
 
@@ -22,14 +25,14 @@ use crate::audit::AuditFacts;
 use crate::authenticate::{authenticate, Credentials};
 use crate::denial::Denial;
 use crate::ledger::{Admission, Ledger, LedgerDenial};
-use crate::policy::TokenPolicy;
 use crate::routes::{self, RouteKind};
 use crate::rules::source_ip::parse_envoy_address;
 use crate::spend::{self, ResponseFacts};
 use crate::usage::{BodyKind, UsageScanner};
 use active::Active;
 use host::{Host, LogLevel};
-use metrics::{TokenMetrics, Usage};
+use levels::{Admissions, Level, Reservations, Subject};
+use metrics::Usage;
 
 /// What the glue tells the host after a phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +46,15 @@ pub struct Stream {
     active: Option<Rc<Active>>,
     audit: AuditFacts,
     /// Set once the token authenticated.
-    token: Option<(Rc<TokenPolicy>, Rc<TokenMetrics>)>,
+    token: Option<Subject>,
+    /// The token's team, when it has one (read right after the token).
+    team: Option<Subject>,
+    /// Refusals of levels in dry run: the request went on, and is reported as `would_deny`.
+    would_deny: Vec<Denial>,
     /// The route's kind, from the table, once the route was allowed.
     route: Option<RouteKind>,
     /// Headers went on; the body is held until it is complete and judged.
-    awaiting_body: Option<Option<Admission>>,
+    awaiting_body: Option<Admissions>,
     /// Set once the request was forwarded.
     exchange: Option<Exchange>,
     /// Fleet mode: the request waits for a budget lease (`claim.rs`).
@@ -56,7 +63,7 @@ pub struct Stream {
 
 /// An allowed request on its way: what accounting needs when it is over.
 struct Exchange {
-    admission: Option<Admission>,
+    admissions: Admissions,
     request_model: Option<String>,
     request_bytes: u64,
     status: u32,
@@ -72,6 +79,8 @@ impl Stream {
             active,
             audit: AuditFacts::default(),
             token: None,
+            team: None,
+            would_deny: Vec::new(),
             route: None,
             awaiting_body: None,
             exchange: None,
@@ -96,9 +105,8 @@ impl Stream {
             Err(denial) => return self.deny(host, &denial),
         };
         let needs_body = self
-            .token
-            .as_ref()
-            .is_some_and(|(t, _)| access::needs_body(&t.rules, kind));
+            .subjects()
+            .any(|(_, s)| access::needs_body(&s.record.rules, kind));
         if needs_body && !end_of_stream {
             // Headers go on (Envoy's buffer filter after this one holds them); the body is held
             // here until it is complete: at its end of stream, or at the request trailers.
@@ -185,8 +193,8 @@ impl Stream {
             // The client went away (or another filter replied) before the body was complete, or
             // while its request waited for a lease: nothing was forwarded.
             self.release_awaiting(host, &active);
-            if let (Some(pending), Some((token, _))) = (self.claim.take(), self.token.clone()) {
-                release(host, &active, &token, Some(pending.admission));
+            if let Some(pending) = self.claim.take() {
+                self.release(host, &active, pending.request.admissions);
             }
         }
         self.account(host);
@@ -196,8 +204,8 @@ impl Stream {
         if let Some(active) = &self.active {
             active.metrics.denied(host, denial);
         }
-        if let Some((_, metrics)) = &self.token {
-            metrics.denied(host, denial);
+        for (_, subject) in self.subjects() {
+            subject.metrics.denied(host, denial);
         }
         self.audit.decision = Some(denial.code());
         self.write_decision(host);
@@ -214,7 +222,22 @@ impl Stream {
         }
     }
 
-    /// Everything the body is not needed for: the token, the connection, the route.
+    /// The levels this request is judged at: its token, then its team.
+    fn subjects(&self) -> impl Iterator<Item = (Level, &Subject)> {
+        [(Level::Token, &self.token), (Level::Team, &self.team)]
+            .into_iter()
+            .filter_map(|(level, s)| Some((level, s.as_ref()?)))
+    }
+
+    fn subject(&self, level: Level) -> Option<&Subject> {
+        match level {
+            Level::Token => self.token.as_ref(),
+            Level::Team => self.team.as_ref(),
+        }
+    }
+
+    /// Everything the body is not needed for: the token (and its team), the connection, the
+    /// route, at each level.
     fn check_headers(
         &mut self,
         host: &dyn Host,
@@ -236,23 +259,47 @@ impl Stream {
         )?;
         self.audit.token_id = Some(token.id.clone());
         let metrics = active.metrics.token(host, &token.id);
-        self.token = Some((token.clone(), metrics));
+        self.token = Some(Subject {
+            record: token.clone(),
+            metrics,
+        });
+        if let Some(team_subject) = &token.team {
+            self.audit.team = crate::team::team_of_subject(team_subject).map(str::to_string);
+            // A member of a team that is not readable is refused: its limits cannot be checked.
+            let record = active
+                .token(host, team_subject)
+                .ok_or(Denial::TeamUnavailable)?;
+            let metrics = active.metrics.team(host, team_subject);
+            self.team = Some(Subject { record, metrics });
+        }
 
         let source = host
             .property(&["source", "address"])
             .as_deref()
             .and_then(parse_envoy_address);
-        let country = if token.rules.countries.is_some() {
+        let country = if self
+            .subjects()
+            .any(|(_, s)| s.record.rules.countries.is_some())
+        {
             host.request_header(&active.policy.settings.country_header)
         } else {
             None
         };
-        access::check_connection(&token.rules, source, country.as_deref())?;
-
         let path = host.request_header(":path").unwrap_or_default();
         let path = routes::canonical_path(&path).ok_or(Denial::PathNotCanonical)?;
         let method = host.request_header(":method").unwrap_or_default();
-        let kind = access::check_route(&token.rules, routes::lookup(&method, path))?;
+        let route = routes::lookup(&method, path);
+        let dry_run = active.policy.settings.dry_run;
+        let mut kind = None;
+        let mut would_deny = std::mem::take(&mut self.would_deny);
+        for (level, subject) in self.subjects() {
+            let mut judge = levels::judge(level, subject, dry_run, &mut would_deny);
+            let rules = &subject.record.rules;
+            access::check_connection(rules, &mut judge, source, country.as_deref())?;
+            kind = Some(access::check_route(rules, &mut judge, route)?);
+        }
+        self.would_deny = would_deny;
+        let kind = kind.ok_or(Denial::PolicyUnavailable)?;
         self.route = Some(kind);
         Ok(kind)
     }
@@ -261,33 +308,47 @@ impl Stream {
     /// the headers phase: proxy-wasm cannot hold request headers while reading the body (the
     /// host turns a header pause into a full stop), so everything that can be judged without
     /// the body is judged before anything is forwarded.
-    fn admit_and_swap(
-        &mut self,
-        host: &dyn Host,
-        active: &Active,
-    ) -> Result<Option<Admission>, Denial> {
-        let Some((token, _)) = self.token.clone() else {
-            return Err(Denial::PolicyUnavailable);
-        };
-        let mut admission = None;
-        if token.rules.limits.is_tracked() {
-            let now_ms = host.now_unix_ms().ok_or(Denial::LedgerBusy)?;
-            let admitted = active
-                .ledger(host)
-                .admit(&token.id, &token.rules.limits, 0, now_ms)
-                .map_err(ledger_denial)?;
-            admission = Some(admitted);
-            let limits = &token.rules.limits;
+    fn admit_and_swap(&mut self, host: &dyn Host, active: &Active) -> Result<Admissions, Denial> {
+        let mut admissions = Admissions::default();
+        for level in Level::BOTH {
+            let Some(subject) = self.subject(level).cloned() else {
+                continue;
+            };
+            if !subject.limits().is_tracked() {
+                continue;
+            }
+            let admitted = host
+                .now_unix_ms()
+                .ok_or(LedgerDenial::Busy)
+                .and_then(|now_ms| {
+                    active
+                        .ledger(host)
+                        .admit(subject.id(), subject.limits(), 0, now_ms)
+                        .or_else(|e| self.waive(active, level, e, subject.limits(), now_ms))
+                });
+            match admitted {
+                Ok(admission) => *admissions.slot(level) = Some(admission),
+                Err(e) => {
+                    self.release(host, active, admissions);
+                    return Err(self.level_denial(level, e));
+                }
+            }
+            let limits = subject.limits();
             if active.fleet_context().is_some()
                 && (limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some())
             {
                 // The syncer shares this Envoy's count of the minute with the fleet.
-                host.mark_spent(&token.id);
+                host.mark_spent(subject.id());
             }
         }
-        let Some(upstream_authorization) = active.policy.authorization_for(token.upstream_key)
+        let Some(token) = self.token.clone() else {
+            self.release(host, active, admissions);
+            return Err(Denial::PolicyUnavailable);
+        };
+        let Some(upstream_authorization) =
+            active.policy.authorization_for(token.record.upstream_key)
         else {
-            release(host, active, &token, admission);
+            self.release(host, active, admissions);
             return Err(Denial::KeyUnavailable);
         };
         // `authorization` is replaced, `x-api-key` removed: no shield token goes upstream. The
@@ -297,93 +358,171 @@ impl Stream {
             && host.set_request_header("authorization", upstream_authorization.expose())
             && host.set_request_header("accept-encoding", b"identity");
         if !swapped {
-            release(host, active, &token, admission);
+            self.release(host, active, admissions);
             return Err(Denial::KeyUnavailable);
         }
-        Ok(admission)
+        Ok(admissions)
+    }
+
+    /// A level's counters refused: in dry run (and for a rule's refusal) the request goes on
+    /// with nothing reserved at that level, so what it costs is still charged there.
+    fn waive(
+        &mut self,
+        active: &Active,
+        level: Level,
+        refusal: LedgerDenial,
+        limits: &crate::ledger::Limits,
+        now_ms: i64,
+    ) -> Result<Admission, LedgerDenial> {
+        let denial = ledger_denial(refusal.clone());
+        let Some(subject) = self.subject(level).cloned() else {
+            return Err(refusal);
+        };
+        let mut judge = levels::judge(
+            level,
+            &subject,
+            active.policy.settings.dry_run,
+            &mut self.would_deny,
+        );
+        match judge.refuse(denial) {
+            Ok(()) => Ok(Admission::unreserved(limits, now_ms)),
+            Err(_) => Err(refusal),
+        }
+    }
+
+    /// The denial a level's counters refused with, named for that level.
+    fn level_denial(&self, level: Level, refusal: LedgerDenial) -> Denial {
+        let denial = ledger_denial(refusal);
+        match level {
+            Level::Team if denial.is_rule() => denial.by_team(),
+            _ => denial,
+        }
     }
 
     fn finish_body(&mut self, host: &dyn Host, active: &Active) -> Flow {
-        let Some(admission) = self.awaiting_body.take() else {
+        let Some(admissions) = self.awaiting_body.take() else {
             return Flow::Continue;
         };
         let body = host.request_body().unwrap_or_default();
         let request_bytes = body.len() as u64;
-        self.judge_and_reserve(host, active, admission, Some(&body), request_bytes)
+        self.judge_and_reserve(host, active, admissions, Some(&body), request_bytes)
     }
 
-    /// The body rules (model, output cap, size), then the budget reservation and forwarding. A
-    /// refusal here sends a local reply before the buffered request is released upstream.
+    /// The body rules of each level (model, output cap, size), then the budget reservations and
+    /// forwarding. A refusal here sends a local reply before the buffered request is released
+    /// upstream.
     fn judge_and_reserve(
         &mut self,
         host: &dyn Host,
         active: &Active,
-        admission: Option<Admission>,
+        admissions: Admissions,
         body: Option<&[u8]>,
         request_bytes: u64,
     ) -> Flow {
-        let (Some((token, _)), Some(kind)) = (self.token.clone(), self.route) else {
+        let Some(kind) = self.route else {
             return self.deny(host, &Denial::PolicyUnavailable);
         };
-        let verdict = if access::needs_body(&token.rules, kind) {
-            access::judge_body(&token.rules, &active.policy.settings, kind, body)
-        } else {
-            Ok(BodyVerdict::default())
-        };
-        match verdict {
-            Ok(verdict) => {
-                self.audit.model = verdict.model.clone();
-                self.reserve_and_forward(host, active, admission, verdict, request_bytes)
+        let settings = &active.policy.settings;
+        let mut model = None;
+        let mut reservations = Reservations::default();
+        let mut would_deny = std::mem::take(&mut self.would_deny);
+        let mut refused = None;
+        for (level, subject) in self.subjects() {
+            let rules = &subject.record.rules;
+            if !access::needs_body(rules, kind) {
+                continue;
             }
-            Err(denial) => {
-                release(host, active, &token, admission);
-                self.deny(host, &denial)
+            let mut judge = levels::judge(level, subject, settings.dry_run, &mut would_deny);
+            match access::judge_body(rules, &mut judge, settings, kind, body) {
+                Ok(verdict) => {
+                    match level {
+                        Level::Token => reservations.token = verdict.reservation,
+                        Level::Team => reservations.team = verdict.reservation,
+                    }
+                    model = model.or(verdict.model);
+                }
+                Err(denial) => {
+                    refused = Some(denial);
+                    break;
+                }
             }
         }
+        self.would_deny = would_deny;
+        if let Some(denial) = refused {
+            self.release(host, active, admissions);
+            return self.deny(host, &denial);
+        }
+        self.audit.model = model.clone();
+        let verdict = BodyVerdict {
+            model,
+            reservation: 0,
+        };
+        let pending = Reserving {
+            admissions,
+            reservations,
+            verdict,
+            request_bytes,
+        };
+        self.reserve_from(host, active, pending, Level::Token)
     }
 
-    /// Reserves the request's worst case and forwards it. In fleet mode, when this Envoy's share
-    /// of the budget is short, the request waits for one lease claim (`claim.rs`).
-    fn reserve_and_forward(
+    /// Reserves each level's worst case, from `start` on, then forwards. In fleet mode, when
+    /// this Envoy's share of a level's budget is short, the request waits for one lease claim
+    /// (`claim.rs`), which comes back here for that level.
+    fn reserve_from(
         &mut self,
         host: &dyn Host,
         active: &Active,
-        mut admission: Option<Admission>,
-        verdict: BodyVerdict,
-        request_bytes: u64,
+        mut pending: Reserving,
+        start: Level,
     ) -> Flow {
-        let Some((token, _)) = self.token.clone() else {
-            return self.deny(host, &Denial::PolicyUnavailable);
-        };
-        if let (Some(admitted), true) = (admission.as_mut(), verdict.reservation > 0) {
+        let mut level = Some(start);
+        while let Some(current) = level {
+            level = current.next();
+            let amount = pending.reservations.get(current);
+            let (Some(subject), Some(admission)) = (
+                self.subject(current).cloned(),
+                pending.admissions.slot(current).as_mut(),
+            ) else {
+                continue;
+            };
+            if amount == 0 {
+                continue;
+            }
             let reserved = host
                 .now_unix_ms()
                 .ok_or(LedgerDenial::Busy)
                 .and_then(|now_ms| {
                     active.ledger(host).reserve(
-                        &token.id,
-                        &token.rules.limits,
-                        admitted,
-                        verdict.reservation,
+                        subject.id(),
+                        subject.limits(),
+                        admission,
+                        amount,
                         now_ms,
                     )
                 });
             match reserved {
                 Ok(()) => {}
                 Err(LedgerDenial::AllowanceShort { short }) if active.fleet_context().is_some() => {
-                    let pending = claim::Pending::new(*admitted, verdict, request_bytes, short);
-                    return self.start_claim(host, active, pending);
+                    let claim = claim::Pending::new(pending, current, short);
+                    return self.start_claim(host, active, claim);
                 }
                 Err(e) => {
-                    release(host, active, &token, admission);
-                    return self.deny(host, &ledger_denial(e));
+                    if let Err(denial) = self.refuse_at(active, current, ledger_denial(e)) {
+                        self.release(host, active, pending.admissions);
+                        return self.deny(host, &denial);
+                    }
                 }
             }
         }
+        self.forward_reserved(host, active, pending)
+    }
+
+    fn forward_reserved(&mut self, host: &dyn Host, active: &Active, request: Reserving) -> Flow {
         let exchange = Exchange {
-            admission,
-            request_model: verdict.model,
-            request_bytes,
+            admissions: request.admissions,
+            request_model: request.verdict.model,
+            request_bytes: request.request_bytes,
             status: 0,
             scanner: None,
             unreadable: false,
@@ -392,26 +531,73 @@ impl Stream {
         self.forward(host, active, exchange)
     }
 
+    /// A refusal at `level`: `Ok` when that level is in dry run and it is a rule's (recorded as
+    /// would-deny), else the denial to answer with.
+    fn refuse_at(&mut self, active: &Active, level: Level, denial: Denial) -> Result<(), Denial> {
+        let Some(subject) = self.subject(level).cloned() else {
+            return Err(denial);
+        };
+        levels::judge(
+            level,
+            &subject,
+            active.policy.settings.dry_run,
+            &mut self.would_deny,
+        )
+        .refuse(denial)
+    }
+
     fn forward(&mut self, host: &dyn Host, active: &Active, exchange: Exchange) -> Flow {
         self.audit.decision = Some("allowed");
+        self.audit.would_deny = self.would_deny.iter().map(Denial::code).collect();
         self.write_decision(host);
         active.metrics.allowed(host);
-        if let Some((_, metrics)) = &self.token {
-            metrics.allowed(host);
+        for (_, subject) in self.subjects() {
+            subject.metrics.allowed(host);
+        }
+        if !self.would_deny.is_empty() {
+            for denial in &self.would_deny {
+                active.metrics.would_deny(host, denial);
+                for (_, subject) in self.subjects() {
+                    subject.metrics.would_deny(host, denial);
+                }
+            }
+            host.log(LogLevel::Info, &self.audit.would_deny_line());
         }
         self.exchange = Some(exchange);
         Flow::Continue
     }
 
     fn release_awaiting(&mut self, host: &dyn Host, active: &Active) {
-        if let (Some(admission), Some((token, _))) = (self.awaiting_body.take(), &self.token) {
-            release(host, active, token, admission);
+        if let Some(admissions) = self.awaiting_body.take() {
+            self.release(host, active, admissions);
         }
     }
 
-    /// The response is over (normally or not): charge it, settle the reservation, report.
+    /// Gives back every level's reservation for a request that was admitted but then not
+    /// forwarded.
+    fn release(&self, host: &dyn Host, active: &Active, admissions: Admissions) {
+        let Some(now_ms) = host.now_unix_ms() else {
+            return;
+        };
+        for (level, subject) in self.subjects() {
+            if let Some(admission) = admissions.get(level) {
+                let _ = active.ledger(host).settle(
+                    subject.id(),
+                    subject.limits(),
+                    &[],
+                    &admission,
+                    0,
+                    0,
+                    now_ms,
+                );
+            }
+        }
+    }
+
+    /// The response is over (normally or not): charge it, settle each level's reservation,
+    /// report.
     fn account(&mut self, host: &dyn Host) {
-        let (Some(active), Some((token, metrics)), Some(exchange), Some(kind)) = (
+        let (Some(active), Some(token), Some(exchange), Some(kind)) = (
             self.active.clone(),
             self.token.clone(),
             self.exchange.take(),
@@ -436,7 +622,13 @@ impl Stream {
         if exchange.unreadable {
             active.metrics.unreadable_response(host);
         }
-        let reserved = exchange.admission.map_or(0, |a| a.reserved);
+        // The estimate of a cut-short response is bounded by what was reserved for it: the most
+        // any level reserved (levels without a budget reserve nothing).
+        let reserved = Level::BOTH
+            .iter()
+            .map(|l| exchange.admissions.reserved(*l))
+            .max()
+            .unwrap_or(0);
         let charge = spend::charge(
             &active.policy.settings.prices,
             kind,
@@ -457,7 +649,9 @@ impl Stream {
             cost: charge.cost,
             estimated: charge.estimated,
         };
-        metrics.settled(host, &usage);
+        for (_, subject) in self.subjects() {
+            subject.metrics.settled(host, &usage);
+        }
         let priced_model = scan
             .model
             .as_deref()
@@ -479,77 +673,105 @@ impl Stream {
             host.set_filter_state(name, value.as_bytes());
         }
 
-        let Some(admission) = exchange.admission else {
-            return;
-        };
         let Some(now_ms) = host.now_unix_ms() else {
             return;
         };
-        let limits = &token.rules.limits;
-        let settled = active.ledger(host).settle(
-            &token.id,
-            limits,
-            &active.policy.settings.alert_thresholds,
-            &admission,
-            charge.cost,
-            charge
-                .prompt_tokens
-                .saturating_add(charge.completion_tokens),
-            now_ms,
-        );
-        if settled.is_ok() && active.fleet_context().is_some() {
-            host.mark_spent(&token.id);
-        }
-        let Ok(settlement) = settled else {
-            // The request already happened; the cost is in the stats. Losing it from the
-            // counters must be loud.
-            host.log(
-                LogLevel::Error,
-                &format!(
-                    "shieldkey: could not record spend of token {} in shared data ({} nano-USD)",
-                    token.id, charge.cost
-                ),
+        let tokens = charge
+            .prompt_tokens
+            .saturating_add(charge.completion_tokens);
+        for (level, subject) in self.subjects() {
+            let Some(admission) = exchange.admissions.get(level) else {
+                continue;
+            };
+            settle(
+                host,
+                &active,
+                subject,
+                &token.record.owner,
+                &admission,
+                charge.cost,
+                tokens,
+                now_ms,
             );
-            return;
-        };
-        if let (Some(budget), Some(remaining)) = (limits.budget, settlement.remaining) {
-            metrics.budget(host, budget.limit, remaining);
-            let now = now_ms.div_euclid(1000);
-            for threshold in settlement.crossed {
-                let alert = BudgetAlert {
-                    token_id: token.id.clone(),
-                    owner: token.owner.clone(),
-                    threshold_percent: threshold,
-                    spent: settlement.spent,
-                    limit: budget.limit,
-                    window: budget.window,
-                    reset_at: budget.window.reset_at(now),
-                    at: now,
-                };
-                host.log(LogLevel::Warn, &alert.log_line());
-                active.metrics.alert(host);
-                metrics.alert(host);
-                if active.policy.settings.webhook.is_some() {
-                    host.enqueue_alert(&alert.webhook_body());
-                }
-            }
         }
     }
 }
 
-/// Gives back a reservation for a request that was admitted but then not forwarded.
-fn release(host: &dyn Host, active: &Active, token: &TokenPolicy, admission: Option<Admission>) {
-    if let (Some(admission), Some(now_ms)) = (admission, host.now_unix_ms()) {
-        let _ = active.ledger(host).settle(
-            &token.id,
-            &token.rules.limits,
-            &[],
-            &admission,
-            0,
-            0,
-            now_ms,
-        );
+/// Charges one level's counters, and reports its budget and any alert threshold crossed.
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    host: &dyn Host,
+    active: &Active,
+    subject: &Subject,
+    owner: &str,
+    admission: &Admission,
+    cost: crate::money::NanoUsd,
+    tokens: u64,
+    now_ms: i64,
+) {
+    let limits = subject.limits();
+    let settled = active.ledger(host).settle(
+        subject.id(),
+        limits,
+        &active.policy.settings.alert_thresholds,
+        admission,
+        cost,
+        tokens,
+        now_ms,
+    );
+    if settled.is_ok() && active.fleet_context().is_some() {
+        host.mark_spent(subject.id());
     }
+    let Ok(settlement) = settled else {
+        // The request already happened; the cost is in the stats. Losing it from the
+        // counters must be loud.
+        host.log(
+            LogLevel::Error,
+            &format!(
+                "shieldkey: could not record spend of {} in shared data ({} nano-USD)",
+                subject.id(),
+                cost
+            ),
+        );
+        return;
+    };
+    let (Some(budget), Some(remaining)) = (limits.budget, settlement.remaining) else {
+        return;
+    };
+    subject.metrics.budget(host, budget.limit, remaining);
+    let now = now_ms.div_euclid(1000);
+    for threshold in settlement.crossed {
+        let alert = BudgetAlert {
+            token_id: subject.id().to_string(),
+            // A team's alert names no owner: it is the team's budget, shared by its members.
+            owner: if crate::team::team_of_subject(subject.id()).is_some() {
+                String::new()
+            } else {
+                owner.to_string()
+            },
+            threshold_percent: threshold,
+            spent: settlement.spent,
+            limit: budget.limit,
+            window: budget.window,
+            reset_at: budget.window.reset_at(now),
+            at: now,
+        };
+        host.log(LogLevel::Warn, &alert.log_line());
+        active.metrics.alert(host);
+        subject.metrics.alert(host);
+        if active.policy.settings.webhook.is_some() {
+            host.enqueue_alert(&alert.webhook_body());
+        }
+    }
+}
+
+/// A request whose body was judged, on its way through the levels' reservations (and, in
+/// fleet mode, possibly waiting for a lease claim).
+pub(crate) struct Reserving {
+    admissions: Admissions,
+    reservations: Reservations,
+    verdict: BodyVerdict,
+    request_bytes: u64,
 }
 
 /// The request body's declared length (Envoy's codec enforces it), for estimates of requests
