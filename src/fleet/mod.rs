@@ -3,14 +3,21 @@
 //! One syncer per Envoy (a bootstrap `WasmService` singleton sharing the filter's `vm_id`) follows
 //! `<prefix>policy/` in etcd through Envoy's own HTTP callouts to etcd's JSON gateway, and writes
 //! what it reads into shared data: each token's compiled record in place (`policy_store`), and the
-//! policy-wide part (settings and sealed upstream keys) as one base document. The HTTP filter's
-//! root contexts compile the base when it changes; the request path reads one record, as in
-//! single-Envoy mode, and never calls etcd.
+//! policy-wide part (settings and sealed upstream keys) as one base document. Each team's compiled
+//! record goes in place too, under its subject id `team.<id>` (`crate::team`), in the same key
+//! space as the tokens' records. The HTTP filter's root contexts compile the base when it changes;
+//! the request path reads a token's record (and its team's), as in single-Envoy mode, and never
+//! calls etcd.
 //!
-//! etcd key layout (values are compact JSON of the `config::raw` types; the CLI writes them):
-//! - `<prefix>policy/settings`: a `RawPolicy` without tokens and upstream keys;
+//! etcd key layout (values are compact JSON of the `config::raw` types; the CLI writes them, and
+//! rewrites the settings with every change):
+//! - `<prefix>policy/settings`: a `RawPolicy` without tokens, teams and upstream keys;
 //! - `<prefix>policy/keys/<id>`: one `RawUpstreamKey`;
-//! - `<prefix>policy/tokens/<id>`: one `RawToken`.
+//! - `<prefix>policy/teams/<id>`: one `RawTeam` (its `id` is the key's);
+//! - `<prefix>policy/tokens/<id>`: one `RawToken` (its `id` is the key's).
+//!
+//! Budget leases, flushed spend and per-minute counts (`lease`) are keyed by subject id, a token's
+//! or a team's alike.
 
 pub mod etcd;
 pub mod lease;
@@ -53,6 +60,9 @@ impl FleetSettings {
     pub fn tokens_prefix(&self) -> String {
         format!("{}policy/tokens/", self.prefix)
     }
+    pub fn teams_prefix(&self) -> String {
+        format!("{}policy/teams/", self.prefix)
+    }
 }
 
 /// Validates a fleet-mode plugin configuration: the `fleet` section, and nothing that belongs in
@@ -60,6 +70,7 @@ impl FleetSettings {
 pub fn compile_fleet(raw: &RawPolicy, fleet: &RawFleet) -> Result<FleetSettings, ConfigError> {
     let misplaced = [
         ("tokens", !raw.tokens.is_empty()),
+        ("teams", !raw.teams.is_empty()),
         ("upstream_keys", !raw.upstream_keys.is_empty()),
         ("pricing", raw.pricing.is_some()),
         ("requests", raw.requests.is_some()),

@@ -2,30 +2,39 @@
 //! with no host calls of its own: the glue asks it for the next call on every tick, sends it
 //! through Envoy's callout, and hands it the reply. One call is in flight at a time.
 //!
+//! Records are keyed by *subject id*: a token's id, or `team.<id>` for a team (`crate::team`);
+//! token ids cannot contain a dot, so the two never collide. A team is a record like a token's,
+//! so everything below (and the leases, flushed spend and rate counts, which look limits up by
+//! subject id) treats the two alike.
+//!
 //! - Loading: every policy key, page by page at one store revision (a consistent snapshot); then
-//!   the base document (settings + sealed upstream keys) and every token's compiled record are
-//!   written, tokens no longer there are removed, and it follows from that revision.
+//!   the base document (settings + sealed upstream keys) and every team's and token's compiled
+//!   record are written, subjects no longer there are removed, and it follows from that revision.
 //! - Following: every `sync_interval_ms`, the keys modified after the followed revision
-//!   (`min_mod_revision`); a changed token rewrites its one record in place; a change to the
-//!   settings or the upstream keys loads everything again (token records name keys by index).
-//! - Reconciling: every `reconcile_interval_ms`, the token keys only, to notice removed tokens
-//!   (a range by modification revision cannot show a deletion).
+//!   (`min_mod_revision`); a changed token or team rewrites its one record in place; a change to
+//!   the settings or the upstream keys loads everything again (token records name keys by index).
+//! - Reconciling: every `reconcile_interval_ms`, the names of the policy keys (no values), to
+//!   notice removed tokens and teams (a range by modification revision cannot show a deletion).
+//!
+//! A token or team key that does not parse, names another id, or does not compile removes its
+//! record (fail closed) rather than leaving the previous state in force.
 //!
 //! Failures (etcd down, no quorum, a bad reply) leave shared data as it was: Envoy keeps enforcing
 //! the last policy it read, and the syncer tries again on the next tick.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::etcd::{parse_range, prefix_end, Kv, Range, RANGE_PATH};
 use super::lease;
 use super::{FleetSettings, BASE_KEY};
 use crate::config::compile::{compile, compile_token, CompileOptions};
-use crate::config::raw::{RawPolicy, RawToken, RawUpstreamKey};
+use crate::config::raw::{RawPolicy, RawTeam, RawToken, RawUpstreamKey};
 use crate::ledger::{Ledger, SharedDataLedger};
 use crate::money::NanoUsd;
+use crate::policy::TokenPolicy;
 use crate::policy_store;
 use crate::store::SharedStore;
-use crate::token_record;
+use crate::{team, token, token_record};
 
 /// Keys per page.
 pub const PAGE: u64 = 1_000;
@@ -42,6 +51,7 @@ struct Snapshot {
     settings_mod: u64,
     keys: Vec<(String, Vec<u8>)>,
     tokens: Vec<(String, Vec<u8>, u64)>,
+    teams: Vec<(String, Vec<u8>, u64)>,
 }
 
 #[derive(Debug)]
@@ -81,10 +91,14 @@ pub enum Outcome {
     /// A page was read; more follow.
     Paging,
     /// The whole policy was loaded at `revision`.
-    Loaded { revision: u64, tokens: usize },
+    Loaded {
+        revision: u64,
+        tokens: usize,
+        teams: usize,
+    },
     /// Changes after the followed revision were applied.
     Applied { revision: u64, records: usize },
-    /// Removed tokens were noticed and cleared.
+    /// Removed tokens and teams were noticed and cleared.
     Reconciled { removed: usize },
     /// This Envoy's spend was read back from etcd; the policy is served from now on.
     Restored { tokens: usize },
@@ -121,8 +135,10 @@ pub struct PolicySync {
     in_flight: bool,
     next_due_ms: i64,
     next_reconcile_ms: i64,
-    /// Token ids with a record in shared data.
-    known: BTreeSet<String>,
+    /// Subject ids (token ids, `team.<id>`) with a record in shared data, and the modification
+    /// revision of the etcd key it was compiled from: a listing read at an older revision has
+    /// not seen what was created after it, which is not a deletion.
+    known: BTreeMap<String, u64>,
     /// Upstream key ids of the current base, in index order.
     key_ids: Vec<String>,
     /// The settings of the current base without their `revision`: every CLI change bumps the
@@ -132,8 +148,8 @@ pub struct PolicySync {
     /// (the settings moved, or the reconcile interval came round).
     settings_mod: u64,
     scan_due: bool,
-    /// The reconcile listing in progress (snapshot revision, next key, ids seen), paged between
-    /// probes, and whose turn it is.
+    /// The reconcile listing in progress (snapshot revision, next key, subject ids seen), paged
+    /// between probes, and whose turn it is.
     listing: Option<(u64, Vec<u8>, BTreeSet<String>)>,
     list_turn: bool,
     pub failures: u64,
@@ -174,7 +190,7 @@ impl PolicySync {
             in_flight: false,
             next_due_ms: 0,
             next_reconcile_ms: 0,
-            known: BTreeSet::new(),
+            known: BTreeMap::new(),
             key_ids: Vec::new(),
             settings_doc: None,
             settings_mod: 0,
@@ -209,16 +225,19 @@ impl PolicySync {
             if self.listing.is_none() && now_ms >= self.next_reconcile_ms {
                 self.listing = Some((
                     0,
-                    self.settings.tokens_prefix().into_bytes(),
+                    self.settings.policy_prefix().into_bytes(),
                     BTreeSet::new(),
                 ));
                 self.list_turn = true;
             }
             if self.scan_due {
                 // The change scan (Following) goes first.
-            } else if let (true, Some((at, next, seen))) = (self.list_turn, self.listing.take()) {
+            } else if let Some((at, next, seen)) =
+                self.list_turn.then(|| self.listing.take()).flatten()
+            {
                 // A page of the listing, then a probe: a long listing never delays following
-                // by more than a page.
+                // by more than a page. (The listing is taken only on its turn: dropped on the
+                // probe's, it would start over and never reach its last page.)
                 self.phase = Phase::Reconciling { at, next, seen };
                 self.list_turn = false;
             } else {
@@ -254,9 +273,11 @@ impl PolicySync {
                     ..Range::default()
                 }
             }
+            // The whole policy prefix, keys only: tokens and teams in one snapshot (the settings
+            // and upstream keys in it are a few hundred names at most).
             Phase::Reconciling { at, next, .. } => Range {
                 from: next.clone(),
-                end: prefix_end(self.settings.tokens_prefix().as_bytes()),
+                end: prefix_end(&policy_prefix),
                 limit: PAGE * 5,
                 revision: *at,
                 keys_only: true,
@@ -378,7 +399,7 @@ impl PolicySync {
             return Outcome::Paging;
         }
         match self.apply_snapshot(store, snapshot, at) {
-            Ok(tokens) => {
+            Ok((tokens, teams)) => {
                 self.revision = at;
                 if self.pending_base.is_some() {
                     self.phase = Phase::Restoring {
@@ -390,6 +411,7 @@ impl PolicySync {
                 Outcome::Loaded {
                     revision: at,
                     tokens,
+                    teams,
                 }
             }
             Err(why) => {
@@ -411,17 +433,21 @@ impl PolicySync {
             snapshot
                 .tokens
                 .push((id.to_string(), kv.value, kv.mod_revision));
+        } else if let Some(id) = key.strip_prefix(&self.settings.teams_prefix()) {
+            snapshot
+                .teams
+                .push((id.to_string(), kv.value, kv.mod_revision));
         }
     }
 
     /// Writes a whole snapshot: the base first (so no record names a key the base lacks), then
-    /// every record, then removes what is gone. Returns the number of tokens.
+    /// every record, then removes what is gone. Returns the number of tokens and teams.
     fn apply_snapshot(
         &mut self,
         store: &dyn SharedStore,
         snapshot: Snapshot,
         at: u64,
-    ) -> Result<usize, String> {
+    ) -> Result<(usize, usize), String> {
         let settings = snapshot
             .settings
             .ok_or_else(|| format!("no {} in etcd", self.settings.settings_key()))?;
@@ -429,9 +455,13 @@ impl PolicySync {
         let mut base: RawPolicy = serde_json::from_slice(&settings)
             .map_err(|e| format!("{}: {e}", self.settings.settings_key()))?;
         let settings_doc = without_revision(&settings);
-        if !base.tokens.is_empty() || !base.upstream_keys.is_empty() || base.fleet.is_some() {
+        if !base.tokens.is_empty()
+            || !base.teams.is_empty()
+            || !base.upstream_keys.is_empty()
+            || base.fleet.is_some()
+        {
             return Err(format!(
-                "{}: tokens, upstream keys and fleet do not belong in the settings",
+                "{}: tokens, teams, upstream keys and fleet do not belong in the settings",
                 self.settings.settings_key()
             ));
         }
@@ -465,22 +495,31 @@ impl PolicySync {
         self.key_ids = base.upstream_keys.iter().map(|k| k.id.clone()).collect();
         self.settings_doc = settings_doc;
 
+        // `known` is rebuilt from what compiles; what had a record and is no longer in etcd at
+        // all is removed below (what is there but does not compile is removed as it is applied).
+        let before = std::mem::take(&mut self.known);
         let mut present = BTreeSet::new();
+        // Teams first: a token naming its team never finds the team missing while this runs.
+        for (id, value, mod_revision) in &snapshot.teams {
+            self.apply_team(store, id, value, *mod_revision);
+            present.extend(team_subject(id));
+        }
         for (id, value, mod_revision) in &snapshot.tokens {
             self.apply_token(store, id, value, *mod_revision);
-            present.insert(id.clone());
+            present.extend(token_subject(id));
         }
-        let gone: Vec<String> = self.known.difference(&present).cloned().collect();
-        for id in gone {
-            let _ = policy_store::put_newest(store, &id, at, None);
+        for id in before.keys().filter(|id| !present.contains(*id)) {
+            let _ = policy_store::put_newest(store, id, at, None);
         }
-        self.known = present;
-        Ok(snapshot.tokens.len())
+        Ok((snapshot.tokens.len(), snapshot.teams.len()))
     }
 
     /// Compiles and writes one token's record; a token that does not compile is removed (fail
     /// closed) rather than left at its previous state.
     fn apply_token(&mut self, store: &dyn SharedStore, id: &str, value: &[u8], mod_revision: u64) {
+        let Some(subject) = token_subject(id) else {
+            return;
+        };
         let index: HashMap<&str, u16> = self
             .key_ids
             .iter()
@@ -492,16 +531,41 @@ impl PolicySync {
             .ok()
             .filter(|t| t.id == id)
             .and_then(|t| compile_token(&t, &index, &path).ok());
-        if let Some(token) = compiled.as_ref().filter(|t| t.rules.limits.is_tracked()) {
+        self.write_record(store, subject, mod_revision, compiled);
+    }
+
+    /// Compiles and writes one team's record under `team.<id>`; a team that does not compile is
+    /// removed (fail closed), as a token is.
+    fn apply_team(&mut self, store: &dyn SharedStore, id: &str, value: &[u8], mod_revision: u64) {
+        let Some(subject) = team_subject(id) else {
+            return;
+        };
+        let path = format!("{}{id}", self.settings.teams_prefix());
+        let compiled = serde_json::from_slice::<RawTeam>(value)
+            .ok()
+            .filter(|t| t.id == id)
+            .and_then(|t| team::compile_team(&t, &path).ok());
+        self.write_record(store, subject, mod_revision, compiled);
+    }
+
+    /// Writes (or, for `None`, removes) the record of `subject` and keeps `known` in step.
+    fn write_record(
+        &mut self,
+        store: &dyn SharedStore,
+        subject: String,
+        mod_revision: u64,
+        compiled: Option<TokenPolicy>,
+    ) {
+        if let Some(record) = compiled.as_ref().filter(|t| t.rules.limits.is_tracked()) {
             // Counters exist before the first request, so every update is a compare-and-swap.
-            let _ = SharedDataLedger::new(store).ensure(&token.id);
+            let _ = SharedDataLedger::new(store).ensure(&record.id);
         }
         let record = compiled.as_ref().map(token_record::encode);
-        let _ = policy_store::put_newest(store, id, mod_revision, record.as_deref());
+        let _ = policy_store::put_newest(store, &subject, mod_revision, record.as_deref());
         if record.is_some() {
-            self.known.insert(id.to_string());
+            self.known.insert(subject, mod_revision);
         } else {
-            self.known.remove(id);
+            self.known.remove(&subject);
         }
     }
 
@@ -527,24 +591,30 @@ impl PolicySync {
     ) -> Outcome {
         let at = page.map_or(reply.revision, |(at, _)| at);
         let tokens_prefix = self.settings.tokens_prefix();
+        let teams_prefix = self.settings.teams_prefix();
         let last = reply.kvs.last().map(|kv| kv.key.clone());
         let mut records = 0;
         for kv in &reply.kvs {
             let key = String::from_utf8_lossy(&kv.key);
-            match key.strip_prefix(&tokens_prefix) {
-                Some(id) => {
-                    self.apply_token(store, id, &kv.value, kv.mod_revision);
-                    records += 1;
-                }
-                None if key == self.settings.settings_key()
-                    && without_revision(&kv.value).is_some()
-                    && without_revision(&kv.value) == self.settings_doc => {}
-                None => {
-                    // Settings or upstream keys changed: records name keys by index, so
-                    // everything is read again.
-                    self.load_again();
-                    return Outcome::Paging;
-                }
+            if let Some(id) = key.strip_prefix(&tokens_prefix) {
+                self.apply_token(store, id, &kv.value, kv.mod_revision);
+                records += 1;
+                continue;
+            }
+            // A team's record is self-contained (it names no upstream key): rewritten in place.
+            if let Some(id) = key.strip_prefix(&teams_prefix) {
+                self.apply_team(store, id, &kv.value, kv.mod_revision);
+                records += 1;
+                continue;
+            }
+            let same_settings = key == self.settings.settings_key()
+                && without_revision(&kv.value).is_some()
+                && without_revision(&kv.value) == self.settings_doc;
+            if !same_settings {
+                // Settings or upstream keys changed: token records name keys by index, so
+                // everything is read again.
+                self.load_again();
+                return Outcome::Paging;
             }
         }
         if let (true, Some(last)) = (reply.more, last) {
@@ -570,18 +640,28 @@ impl PolicySync {
     ) -> Outcome {
         let at = if at == 0 { reply.revision } else { at };
         let tokens_prefix = self.settings.tokens_prefix();
+        let teams_prefix = self.settings.teams_prefix();
         let last = reply.kvs.last().map(|kv| kv.key.clone());
         for kv in &reply.kvs {
-            if let Some(id) = String::from_utf8_lossy(&kv.key).strip_prefix(&tokens_prefix) {
-                seen.insert(id.to_string());
+            let key = String::from_utf8_lossy(&kv.key);
+            if let Some(id) = key.strip_prefix(&tokens_prefix) {
+                seen.extend(token_subject(id));
+            } else if let Some(id) = key.strip_prefix(&teams_prefix) {
+                seen.extend(team_subject(id));
             }
         }
         if let (true, Some(last)) = (reply.more, last) {
             self.listing = Some((at, after(&last), seen));
             return Outcome::Paging;
         }
-        // Only what the followed revision already knew and the listing no longer has.
-        let gone: Vec<String> = self.known.difference(&seen).cloned().collect();
+        // Only what the listing no longer has and was applied from a key no newer than the
+        // listing's revision (created after it, a key is missing from it without being deleted).
+        let gone: Vec<String> = self
+            .known
+            .iter()
+            .filter(|(id, applied)| **applied <= at && !seen.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in &gone {
             let _ = policy_store::put_newest(store, id, at.max(self.revision), None);
             self.known.remove(id);
@@ -865,6 +945,17 @@ struct Return {
     seen: Option<lease::Claims>,
     attempts: u32,
     in_flight: bool,
+}
+
+/// The record id of the token key `id`. `None` for an id no token can have: no record of ours is
+/// under it, and a hand-written `tokens/team.eng` must not remove team eng's record.
+fn token_subject(id: &str) -> Option<String> {
+    token::validate_id(id).ok().map(|()| id.to_string())
+}
+
+/// The record id (`team.<id>`) of the team key `id`; `None` for an id no team can have.
+fn team_subject(id: &str) -> Option<String> {
+    team::validate_id(id).ok().map(|()| team::subject_id(id))
 }
 
 /// The settings document with its `revision` left out, for comparing what matters.

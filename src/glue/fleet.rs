@@ -284,9 +284,13 @@ impl Syncer {
                 self.failing = true;
                 return;
             }
-            Outcome::Loaded { revision, tokens } => log(
+            Outcome::Loaded {
+                revision,
+                tokens,
+                teams,
+            } => log(
                 LogLevel::Info,
-                &format!("shieldkey: fleet policy loaded from etcd at revision {revision}: {tokens} tokens"),
+                &format!("shieldkey: fleet policy loaded from etcd at revision {revision}: {tokens} tokens, {teams} teams"),
             ),
             Outcome::Applied { records, .. } => {
                 if let (Some(id), true) = (self.stats.records, *records > 0) {
@@ -295,7 +299,7 @@ impl Syncer {
             }
             Outcome::Reconciled { removed } if *removed > 0 => log(
                 LogLevel::Info,
-                &format!("shieldkey: fleet sync removed {removed} tokens deleted from etcd"),
+                &format!("shieldkey: fleet sync removed {removed} tokens and teams deleted from etcd"),
             ),
             Outcome::Rejected(why) => log(
                 LogLevel::Error,

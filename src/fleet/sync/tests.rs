@@ -7,7 +7,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::config::raw::{RawFleet, RawPolicy};
+use crate::config::raw::{RawFleet, RawPolicy, RawTeam};
 use crate::fleet::compile_fleet;
 use crate::master_key::MasterKey;
 use crate::seal;
@@ -175,7 +175,8 @@ fn loads_everything_in_pages_then_follows_changes_one_record_at_a_time() {
     );
     assert!(outcomes.contains(&Outcome::Loaded {
         revision: etcd.revision,
-        tokens: 2_500
+        tokens: 2_500,
+        teams: 0
     }));
     assert_eq!(outcomes.last(), Some(&Outcome::Restored { tokens: 0 }));
     assert_eq!(revoked(&store, "t7"), Some(false));
@@ -481,33 +482,46 @@ fn a_long_reconcile_listing_is_paged_between_probes() {
     let store = MemoryStore::new();
     let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
-    let kind = |call: &Call| -> &'static str {
+    etcd.delete("shieldkey/policy/tokens/t9999");
+    let kind = |call: &Call| -> (&'static str, Vec<u8>) {
         let doc: Value = serde_json::from_slice(&call.body).unwrap();
+        let from = STANDARD.decode(doc["key"].as_str().unwrap()).unwrap();
         if doc["keys_only"] == true {
-            "listing"
-        } else if STANDARD.decode(doc["key"].as_str().unwrap()).unwrap()
-            == b"shieldkey/policy/settings"
-        {
-            "probe"
+            ("listing", from)
+        } else if from == b"shieldkey/policy/settings" {
+            ("probe", from)
         } else {
-            "other"
+            ("other", from)
         }
     };
     let mut seen = Vec::new();
+    let mut listed_from = Vec::new();
+    let mut outcomes = Vec::new();
     for now in [1_000, 1_000, 1_100, 1_100, 1_200, 1_200] {
         let Some(call) = sync.poll(now) else {
             seen.push("idle");
             continue;
         };
-        seen.push(kind(&call));
+        let (what, from) = kind(&call);
+        seen.push(what);
+        if what == "listing" {
+            listed_from.push(from);
+        }
         let (status, body) = etcd.answer(&call.body);
-        sync.on_reply(&store, now, status, &body);
+        outcomes.push(sync.on_reply(&store, now, status, &body));
     }
+    // 12,002 names in pages of 5,000: three pages, each going on from the one before.
     assert_eq!(
         seen,
-        ["listing", "probe", "listing", "probe", "listing", "probe"],
+        ["listing", "probe", "listing", "probe", "listing", "idle"],
         "a revocation waits at most one page of the listing"
     );
+    assert!(
+        listed_from.windows(2).all(|w| w[0] < w[1]),
+        "the listing goes on where it stopped, it does not start over"
+    );
+    assert_eq!(outcomes.last(), Some(&Outcome::Reconciled { removed: 1 }));
+    assert_eq!(revoked(&store, "t9999"), None);
     // A revocation made now is applied at the next interval, listing or not.
     etcd.put("shieldkey/policy/tokens/t5", token("t5", "revoked"));
     bump_settings(&mut etcd);
@@ -608,4 +622,402 @@ fn an_idle_lease_goes_back_to_the_pool() {
         ledger.reserve("b", &limits, &mut next, 1, now),
         Err(crate::ledger::LedgerDenial::AllowanceShort { short: 1 })
     ));
+}
+
+// Teams: records under `team.<id>`, followed, reconciled and failing closed like tokens, and
+// their spend and rate counts shared through etcd like a token's.
+
+fn team(id: &str, limit: &str) -> Value {
+    json!({"id": id, "budget": {"limit_usd": limit, "window": "lifetime"}})
+}
+
+fn member(id: &str, team: &str) -> Value {
+    json!({"id": id, "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod", "team": team})
+}
+
+fn team_limit(store: &MemoryStore, id: &str) -> Option<NanoUsd> {
+    policy_store::lookup_newest(store, &crate::team::subject_id(id))
+        .and_then(|(t, _)| t.rules.limits.budget)
+        .map(|b| b.limit)
+}
+
+/// etcd with team `eng` ($1) and its member `alice`, loaded and restored.
+fn loaded_team() -> (FakeEtcd, MemoryStore, PolicySync, Vec<Outcome>) {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/teams/eng", team("eng", "1"));
+    etcd.put("shieldkey/policy/tokens/alice", member("alice", "eng"));
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    let outcomes = run(&mut sync, &etcd, &store, 0);
+    (etcd, store, sync, outcomes)
+}
+
+#[test]
+fn a_team_is_loaded_into_a_record_under_its_subject_id() {
+    let (etcd, store, _sync, outcomes) = loaded_team();
+    assert!(
+        outcomes.contains(&Outcome::Loaded {
+            revision: etcd.revision,
+            tokens: 1,
+            teams: 1
+        }),
+        "{outcomes:?}"
+    );
+    let (eng, _) = policy_store::lookup_newest(&store, "team.eng").unwrap();
+    assert_eq!(eng.id, "team.eng");
+    assert_eq!(team_limit(&store, "eng"), Some(1_000_000_000));
+    assert!(
+        policy_store::lookup_newest(&store, "eng").is_none(),
+        "never under the bare team id"
+    );
+    let (alice, _) = policy_store::lookup_newest(&store, "alice").unwrap();
+    assert_eq!(alice.team.as_deref(), Some("team.eng"));
+    // A team with limits has its counters before its first request, as a token does.
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    assert_eq!(ledger.spent("team.eng"), Some((0, 0)));
+}
+
+#[test]
+fn a_team_change_rewrites_its_record_in_place() {
+    let (mut etcd, store, mut sync, _) = loaded_team();
+    etcd.put("shieldkey/policy/teams/eng", team("eng", "5"));
+    bump_settings(&mut etcd);
+    let outcomes = run(&mut sync, &etcd, &store, 100);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Paging,
+            Outcome::Applied {
+                revision: etcd.revision,
+                records: 1
+            }
+        ],
+        "one record rewritten, nothing loaded again"
+    );
+    assert_eq!(team_limit(&store, "eng"), Some(5_000_000_000));
+    // A new team is added the same way.
+    etcd.put("shieldkey/policy/teams/ops", team("ops", "2"));
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 200);
+    assert_eq!(team_limit(&store, "ops"), Some(2_000_000_000));
+}
+
+#[test]
+fn a_deleted_team_is_removed_by_the_reconcile_listing_and_the_others_stay() {
+    let (mut etcd, store, mut sync, _) = loaded_team();
+    etcd.put("shieldkey/policy/teams/ops", team("ops", "2"));
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 100);
+    etcd.delete("shieldkey/policy/teams/eng");
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 200);
+    assert!(
+        team_limit(&store, "eng").is_some(),
+        "a deletion is not a modification"
+    );
+    let outcomes = run(&mut sync, &etcd, &store, 1_000);
+    assert!(
+        outcomes.contains(&Outcome::Reconciled { removed: 1 }),
+        "{outcomes:?}"
+    );
+    assert_eq!(team_limit(&store, "eng"), None);
+    assert_eq!(team_limit(&store, "ops"), Some(2_000_000_000));
+    assert!(policy_store::lookup_newest(&store, "alice").is_some());
+    // Nothing more to remove on the next round (after the scan every listing is followed by):
+    // `known` holds what is there.
+    let mut outcomes = run(&mut sync, &etcd, &store, 2_000);
+    outcomes.extend(run(&mut sync, &etcd, &store, 2_100));
+    assert!(
+        outcomes.contains(&Outcome::Reconciled { removed: 0 }),
+        "{outcomes:?}"
+    );
+}
+
+#[test]
+fn a_team_deleted_while_everything_loads_again_is_removed() {
+    let (mut etcd, store, mut sync, _) = loaded_team();
+    etcd.delete("shieldkey/policy/teams/eng");
+    // A new upstream key: every record is written again from a fresh snapshot.
+    etcd.put(
+        "shieldkey/policy/keys/a-key",
+        json!({"id": "a-key", "sealed": sealed("a-key")}),
+    );
+    bump_settings(&mut etcd);
+    let outcomes = run(&mut sync, &etcd, &store, 100);
+    assert!(
+        matches!(
+            outcomes.last(),
+            Some(Outcome::Loaded {
+                tokens: 1,
+                teams: 0,
+                ..
+            })
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(team_limit(&store, "eng"), None);
+}
+
+#[test]
+fn a_team_key_that_is_not_a_valid_team_removes_its_record() {
+    let cases = [
+        // Not JSON.
+        json!("{not json"),
+        // The id inside is another team's.
+        team("ops", "1"),
+        // Does not compile.
+        json!({"id": "eng", "budget": {"limit_usd": "lots", "window": "lifetime"}}),
+        // A field no team has.
+        json!({"id": "eng", "digest": "x"}),
+    ];
+    for (i, bad) in cases.into_iter().enumerate() {
+        let (mut etcd, store, mut sync, _) = loaded_team();
+        etcd.put("shieldkey/policy/teams/eng", bad);
+        bump_settings(&mut etcd);
+        run(&mut sync, &etcd, &store, 100);
+        assert_eq!(team_limit(&store, "eng"), None, "case {i}");
+        assert_eq!(team_limit(&store, "ops"), None, "case {i}");
+        // Fixed: served again.
+        etcd.put("shieldkey/policy/teams/eng", team("eng", "3"));
+        bump_settings(&mut etcd);
+        run(&mut sync, &etcd, &store, 200);
+        assert_eq!(team_limit(&store, "eng"), Some(3_000_000_000), "case {i}");
+    }
+    // Broken in the snapshot of the first load: no record at all.
+    let mut etcd = etcd_with(0);
+    etcd.put(
+        "shieldkey/policy/teams/eng",
+        json!({"id": "eng", "rate_limit": {"requests_per_minute": "ten"}}),
+    );
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    let outcomes = run(&mut sync, &etcd, &store, 0);
+    assert!(
+        outcomes.contains(&Outcome::Loaded {
+            revision: etcd.revision,
+            tokens: 0,
+            teams: 1
+        }),
+        "{outcomes:?}"
+    );
+    assert!(policy_store::lookup_newest(&store, "team.eng").is_none());
+}
+
+#[test]
+fn a_token_key_named_like_a_team_subject_leaves_the_team_alone() {
+    let (mut etcd, store, mut sync, _) = loaded_team();
+    // Written by hand: no token can have this id, and it must not touch team eng's record.
+    etcd.put(
+        "shieldkey/policy/tokens/team.eng",
+        token("team.eng", "active"),
+    );
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 100);
+    assert_eq!(team_limit(&store, "eng"), Some(1_000_000_000));
+    etcd.delete("shieldkey/policy/teams/eng");
+    let outcomes = run(&mut sync, &etcd, &store, 1_000);
+    assert!(
+        outcomes.contains(&Outcome::Reconciled { removed: 1 }),
+        "the stray token key does not keep the deleted team: {outcomes:?}"
+    );
+    assert_eq!(team_limit(&store, "eng"), None);
+
+    // Nor when the team goes while everything is loaded again.
+    etcd.put("shieldkey/policy/teams/eng", team("eng", "1"));
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 1_100);
+    assert_eq!(team_limit(&store, "eng"), Some(1_000_000_000));
+    etcd.delete("shieldkey/policy/teams/eng");
+    etcd.put(
+        "shieldkey/policy/keys/a-key",
+        json!({"id": "a-key", "sealed": sealed("a-key")}),
+    );
+    bump_settings(&mut etcd);
+    let outcomes = run(&mut sync, &etcd, &store, 1_200);
+    assert!(
+        matches!(outcomes.last(), Some(Outcome::Loaded { teams: 0, .. })),
+        "{outcomes:?}"
+    );
+    assert_eq!(team_limit(&store, "eng"), None);
+}
+
+#[test]
+fn teams_belong_in_etcd_not_in_the_settings_or_the_plugin_configuration() {
+    let (mut etcd, store, mut sync, _) = loaded_team();
+    etcd.put(
+        "shieldkey/policy/settings",
+        json!({"version": 1, "revision": 9, "teams": [{"id": "eng"}]}),
+    );
+    let outcomes = run(&mut sync, &etcd, &store, 100);
+    assert!(
+        matches!(outcomes.last(), Some(Outcome::Rejected(why)) if why.contains("teams")),
+        "{outcomes:?}"
+    );
+    assert_eq!(team_limit(&store, "eng"), Some(1_000_000_000));
+
+    let fleet = RawFleet {
+        cluster: "etcd".into(),
+        prefix: None,
+        authority: None,
+        sync_interval_ms: None,
+        timeout_ms: None,
+        reconcile_interval_ms: None,
+        lease_idle_ms: None,
+        sync: None,
+    };
+    let policy = RawPolicy {
+        version: 1,
+        revision: 0,
+        master_key_env: None,
+        upstream_keys: vec![],
+        tokens: vec![],
+        teams: vec![RawTeam {
+            id: "eng".into(),
+            ..RawTeam::default()
+        }],
+        enforce: None,
+        pricing: None,
+        requests: None,
+        alerts: None,
+        fleet: Some(fleet.clone()),
+    };
+    let err = compile_fleet(&policy, &fleet).unwrap_err().to_string();
+    assert!(err.contains("teams"), "{err}");
+}
+
+#[test]
+fn a_teams_spend_is_flushed_restored_after_a_restart_and_its_idle_lease_returned() {
+    let (mut etcd, store, mut sync, _) = loaded_team();
+    // This node claimed $0.30 of the team's $1 pool.
+    etcd.put(
+        "shieldkey/ledger/pool/team.eng/0",
+        json!({"claimed": 300_000_000u64}),
+    );
+    etcd.put(
+        "shieldkey/ledger/node/e1/team.eng/0/claimed",
+        json!({"claimed": 300_000_000u64}),
+    );
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let limits = policy_store::lookup_newest(&store, "team.eng")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    ledger.grant("team.eng", None, 0, 300_000_000, 0).unwrap();
+    let a = ledger.admit("team.eng", &limits, 0, 0).unwrap();
+    ledger
+        .settle("team.eng", &limits, &[], &a, 100_000_000, 0, 0)
+        .unwrap();
+    sync.mark_dirty("team.eng".into());
+    let flush = sync.poll_flush(&store, 0).unwrap();
+    let doc: Value = serde_json::from_slice(&flush.body).unwrap();
+    let put = &doc["success"][0]["request_put"];
+    assert_eq!(
+        STANDARD.decode(put["key"].as_str().unwrap()).unwrap(),
+        b"shieldkey/ledger/node/e1/team.eng/0/spent"
+    );
+    assert_eq!(
+        STANDARD.decode(put["value"].as_str().unwrap()).unwrap(),
+        br#"{"spent":100000000}"#
+    );
+    let (status, body) = answer_txn(&mut etcd, &flush.body);
+    assert!(sync.on_flush_reply(0, status, &body));
+
+    // Idle for longer than lease_idle_ms: the unused $0.20 goes back to the team's pool.
+    let mut now = 700;
+    while let Some(call) = sync.poll_returns(&store, now) {
+        let (status, body) = answer_txn(&mut etcd, &call.body);
+        assert!(sync.on_return_reply(status, &body));
+        now += 10;
+    }
+    let value = |k: &str| -> Value { serde_json::from_slice(&etcd.kvs[k.as_bytes()].0).unwrap() };
+    assert_eq!(
+        value("shieldkey/ledger/pool/team.eng/0")["claimed"],
+        100_000_000u64
+    );
+
+    // A restart: a fresh shared data, the team's spend comes back before anything is served.
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    let outcomes = run(&mut sync, &etcd, &store, 1_000);
+    assert_eq!(outcomes.last(), Some(&Outcome::Restored { tokens: 1 }));
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    assert_eq!(ledger.spent("team.eng"), Some((0, 100_000_000)));
+}
+
+#[test]
+fn a_teams_rate_counts_are_shared_like_a_tokens() {
+    let mut etcd = etcd_with(0);
+    etcd.put(
+        "shieldkey/policy/teams/eng",
+        json!({"id": "eng", "rate_limit": {"requests_per_minute": 10}}),
+    );
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    let now = 1_790_000_000_000;
+    run(&mut sync, &etcd, &store, now);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let limits = policy_store::lookup_newest(&store, "team.eng")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    ledger.admit("team.eng", &limits, 0, now).unwrap();
+    sync.mark_dirty("team.eng".into());
+    let flush = sync.poll_flush(&store, now).unwrap();
+    let doc: Value = serde_json::from_slice(&flush.body).unwrap();
+    let minute = now / 60_000;
+    assert_eq!(
+        STANDARD
+            .decode(doc["success"][0]["request_put"]["key"].as_str().unwrap())
+            .unwrap(),
+        format!("shieldkey/rate/{minute}/team.eng/e1").into_bytes()
+    );
+    // Another Envoy counted 9 of the team's requests this minute: this one has 0 left.
+    etcd.put(
+        &format!("shieldkey/rate/{minute}/team.eng/e2"),
+        json!({"requests": 9, "tokens": 0}),
+    );
+    let first = sync.poll_rates(now).unwrap();
+    assert_eq!(first.path, lease::DELETE_PATH);
+    sync.on_rates_reply(&store, now, 200, br#"{"header":{"revision":"9"}}"#);
+    let read = sync.poll_rates(now + 200).unwrap();
+    let (status, body) = etcd.answer(&read.body);
+    assert!(sync.on_rates_reply(&store, now + 200, status, &body));
+    assert!(matches!(
+        ledger.admit("team.eng", &limits, 0, now + 300),
+        Err(crate::ledger::LedgerDenial::RequestRate { .. })
+    ));
+}
+
+#[test]
+fn a_team_created_while_a_long_listing_pages_is_not_taken_for_deleted() {
+    let mut etcd = etcd_with(12_000);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, 0);
+    // The first page of the listing, read at the revision of now.
+    let call = sync.poll(1_000).unwrap();
+    let (status, body) = etcd.answer(&call.body);
+    assert_eq!(sync.on_reply(&store, 1_000, status, &body), Outcome::Paging);
+    // Created after that revision, applied by the scan between two pages.
+    etcd.put("shieldkey/policy/teams/eng", team("eng", "1"));
+    etcd.put("shieldkey/policy/tokens/new", token("new", "active"));
+    bump_settings(&mut etcd);
+    let mut now = 1_100;
+    let mut outcomes = Vec::new();
+    while !outcomes
+        .iter()
+        .any(|o| matches!(o, Outcome::Reconciled { .. }))
+    {
+        outcomes.extend(run(&mut sync, &etcd, &store, now));
+        now += 100;
+        assert!(now < 5_000, "{outcomes:?}");
+    }
+    assert!(
+        outcomes.contains(&Outcome::Reconciled { removed: 0 }),
+        "{outcomes:?}"
+    );
+    assert_eq!(team_limit(&store, "eng"), Some(1_000_000_000));
+    assert_eq!(revoked(&store, "new"), Some(false));
 }
