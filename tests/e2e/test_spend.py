@@ -337,9 +337,9 @@ def test_access_log_carries_token_decision_model_and_cost(dep, mock_mistral):
     mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 500})
     assert request(dep.url, token=dep.tokens["meter"])[0] == 200
     assert request(dep.url, token=dep.tokens["capped"])[0] == 429
-    expected = (f"token=meter decision=allowed model=mistral-small-latest prompt_tokens=1000 "
+    expected = (f"token=meter decision=allowed team=- would_deny=- model=mistral-small-latest prompt_tokens=1000 "
                 f"completion_tokens=500 cost_nano_usd={cost(1000, 500)}")
-    denied = "token=capped decision=shield_budget_exceeded"
+    denied = "token=capped decision=shield_budget_exceeded team=- would_deny=-"
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # access log lines reach the file asynchronously
         log = dep.envoy.log_text()
