@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use serde_json::json;
 use shieldkey::config::compile::{compile_bytes, CompileOptions};
 use shieldkey::master_key::MasterKey;
 use shieldkey::token;
@@ -912,4 +913,517 @@ fn revoke_by_owner_changes_every_token_of_that_owner_in_one_revision() {
         .find(|t| t["id"] == "b1")
         .unwrap();
     assert_eq!(b1["status"], "revoked");
+}
+
+fn team_of<'v>(policy: &'v serde_json::Value, id: &str) -> &'v serde_json::Value {
+    policy["teams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no team {id}"))
+}
+
+fn token_of<'v>(policy: &'v serde_json::Value, id: &str) -> &'v serde_json::Value {
+    policy["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no token {id}"))
+}
+
+#[test]
+fn teams_are_created_changed_listed_and_removed_once_empty() {
+    let ws = Workspace::new("teams");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(
+        &[
+            "team",
+            "create",
+            "eng",
+            "--description",
+            "Engineering",
+            "--budget-usd",
+            "100",
+            "--budget-window",
+            "monthly",
+            "--rpm",
+            "600",
+            "--models",
+            "mistral-small-*",
+        ],
+        None,
+    );
+    let policy = read_json(&ws.policy());
+    let eng = team_of(&policy, "eng");
+    assert_eq!(eng["description"], "Engineering");
+    assert_eq!(eng["budget"]["limit_usd"], "100");
+    assert_eq!(eng["budget"]["window"], "monthly");
+    assert_eq!(eng["rate_limit"]["requests_per_minute"], 600);
+    assert_eq!(eng["models"]["allow"][0], "mistral-small-*");
+    assert!(eng.get("enforce").is_none());
+
+    // An existing id, a malformed id or value: refused, nothing written.
+    let before = fs::read(ws.policy()).unwrap();
+    assert!(ws
+        .fails(&["team", "create", "eng"], None, 1)
+        .contains("a team with id 'eng' exists"));
+    assert!(ws
+        .fails(&["team", "create", "Eng!"], None, 2)
+        .contains("team id"));
+    let err = ws.fails(
+        &["team", "create", "ops", "--cidrs", "10.0.0.0/33"],
+        None,
+        1,
+    );
+    assert!(err.contains("teams[1].source_cidrs"), "{err}");
+    assert!(ws
+        .fails(&["team", "frobnicate"], None, 2)
+        .contains("unknown team command"));
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+
+    // team limit: the semantics of limit (untouched fields stay, none removes, emptied
+    // sections go), plus the description and enforce.
+    ws.ok(
+        &[
+            "team",
+            "limit",
+            "eng",
+            "--budget-usd",
+            "150",
+            "--rpm",
+            "none",
+            "--tpm",
+            "20000",
+            "--enforce",
+            "false",
+        ],
+        None,
+    );
+    let policy = read_json(&ws.policy());
+    let eng = team_of(&policy, "eng");
+    assert_eq!(eng["budget"]["limit_usd"], "150");
+    assert_eq!(eng["budget"]["window"], "monthly");
+    assert_eq!(eng["rate_limit"]["tokens_per_minute"], 20000);
+    assert!(eng["rate_limit"].get("requests_per_minute").is_none());
+    assert_eq!(eng["enforce"], false);
+    ws.ok(
+        &[
+            "team",
+            "limit",
+            "eng",
+            "--description",
+            "none",
+            "--models",
+            "none",
+        ],
+        None,
+    );
+    let policy = read_json(&ws.policy());
+    let eng = team_of(&policy, "eng");
+    assert!(eng.get("description").is_none() && eng.get("models").is_none());
+    assert!(ws
+        .fails(&["team", "limit", "eng"], None, 2)
+        .contains("nothing to change"));
+    assert!(ws
+        .fails(&["team", "limit", "nope", "--rpm", "5"], None, 1)
+        .contains("no team with id 'nope'"));
+    ws.ok(
+        &["team", "create", "ops", "--description", "Operations"],
+        None,
+    );
+
+    // Membership: mint --team (the team must exist), limit --team / --no-team.
+    let before = fs::read(ws.policy()).unwrap();
+    let err = ws.fails(
+        &[
+            "mint",
+            "--id",
+            "x",
+            "--upstream-key",
+            "prod",
+            "--team",
+            "ghost",
+        ],
+        None,
+        1,
+    );
+    assert!(
+        err.contains("no team 'ghost' (create it first: shieldkey team create ghost)"),
+        "{err}"
+    );
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+    for (id, team) in [
+        ("alice", Some("eng")),
+        ("bob", Some("eng")),
+        ("carol", None),
+    ] {
+        let mut args = vec!["mint", "--id", id, "--upstream-key", "prod"];
+        if let Some(team) = team {
+            args.extend(["--team", team]);
+        }
+        ws.ok(&args, None);
+    }
+    let policy = read_json(&ws.policy());
+    assert_eq!(token_of(&policy, "alice")["team"], "eng");
+    assert!(token_of(&policy, "carol").get("team").is_none());
+
+    // team list: rules, enforce, members by status.
+    ws.ok(&["revoke", "bob"], None);
+    let table = ws.ok(&["team", "list"], None);
+    let eng_row = table.lines().find(|l| l.starts_with("eng ")).unwrap();
+    let cols: Vec<&str> = eng_row.split_whitespace().collect();
+    assert_eq!(&cols[..4], ["eng", "2", "1", "1"], "{table}");
+    assert!(eng_row.contains("false (dry run)"), "{table}");
+    assert!(
+        table.contains("rules: budget 150 USD monthly; tpm 20000"),
+        "{table}"
+    );
+    assert!(
+        table.contains("Operations") && table.contains("rules: none"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ws.ok(&["team", "list", "--json"], None)).unwrap();
+    let eng = team_of(&json, "eng");
+    assert_eq!(
+        (
+            &eng["members"],
+            &eng["active"],
+            &eng["revoked"],
+            &eng["enforce"]
+        ),
+        (&json!(2), &json!(1), &json!(1), &json!(false))
+    );
+    assert_eq!(eng["member_ids"], json!(["alice", "bob"]));
+    assert_eq!(team_of(&json, "ops")["members"], 0);
+    assert_eq!(json["enforce"], true);
+
+    // team remove: refused while tokens name the team, naming them; no --force.
+    let before = fs::read(ws.policy()).unwrap();
+    let err = ws.fails(&["team", "remove", "eng"], None, 1);
+    assert!(
+        err.contains("team 'eng' still has 2 member tokens: alice, bob")
+            && err.contains("--no-team")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(ws
+        .fails(&["team", "remove", "eng", "--force"], None, 2)
+        .contains("no --force"));
+    assert!(ws
+        .fails(&["team", "remove", "ghost"], None, 1)
+        .contains("no team with id 'ghost'"));
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+    let (_, err) = {
+        let out = ws.run(&["limit", "alice", "--team", "ops"], None);
+        assert!(out.status.success());
+        ((), String::from_utf8(out.stderr).unwrap())
+    };
+    assert!(
+        err.contains("moved token 'alice' from team 'eng' to team 'ops'"),
+        "{err}"
+    );
+    let err = String::from_utf8(ws.run(&["limit", "bob", "--no-team"], None).stderr).unwrap();
+    assert!(err.contains("took token 'bob' out of team 'eng'"), "{err}");
+    assert!(ws
+        .fails(&["limit", "bob", "--team", "ops", "--no-team"], None, 2)
+        .contains("exclude each other"));
+    assert!(ws
+        .fails(&["limit", "bob", "--team", "ghost"], None, 1)
+        .contains("no team 'ghost'"));
+    ws.ok(&["team", "remove", "eng"], None);
+    let policy = read_json(&ws.policy());
+    assert_eq!(policy["teams"].as_array().unwrap().len(), 1);
+    assert!(token_of(&policy, "bob").get("team").is_none());
+    assert!(ws.ok(&["check"], None).contains("1 teams"));
+
+    // A hand-edited token naming a missing team is refused by the filter's own validation.
+    let mut broken = read_json(&ws.policy());
+    broken["tokens"][1]["team"] = json!("ghost");
+    fs::write(ws.policy(), broken.to_string()).unwrap();
+    let err = ws.fails(&["check"], None, 1);
+    assert!(
+        err.contains("tokens[1].team: no team with id 'ghost'"),
+        "{err}"
+    );
+    let list = ws.ok(&["list"], None);
+    assert!(
+        list.contains("team ghost (1 token): no such team"),
+        "{list}"
+    );
+}
+
+#[test]
+fn list_groups_tokens_by_team_and_shows_dry_run() {
+    let ws = Workspace::new("list-teams");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(&["mint", "--id", "solo", "--upstream-key", "prod"], None);
+    // Without teams the table is not grouped.
+    let flat = ws.ok(&["list"], None);
+    assert!(!flat.contains("(no team)"), "{flat}");
+
+    ws.ok(
+        &[
+            "team",
+            "create",
+            "ops",
+            "--description",
+            "Operations",
+            "--enforce",
+            "false",
+        ],
+        None,
+    );
+    ws.ok(&["team", "create", "eng"], None);
+    ws.ok(
+        &[
+            "mint",
+            "--id",
+            "e1",
+            "--upstream-key",
+            "prod",
+            "--team",
+            "eng",
+        ],
+        None,
+    );
+    ws.ok(
+        &[
+            "mint",
+            "--id",
+            "o1",
+            "--upstream-key",
+            "prod",
+            "--team",
+            "ops",
+            "--enforce",
+            "false",
+        ],
+        None,
+    );
+    ws.ok(
+        &[
+            "mint",
+            "--id",
+            "e2",
+            "--upstream-key",
+            "prod",
+            "--team",
+            "eng",
+        ],
+        None,
+    );
+    let list = ws.ok(&["list"], None);
+    let lines: Vec<&str> = list.lines().skip(1).collect();
+    let first = |l: &&str| l.split_whitespace().next().unwrap_or("").to_string();
+    // Teams in policy order, each followed by its tokens; tokens in no team last.
+    assert_eq!(
+        lines.iter().map(first).collect::<Vec<_>>(),
+        ["team", "o1", "team", "e1", "e2", "(no", "solo"],
+        "{list}"
+    );
+    assert_eq!(
+        lines[0],
+        "team ops (1 token): Operations; enforce=false (dry run)"
+    );
+    assert_eq!(lines[2], "team eng (2 tokens)");
+    assert_eq!(lines[5], "(no team) (1 token)");
+    assert!(lines[1].contains("false (dry run)"), "{list}");
+    assert!(lines[3].contains(" true "), "{list}");
+
+    // --json keeps its fields and adds each token's team and enforce.
+    let json: serde_json::Value = serde_json::from_str(&ws.ok(&["list", "--json"], None)).unwrap();
+    assert_eq!(json["teams"], json!(["ops", "eng"]));
+    assert_eq!(json["enforce"], true);
+    let o1 = token_of(&json, "o1");
+    assert_eq!(
+        (&o1["team"], &o1["enforce"]),
+        (&json!("ops"), &json!(false))
+    );
+    assert_eq!(o1["state"], "active");
+    assert_eq!(o1["upstream_key"], "prod");
+    let solo = token_of(&json, "solo");
+    assert_eq!(
+        (&solo["team"], &solo["enforce"]),
+        (&json!(null), &json!(true))
+    );
+    assert!(!json.to_string().contains("digest"));
+}
+
+#[test]
+fn enforce_flags_and_the_policy_wide_switch_round_trip() {
+    let ws = Workspace::new("enforce");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(
+        &[
+            "mint",
+            "--id",
+            "t1",
+            "--upstream-key",
+            "prod",
+            "--enforce",
+            "false",
+        ],
+        None,
+    );
+    assert_eq!(token_of(&read_json(&ws.policy()), "t1")["enforce"], false);
+    ws.ok(&["limit", "t1", "--enforce", "true"], None);
+    assert_eq!(token_of(&read_json(&ws.policy()), "t1")["enforce"], true);
+    ws.ok(&["limit", "t1", "--enforce", "none"], None);
+    assert!(token_of(&read_json(&ws.policy()), "t1")
+        .get("enforce")
+        .is_none());
+    assert!(ws
+        .fails(&["limit", "t1", "--enforce", "maybe"], None, 2)
+        .contains("--enforce"));
+
+    assert_eq!(ws.ok(&["enforce"], None), "true\n");
+    assert!(read_json(&ws.policy()).get("enforce").is_none());
+    let out = ws.run(&["enforce", "false"], None);
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("policy-wide enforce=false"), "{err}");
+    assert_eq!(read_json(&ws.policy())["enforce"], false);
+    assert_eq!(ws.ok(&["enforce"], None), "false\n");
+    let out = ws.run(&["list"], None);
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("policy-wide enforce=false"));
+    // The filter's own compiler reads it as a policy-wide dry run.
+    let compiled =
+        compile_bytes(&fs::read(ws.policy()).unwrap(), &CompileOptions::default()).unwrap();
+    assert!(compiled.settings.dry_run);
+    ws.ok(&["enforce", "true"], None);
+    assert_eq!(read_json(&ws.policy())["enforce"], true);
+    let before = fs::read(ws.policy()).unwrap();
+    assert!(ws
+        .fails(&["enforce", "off"], None, 2)
+        .contains("true or false"));
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+}
+
+#[test]
+fn revoke_by_team_changes_every_member_in_one_revision() {
+    let ws = Workspace::new("revoke-team");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(&["team", "create", "eng"], None);
+    ws.ok(&["team", "create", "ops"], None);
+    ws.ok(&["team", "create", "empty"], None);
+    for (id, team, owner) in [
+        ("e1", "eng", "alice@example.com"),
+        ("e2", "eng", "bob@example.com"),
+        ("e3", "eng", "alice@example.com"),
+        ("o1", "ops", "alice@example.com"),
+    ] {
+        ws.ok(
+            &[
+                "mint",
+                "--id",
+                id,
+                "--upstream-key",
+                "prod",
+                "--team",
+                team,
+                "--owner",
+                owner,
+            ],
+            None,
+        );
+    }
+    ws.ok(&["mint", "--id", "n1", "--upstream-key", "prod"], None);
+    ws.ok(&["revoke", "e3"], None);
+    let rev = revision(&ws);
+    let before = fs::read(ws.policy()).unwrap();
+
+    let out = ws.run(&["revoke", "--team", "eng", "--dry-run"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "e1\ne2\n");
+    assert!(
+        err.contains(&format!(
+            "dry run: would revoke 2 tokens of team 'eng' (policy revision {rev} -> {}); \
+             nothing was written",
+            rev + 1
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("left as they are (already revoked): e3"),
+        "{err}"
+    );
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+
+    let out = ws.run(&["revoke", "--team", "eng"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "e1\ne2\n");
+    assert!(
+        err.contains(&format!(
+            "revoked 2 tokens of team 'eng' (policy revision {})",
+            rev + 1
+        )),
+        "{err}"
+    );
+    assert_eq!(revision(&ws), rev + 1, "one revision");
+    expect_statuses(
+        &ws,
+        &[
+            ("e1", "revoked"),
+            ("e2", "revoked"),
+            ("e3", "revoked"),
+            ("o1", "active"),
+            ("n1", "active"),
+        ],
+    );
+
+    // Nothing to change, an empty team, a missing team: exit 1, nothing written.
+    let before = fs::read(ws.policy()).unwrap();
+    assert!(ws
+        .fails(&["revoke", "--team", "eng"], None, 1)
+        .contains("no active token of team 'eng': its 3 tokens are already revoked"));
+    assert!(ws
+        .fails(&["revoke", "--team", "empty"], None, 1)
+        .contains("no token is in team 'empty'; nothing was changed"));
+    assert!(ws
+        .fails(&["revoke", "--team", "ghost", "--dry-run"], None, 1)
+        .contains("no team with id 'ghost'; nothing was changed"));
+    assert!(ws
+        .fails(&["revoke", "--team", "Not A Team"], None, 2)
+        .contains("--team"));
+    let err = ws.fails(&["revoke", "e1", "--team", "eng"], None, 2);
+    assert!(err.contains("not both") && !err.contains("e1"), "{err}");
+    assert_eq!(fs::read(ws.policy()).unwrap(), before);
+
+    // --owner and --team together: tokens matching both.
+    assert_eq!(
+        ws.ok(
+            &["unrevoke", "--team", "eng", "--owner", "alice@example.com"],
+            None
+        ),
+        "e1\ne3\n"
+    );
+    expect_statuses(
+        &ws,
+        &[
+            ("e1", "active"),
+            ("e2", "revoked"),
+            ("e3", "active"),
+            ("o1", "active"),
+            ("n1", "active"),
+        ],
+    );
+    assert!(ws
+        .fails(
+            &["revoke", "--team", "ops", "--owner", "bob@example.com"],
+            None,
+            1
+        )
+        .contains("no token of owner 'bob@example.com' is in team 'ops'"));
+    assert_eq!(ws.ok(&["unrevoke", "--team", "eng"], None), "e2\n");
 }

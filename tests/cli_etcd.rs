@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
 use shieldkey::config::compile::{compile_bytes, CompileOptions};
-use shieldkey::config::raw::{RawToken, RawUpstreamKey};
+use shieldkey::config::raw::{RawTeam, RawToken, RawUpstreamKey};
 use shieldkey::master_key::MasterKey;
 use shieldkey::token;
 use shieldkey::token_digest::TokenVerifier;
@@ -1662,4 +1662,246 @@ fn revoke_by_owner_is_one_change_of_exactly_those_tokens() {
         policy_revision + 2
     );
     assert!(!cli.ok(&["list"], None).0.contains("revoked"));
+}
+
+#[test]
+fn teams_live_at_their_own_keys_and_every_change_checks_them() {
+    let etcd = Etcd::start("teams");
+    let cli = Cli::new(&etcd);
+    cli.setup(&[]);
+    let (_, err) = cli.ok(
+        &[
+            "team",
+            "create",
+            "eng",
+            "--description",
+            "Engineering",
+            "--budget-usd",
+            "100",
+            "--budget-window",
+            "monthly",
+            "--enforce",
+            "false",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("created team 'eng' (policy revision 3, etcd prefix shieldkey/"),
+        "{err}"
+    );
+    cli.ok(&["team", "create", "ops"], None);
+
+    // One key per team, the compact RawTeam JSON; the settings never hold teams.
+    let kvs = etcd.range("shieldkey/");
+    assert_eq!(
+        keys(&kvs),
+        [
+            "shieldkey/policy/keys/prod",
+            "shieldkey/policy/settings",
+            "shieldkey/policy/teams/eng",
+            "shieldkey/policy/teams/ops"
+        ]
+    );
+    let team_text = &kvs["shieldkey/policy/teams/eng"].0;
+    let team: RawTeam = serde_json::from_str(team_text).unwrap();
+    assert_eq!(*team_text, serde_json::to_string(&team).unwrap());
+    assert_eq!(team.description.as_deref(), Some("Engineering"));
+    assert_eq!(team.budget.unwrap().limit_usd, "100");
+    assert_eq!(team.enforce, Some(false));
+    assert_eq!(
+        kvs["shieldkey/policy/settings"].0,
+        r#"{"version":1,"revision":4,"upstream_keys":[],"tokens":[]}"#
+    );
+    assert!(cli
+        .fails(&["team", "create", "eng"], None, 1)
+        .contains("a team with id 'eng' exists"));
+
+    // Membership is checked by token-scoped changes too (they read every team).
+    assert!(cli
+        .fails(
+            &[
+                "mint",
+                "--id",
+                "x",
+                "--upstream-key",
+                "prod",
+                "--team",
+                "ghost"
+            ],
+            None,
+            1
+        )
+        .contains("no team 'ghost'"));
+    for (id, team) in [("a1", "eng"), ("a2", "eng"), ("o1", "ops")] {
+        cli.ok(
+            &["mint", "--id", id, "--upstream-key", "prod", "--team", team],
+            None,
+        );
+    }
+    cli.ok(&["mint", "--id", "solo", "--upstream-key", "prod"], None);
+    assert_eq!(etcd.value("shieldkey/policy/tokens/a1")["team"], "eng");
+    let store = etcd.revision();
+    assert!(cli
+        .fails(&["limit", "solo", "--team", "ghost"], None, 1)
+        .contains("no team 'ghost'"));
+    assert_eq!(etcd.revision(), store, "nothing written");
+
+    // team limit writes that team's key and the settings, nothing else.
+    let before = etcd.range("shieldkey/");
+    cli.ok(&["team", "limit", "ops", "--rpm", "30"], None);
+    let after = etcd.range("shieldkey/");
+    let written: Vec<&str> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        written,
+        ["shieldkey/policy/settings", "shieldkey/policy/teams/ops"]
+    );
+    assert_eq!(
+        etcd.value("shieldkey/policy/teams/ops")["rate_limit"]["requests_per_minute"],
+        30
+    );
+
+    // list groups by team; --json names each token's team; team list counts members.
+    let (list, _) = cli.ok(&["list"], None);
+    let firsts: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        firsts,
+        ["team", "a1", "a2", "team", "o1", "(no", "solo"],
+        "{list}"
+    );
+    assert!(list.contains("team eng (2 tokens): Engineering; enforce=false (dry run)"));
+    let (json, _) = cli.ok(&["list", "--json"], None);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    let teams: Vec<&Value> = json["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["team"])
+        .collect();
+    assert_eq!(
+        teams,
+        [&json!("eng"), &json!("eng"), &json!("ops"), &json!(null)]
+    );
+    let (json, _) = cli.ok(&["team", "list", "--json"], None);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["teams"][0]["id"], "eng");
+    assert_eq!(json["teams"][0]["member_ids"], json!(["a1", "a2"]));
+    assert_eq!(json["teams"][1]["members"], 1);
+
+    // revoke --team: one transaction of exactly those tokens; --dry-run writes nothing.
+    let policy_revision = etcd.value("shieldkey/policy/settings")["revision"]
+        .as_u64()
+        .unwrap();
+    let store = etcd.revision();
+    let (out, err) = cli.ok(&["revoke", "--team", "eng", "--dry-run"], None);
+    assert_eq!(out, "a1\na2\n");
+    assert!(
+        err.contains("dry run: would revoke 2 tokens of team 'eng'"),
+        "{err}"
+    );
+    assert_eq!(etcd.revision(), store);
+    let before = etcd.range("shieldkey/");
+    let (out, _) = cli.ok(&["revoke", "--team", "eng"], None);
+    assert_eq!(out, "a1\na2\n");
+    assert_eq!(etcd.revision(), store + 1, "one transaction");
+    let after = etcd.range("shieldkey/");
+    let written: Vec<&str> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        written,
+        [
+            "shieldkey/policy/settings",
+            "shieldkey/policy/tokens/a1",
+            "shieldkey/policy/tokens/a2"
+        ]
+    );
+    assert_eq!(
+        etcd.value("shieldkey/policy/settings")["revision"],
+        policy_revision + 1
+    );
+
+    // team remove: refused while tokens name the team; once empty, its key is deleted.
+    let store = etcd.revision();
+    let err = cli.fails(&["team", "remove", "eng"], None, 1);
+    assert!(
+        err.contains("team 'eng' still has 2 member tokens: a1, a2"),
+        "{err}"
+    );
+    assert_eq!(etcd.revision(), store);
+    cli.ok(&["limit", "a1", "--no-team"], None);
+    cli.ok(&["limit", "a2", "--team", "ops"], None);
+    assert!(etcd
+        .value("shieldkey/policy/tokens/a1")
+        .get("team")
+        .is_none());
+    let (_, err) = cli.ok(&["team", "remove", "eng"], None);
+    assert!(err.contains("removed team 'eng'"), "{err}");
+    assert!(!etcd
+        .range("shieldkey/")
+        .contains_key("shieldkey/policy/teams/eng"));
+
+    // The policy-wide switch lives in the settings key.
+    cli.ok(&["enforce", "false"], None);
+    assert_eq!(etcd.value("shieldkey/policy/settings")["enforce"], false);
+    assert_eq!(cli.ok(&["enforce"], None).0, "false\n");
+    let (check, _) = cli.ok(&["check"], None);
+    assert!(check.contains("1 teams"), "{check}");
+}
+
+#[test]
+fn a_token_scoped_change_still_checks_the_team_it_names() {
+    let etcd = Etcd::start("team-scoped");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice"]);
+    cli.ok(&["team", "create", "eng"], None);
+    // A token key that would not even parse: a change to another token must not read it, yet
+    // must still see every team.
+    etcd.put("shieldkey/policy/tokens/zed", "{not json");
+    cli.ok(&["limit", "alice", "--team", "eng"], None);
+    assert_eq!(etcd.value("shieldkey/policy/tokens/alice")["team"], "eng");
+    let store = etcd.revision();
+    assert!(cli
+        .fails(&["limit", "alice", "--team", "ghost"], None, 1)
+        .contains("no team 'ghost'"));
+    // A team removed behind the CLI's back (by hand): the token naming it fails validation,
+    // which names the token's etcd key.
+    let mut token = etcd.value("shieldkey/policy/tokens/alice");
+    token["team"] = json!("gone");
+    etcd.put("shieldkey/policy/tokens/alice", &token.to_string());
+    let store_after_put = etcd.revision();
+    assert!(store_after_put > store);
+    let err = cli.fails(&["limit", "alice", "--rpm", "5"], None, 1);
+    assert!(
+        err.contains(
+            "tokens[0].team (etcd key shieldkey/policy/tokens/alice): no team with id 'gone'"
+        ),
+        "{err}"
+    );
+    assert_eq!(etcd.revision(), store_after_put, "nothing written");
+    // A team key whose id differs from its key name is refused, naming the key.
+    etcd.put("shieldkey/policy/teams/ops", r#"{"id":"eng"}"#);
+    assert!(cli
+        .fails(&["limit", "alice", "--team", "eng"], None, 1)
+        .contains("shieldkey/policy/teams/ops"));
+    // Teams in the settings key are refused.
+    etcd.call(
+        "kv/deleterange",
+        json!({"key": b64("shieldkey/policy/teams/ops")}),
+    );
+    let mut settings = etcd.value("shieldkey/policy/settings");
+    settings["teams"] = json!([{"id": "x"}]);
+    etcd.put("shieldkey/policy/settings", &settings.to_string());
+    assert!(cli
+        .fails(&["team", "list"], None, 1)
+        .contains("teams must be empty"));
 }

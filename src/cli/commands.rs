@@ -18,7 +18,7 @@ use super::policy_store::{Loaded, PolicyStore, Saved, Scope};
 use super::random;
 use super::rule_flags::RuleFlags;
 use crate::config::raw::{
-    self, RawPolicy, RawStatus, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION,
+    self, RawPolicy, RawStatus, RawTeam, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION,
 };
 use crate::envoy_render::{
     ecds_file, http_filters, http_filters_yaml, read_published, wasm_filter, ChainOptions,
@@ -229,7 +229,7 @@ fn filter_flags(args: &mut Args) -> Result<FilterFlags, CliError> {
 
 /// Where and how to publish: `--publish PATH` (or `publish --to PATH`), the filter settings,
 /// and `--admin URL [--wait-secs N]` to wait for Envoy's verdict.
-struct Publish {
+pub(super) struct Publish {
     to: Option<String>,
     /// `to` came from `SHIELDKEY_PUBLISH`, not a flag.
     to_from_env: bool,
@@ -238,9 +238,16 @@ struct Publish {
     wait: Duration,
 }
 
+impl Publish {
+    /// `--publish` (or `--to`) was given on the command line, not taken from SHIELDKEY_PUBLISH.
+    pub(super) fn given(&self) -> bool {
+        self.to.is_some() && !self.to_from_env
+    }
+}
+
 const DEFAULT_WAIT_SECS: f64 = 10.0;
 
-fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> {
+pub(super) fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> {
     let to_flag_value = args.option(to_flag)?;
     let to_from_env = to_flag_value.is_none();
     let to = env_or(to_flag_value, "SHIELDKEY_PUBLISH");
@@ -281,7 +288,7 @@ fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish, CliError> 
 ///
 /// In fleet mode `edit` may run more than once: when another writer changed the policy in etcd
 /// between the read and the write, the change is applied again to a fresh read.
-fn change(
+pub(super) fn change(
     ctx: &mut Context,
     publish: Publish,
     scope: Scope,
@@ -304,7 +311,7 @@ fn change(
 /// does not hide what changed). With `dry_run` the edit is applied to one fresh read and
 /// validated like a save, the revision it would get is shown, `report` gets its value, and
 /// nothing is written or published.
-fn change_reporting<T>(
+pub(super) fn change_reporting<T>(
     ctx: &mut Context,
     publish: Publish,
     scope: Scope,
@@ -443,16 +450,16 @@ fn read_upstream_key(from_env: Option<&str>) -> Result<SecretBytes, CliError> {
 
 /// Rule flags as given, parsed again for every attempt of a change (`RuleFlags::apply` consumes
 /// them, and in fleet mode a change may be applied again after another writer won).
-struct RuleArgs(Args);
+pub(super) struct RuleArgs(Args);
 
 impl RuleArgs {
-    fn take(args: &mut Args) -> Result<(RuleArgs, RuleFlags), CliError> {
+    pub(super) fn take(args: &mut Args) -> Result<(RuleArgs, RuleFlags), CliError> {
         let copy = RuleArgs(args.clone());
         let rules = RuleFlags::take(args)?;
         Ok((copy, rules))
     }
 
-    fn rules(&self) -> Result<RuleFlags, CliError> {
+    pub(super) fn rules(&self) -> Result<RuleFlags, CliError> {
         RuleFlags::take(&mut self.0.clone())
     }
 }
@@ -465,10 +472,14 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let not_before = args.option("not-before")?;
     let expires_at = args.option("expires-at")?;
     let ttl = args.option("ttl")?;
+    let team = args.option("team")?;
     let (rule_args, _) = RuleArgs::take(&mut args)?;
     let publish = publish_options(&mut args, "publish")?;
     args.finish()?;
     token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
+    if let Some(team) = &team {
+        crate::team::validate_id(team).map_err(|m| usage(format!("--team: {m}")))?;
+    }
     for (flag, value) in [("--not-before", &not_before), ("--expires-at", &expires_at)] {
         if let Some(v) = value {
             parse_rfc3339(v).map_err(|m| usage(format!("{flag}: {m}")))?;
@@ -505,6 +516,9 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
                 "no upstream key '{upstream_key}' (seal it first: shieldkey seal --id {upstream_key})"
             )));
             }
+            if let Some(team) = &team {
+                require_team(policy, team)?;
+            }
             let verifier = TokenVerifier::new(master.digest_key())
                 .ok_or_else(|| failed("cannot derive the digest key"))?;
             let digest = verifier.digest(&id, secret_text.expose());
@@ -516,6 +530,7 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
                 description: description.clone(),
                 not_before: not_before.clone(),
                 expires_at: expires_at.clone(),
+                team: team.clone(),
                 ..RawToken::default()
             };
             rule_args.rules()?.apply(&mut token)?;
@@ -529,6 +544,17 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A token may only name a team the policy has (the filter's validation refuses it too; this says
+/// what to do about it).
+fn require_team(policy: &RawPolicy, team: &str) -> Result<(), CliError> {
+    if policy.teams.iter().any(|t| t.id == team) {
+        return Ok(());
+    }
+    Err(failed(format!(
+        "no team '{team}' (create it first: shieldkey team create {team})"
+    )))
+}
+
 fn token_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawToken, CliError> {
     policy
         .tokens
@@ -540,8 +566,37 @@ fn token_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawToken
 /// Which tokens `revoke` and `unrevoke` change.
 enum Selection {
     Id(String),
-    /// Every token whose `owner` is exactly this.
-    Owner(String),
+    /// Every token matching all that is given: `owner` exactly this, in team `team`.
+    Matching(Match),
+}
+
+/// `--owner` and `--team` of `revoke` / `unrevoke`: at least one is given; given both, a token
+/// must match both.
+struct Match {
+    owner: Option<String>,
+    team: Option<String>,
+}
+
+impl Match {
+    fn selects(&self, t: &RawToken) -> bool {
+        self.owner
+            .as_deref()
+            .is_none_or(|o| t.owner.as_deref() == Some(o))
+            && self
+                .team
+                .as_deref()
+                .is_none_or(|team| t.team.as_deref() == Some(team))
+    }
+
+    /// "of owner 'O'", "of team 'T'", "of owner 'O' in team 'T'".
+    fn whose(&self) -> String {
+        match (&self.owner, &self.team) {
+            (Some(o), Some(t)) => format!("of owner '{o}' in team '{t}'"),
+            (Some(o), None) => format!("of owner '{o}'"),
+            (None, Some(t)) => format!("of team '{t}'"),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// How `revoke` and `unrevoke` speak of what they do.
@@ -582,28 +637,37 @@ impl StatusWords {
     }
 }
 
-/// `revoke ID`, `unrevoke ID`, and `revoke --owner OWNER` / `unrevoke --owner OWNER`: every
-/// token of that owner in one change (one revision, one publish). The ids changed go to stdout,
-/// one a line; tokens of the owner already in the wanted state are left as they are and named
-/// on stderr. With `--dry-run` nothing is written.
+/// `revoke ID`, `unrevoke ID`, and `revoke --owner OWNER` / `--team TEAM` (and the same for
+/// `unrevoke`): every token of that owner, of that team, or of both when both are given, in one
+/// change (one revision, one publish). The ids changed go to stdout, one a line; selected tokens
+/// already in the wanted state are left as they are and named on stderr. With `--dry-run`
+/// nothing is written.
 pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let owner = args.option("owner")?;
+    let team = args.option("team")?;
     let dry_run = args.flag("dry-run");
-    let selection = match owner {
-        None => Selection::Id(args.positional("token id (or --owner OWNER)")?),
-        Some(owner) => {
-            // Not echoed: it may be a token pasted where an id belongs.
-            if args.positional("token id").is_ok() {
-                return Err(usage(
-                    "give a token id or --owner OWNER, not both; nothing was changed",
-                ));
-            }
-            if owner.is_empty() {
-                return Err(usage("--owner must not be empty"));
-            }
-            Selection::Owner(owner)
+    let selection = if owner.is_none() && team.is_none() {
+        Selection::Id(args.positional("token id (or --owner OWNER, --team TEAM)")?)
+    } else {
+        // Not echoed: it may be a token pasted where an id belongs.
+        if args.positional("token id").is_ok() {
+            let given = match (&owner, &team) {
+                (Some(_), Some(_)) => "--owner OWNER and --team TEAM",
+                (Some(_), None) => "--owner OWNER",
+                _ => "--team TEAM",
+            };
+            return Err(usage(format!(
+                "give a token id or {given}, not both; nothing was changed"
+            )));
         }
+        if owner.as_deref() == Some("") {
+            return Err(usage("--owner must not be empty"));
+        }
+        if let Some(team) = &team {
+            crate::team::validate_id(team).map_err(|m| usage(format!("--team: {m}")))?;
+        }
+        Selection::Matching(Match { owner, team })
     };
     args.finish()?;
     let words = StatusWords::of(status);
@@ -621,14 +685,14 @@ pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Resul
             },
             |_| {},
         ),
-        Selection::Owner(owner) => change_reporting(
+        Selection::Matching(selected) => change_reporting(
             ctx,
             publish,
             Scope::Whole,
             false,
             dry_run,
-            |policy, _| set_status_of_owner(policy, &owner, status, &words, dry_run),
-            |outcome: &OwnerChange| {
+            |policy, _| set_status_of_matching(policy, &selected, status, &words, dry_run),
+            |outcome: &BulkChange| {
                 for id in &outcome.changed {
                     println!("{id}");
                 }
@@ -644,28 +708,25 @@ pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Resul
     }
 }
 
-/// The tokens of an owner that `revoke --owner` / `unrevoke --owner` changed, and those it left
-/// as they were (already in the wanted state), by id in policy order.
-struct OwnerChange {
+/// The tokens selected by `--owner` / `--team` that `revoke` / `unrevoke` changed, and those it
+/// left as they were (already in the wanted state), by id in policy order.
+struct BulkChange {
     changed: Vec<String>,
     left: Vec<String>,
 }
 
-/// Puts every token of `owner` in `status`: what was done, and the ids. Fails, changing nothing,
+/// Puts every selected token in `status`: what was done, and the ids. Fails, changing nothing,
 /// when no token is changed.
-fn set_status_of_owner(
+fn set_status_of_matching(
     policy: &mut RawPolicy,
-    owner: &str,
+    selected: &Match,
     status: RawStatus,
     words: &StatusWords,
     dry_run: bool,
-) -> Result<(String, OwnerChange), CliError> {
+) -> Result<(String, BulkChange), CliError> {
+    let whose = selected.whose();
     let (mut changed, mut left) = (Vec::new(), Vec::new());
-    for token in policy
-        .tokens
-        .iter_mut()
-        .filter(|t| t.owner.as_deref() == Some(owner))
-    {
+    for token in policy.tokens.iter_mut().filter(|t| selected.selects(t)) {
         if token.status == status {
             left.push(token.id.clone());
         } else {
@@ -675,29 +736,10 @@ fn set_status_of_owner(
     }
     if changed.is_empty() {
         let why = if left.is_empty() {
-            let mut near: Vec<&str> = policy
-                .tokens
-                .iter()
-                .filter_map(|t| t.owner.as_deref())
-                .filter(|o| o.eq_ignore_ascii_case(owner) || o.trim() == owner.trim())
-                .collect();
-            near.sort_unstable();
-            near.dedup();
-            let hint = if near.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " (owners match exactly; similar: {})",
-                    near.iter()
-                        .map(|o| format!("'{o}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            };
-            format!("no token has owner '{owner}'{hint}")
+            nothing_selected(policy, selected)
         } else {
             format!(
-                "no {} token of owner '{owner}': its {} token{} already {} ({})",
+                "no {} token {whose}: its {} token{} already {} ({})",
                 words.from,
                 left.len(),
                 if left.len() == 1 { " is" } else { "s are" },
@@ -708,33 +750,115 @@ fn set_status_of_owner(
         return Err(failed(format!("{why}; nothing was changed")));
     }
     let done = format!(
-        "{} {} token{} of owner '{owner}'",
+        "{} {} token{} {whose}",
         words.did(dry_run),
         changed.len(),
         if changed.len() == 1 { "" } else { "s" }
     );
-    Ok((done, OwnerChange { changed, left }))
+    Ok((done, BulkChange { changed, left }))
 }
 
-/// `limit ID <rule flags>`: changes a token's rules (budget, rates, networks, countries, models).
+/// Why no token matched `--owner` / `--team`, with a hint when an owner differs only in case or
+/// spaces, or the team does not exist.
+fn nothing_selected(policy: &RawPolicy, selected: &Match) -> String {
+    let owner_hint = |owner: &str| {
+        let mut near: Vec<&str> = policy
+            .tokens
+            .iter()
+            .filter_map(|t| t.owner.as_deref())
+            .filter(|o| o.eq_ignore_ascii_case(owner) || o.trim() == owner.trim())
+            .collect();
+        near.sort_unstable();
+        near.dedup();
+        if near.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (owners match exactly; similar: {})",
+                near.iter()
+                    .map(|o| format!("'{o}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    let team_exists = |team: &str| policy.teams.iter().any(|t| t.id == team);
+    match (selected.owner.as_deref(), selected.team.as_deref()) {
+        (_, Some(team)) if !team_exists(team) => format!("no team with id '{team}'"),
+        (Some(owner), None) => format!("no token has owner '{owner}'{}", owner_hint(owner)),
+        (None, Some(team)) => format!("no token is in team '{team}'"),
+        (Some(owner), Some(team)) => format!(
+            "no token of owner '{owner}' is in team '{team}'{}",
+            owner_hint(owner)
+        ),
+        (None, None) => "no token selected".to_string(),
+    }
+}
+
+/// `limit ID [rule flags] [--team T | --no-team]`: changes a token's rules (budget, rates,
+/// networks, countries, models, scopes, enforce) and the team it is in.
 pub fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let (rule_args, rules) = RuleArgs::take(&mut args)?;
+    let team = args.option("team")?;
+    let no_team = args.flag("no-team");
     let id = args.positional("token id")?;
     args.finish()?;
-    if rules.is_empty() {
+    // `--team none` would be ambiguous (a team may be called none): leaving is `--no-team`.
+    let membership: Option<Option<String>> = match (team, no_team) {
+        (Some(_), true) => {
+            return Err(usage(
+                "--team and --no-team exclude each other; nothing was changed",
+            ))
+        }
+        (Some(team), false) => {
+            crate::team::validate_id(&team).map_err(|m| usage(format!("--team: {m}")))?;
+            Some(Some(team))
+        }
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    if rules.is_empty() && membership.is_none() {
         return Err(usage(
-            "nothing to change: give at least one rule flag (see --help)",
+            "nothing to change: give at least one rule flag, --team TEAM or --no-team (see --help)",
         ));
     }
+    let rules_given = !rules.is_empty();
     change(
         ctx,
         publish,
         Scope::Token(id.clone()),
         false,
         |policy, _| {
-            rule_args.rules()?.apply(token_mut(policy, &id)?)?;
-            Ok(format!("changed the rules of token '{id}'"))
+            if let Some(Some(team)) = &membership {
+                require_team(policy, team)?;
+            }
+            let token = token_mut(policy, &id)?;
+            let mut done = Vec::new();
+            if rules_given {
+                rule_args.rules()?.apply(&mut *token)?;
+                done.push(format!("changed the rules of token '{id}'"));
+            }
+            if let Some(new) = &membership {
+                let subject = if done.is_empty() {
+                    format!("token '{id}'")
+                } else {
+                    "it".to_string()
+                };
+                done.push(match (token.team.as_deref(), new.as_deref()) {
+                    (Some(old), Some(new)) if old == new => {
+                        format!("{subject} stays in team '{new}'")
+                    }
+                    (Some(old), Some(new)) => {
+                        format!("moved {subject} from team '{old}' to team '{new}'")
+                    }
+                    (None, Some(new)) => format!("put {subject} in team '{new}'"),
+                    (Some(old), None) => format!("took {subject} out of team '{old}'"),
+                    (None, None) => format!("{subject} was in no team and stays so"),
+                });
+                token.team = new.clone();
+            }
+            Ok(done.join("; "))
         },
     )
 }
@@ -759,20 +883,32 @@ pub fn remove(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     )
 }
 
+/// A token's state as `list` shows it: its status, then its validity period.
+fn token_state(t: &RawToken, now: i64) -> &'static str {
+    let parsed = |v: &Option<String>| v.as_deref().and_then(|s| parse_rfc3339(s).ok());
+    match t.status {
+        RawStatus::Revoked => "revoked",
+        _ if parsed(&t.expires_at).is_some_and(|e| now >= e) => "expired",
+        _ if parsed(&t.not_before).is_some_and(|n| now < n) => "not-yet-valid",
+        _ => "active",
+    }
+}
+
+/// How `list` and `team list` show an `enforce` setting (absent means true).
+pub(super) fn enforce_text(enforce: Option<bool>) -> &'static str {
+    if enforce == Some(false) {
+        "false (dry run)"
+    } else {
+        "true"
+    }
+}
+
+/// `list [--json]`: every token and its state; grouped by team when the policy has teams.
 pub fn list(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let as_json = args.flag("json");
     args.finish()?;
     let policy = ctx.store.load()?.policy;
     let now = now();
-    let state = |t: &RawToken| -> &'static str {
-        let parsed = |v: &Option<String>| v.as_deref().and_then(|s| parse_rfc3339(s).ok());
-        match t.status {
-            RawStatus::Revoked => "revoked",
-            _ if parsed(&t.expires_at).is_some_and(|e| now >= e) => "expired",
-            _ if parsed(&t.not_before).is_some_and(|n| now < n) => "not-yet-valid",
-            _ => "active",
-        }
-    };
     if as_json {
         // Digests and sealed keys stay out: the listing is for people and dashboards.
         let tokens: Vec<_> = policy
@@ -781,34 +917,76 @@ pub fn list(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
             .map(|t| {
                 json!({
                     "id": t.id, "owner": t.owner, "description": t.description,
-                    "state": state(t), "upstream_key": t.upstream_key,
+                    "state": token_state(t, now), "upstream_key": t.upstream_key,
                     "not_before": t.not_before, "expires_at": t.expires_at,
                     "budget": t.budget, "rate_limit": t.rate_limit,
                     "source_cidrs": t.source_cidrs, "countries": t.countries, "models": t.models,
+                    "team": t.team, "enforce": t.enforce != Some(false),
                 })
             })
             .collect();
         let keys: Vec<_> = policy.upstream_keys.iter().map(|k| k.id.as_str()).collect();
-        let doc = json!({"revision": policy.revision, "upstream_keys": keys, "tokens": tokens});
+        let teams: Vec<_> = policy.teams.iter().map(|t| t.id.as_str()).collect();
+        let doc = json!({
+            "revision": policy.revision, "enforce": policy.enforce != Some(false),
+            "upstream_keys": keys, "teams": teams, "tokens": tokens,
+        });
         println!("{doc:#}");
         return Ok(());
     }
     println!(
-        "{:<32} {:<14} {:<12} {:<24} {:<24} OWNER",
-        "ID", "STATE", "UPSTREAM", "NOT BEFORE", "EXPIRES"
+        "{:<32} {:<14} {:<12} {:<16} {:<24} {:<24} OWNER",
+        "ID", "STATE", "UPSTREAM", "ENFORCE", "NOT BEFORE", "EXPIRES"
     );
-    for t in &policy.tokens {
+    let row = |t: &RawToken| {
         println!(
-            "{:<32} {:<14} {:<12} {:<24} {:<24} {}",
+            "{:<32} {:<14} {:<12} {:<16} {:<24} {:<24} {}",
             t.id,
-            state(t),
+            token_state(t, now),
             t.upstream_key,
+            enforce_text(t.enforce),
             t.not_before.as_deref().unwrap_or("-"),
             t.expires_at.as_deref().unwrap_or("-"),
             t.owner.as_deref().unwrap_or("-")
         );
+    };
+    let grouped = !policy.teams.is_empty() || policy.tokens.iter().any(|t| t.team.is_some());
+    if grouped {
+        for group in team_groups(&policy) {
+            let count = format!(
+                "{} token{}",
+                group.members.len(),
+                if group.members.len() == 1 { "" } else { "s" }
+            );
+            match (group.id, group.team) {
+                (Some(id), Some(team)) => println!(
+                    "team {id} ({count}){}{}",
+                    team.description
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default(),
+                    if team.enforce == Some(false) {
+                        "; enforce=false (dry run)"
+                    } else {
+                        ""
+                    }
+                ),
+                // Only in a hand-edited policy, which `check` refuses: shown, not hidden.
+                (Some(id), None) => {
+                    println!("team {id} ({count}): no such team in the policy (check refuses it)")
+                }
+                (None, _) => println!("(no team) ({count})"),
+            }
+            for t in group.members {
+                row(t);
+            }
+        }
+    } else {
+        for t in &policy.tokens {
+            row(t);
+        }
     }
-    eprintln!(
+    let mut summary = format!(
         "revision {}, {} tokens, upstream keys: {}",
         policy.revision,
         policy.tokens.len(),
@@ -819,7 +997,67 @@ pub fn list(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if !policy.teams.is_empty() {
+        summary.push_str(&format!(
+            ", teams: {}",
+            policy
+                .teams
+                .iter()
+                .map(|t| t.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if policy.enforce == Some(false) {
+        summary.push_str(
+            "; policy-wide enforce=false: every rule of every token and team is in dry run",
+        );
+    }
+    eprintln!("{summary}");
     Ok(())
+}
+
+/// Tokens by team for `list`: the policy's teams in order (empty ones too), then teams tokens
+/// name that the policy lacks, then the tokens in no team (when there are any).
+struct TeamGroup<'p> {
+    id: Option<&'p str>,
+    team: Option<&'p RawTeam>,
+    members: Vec<&'p RawToken>,
+}
+
+fn team_groups(policy: &RawPolicy) -> Vec<TeamGroup<'_>> {
+    let mut groups: Vec<TeamGroup<'_>> = policy
+        .teams
+        .iter()
+        .map(|team| TeamGroup {
+            id: Some(team.id.as_str()),
+            team: Some(team),
+            members: Vec::new(),
+        })
+        .collect();
+    let mut no_team = Vec::new();
+    for t in &policy.tokens {
+        let Some(name) = t.team.as_deref() else {
+            no_team.push(t);
+            continue;
+        };
+        match groups.iter_mut().find(|g| g.id == Some(name)) {
+            Some(group) => group.members.push(t),
+            None => groups.push(TeamGroup {
+                id: Some(name),
+                team: None,
+                members: vec![t],
+            }),
+        }
+    }
+    if !no_team.is_empty() {
+        groups.push(TeamGroup {
+            id: None,
+            team: None,
+            members: no_team,
+        });
+    }
+    groups
 }
 
 pub fn check(ctx: &mut Context, args: Args) -> Result<(), CliError> {
@@ -828,11 +1066,16 @@ pub fn check(ctx: &mut Context, args: Args) -> Result<(), CliError> {
     let master = master_key(Some(&raw))?;
     let policy = ctx.store.validate(&raw, &bytes, master.as_ref())?;
     println!(
-        "ok: revision {}, {} tokens ({} revoked), {} upstream keys{}{}",
+        "ok: revision {}, {} tokens ({} revoked), {} upstream keys{}{}{}",
         policy.revision,
         policy.tokens.len(),
         policy.revoked_count(),
         policy.upstream_keys.len(),
+        if policy.teams.is_empty() {
+            String::new()
+        } else {
+            format!(", {} teams", policy.teams.len())
+        },
         if master.is_some() {
             ", all sealed keys open"
         } else {

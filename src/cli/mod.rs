@@ -13,6 +13,7 @@ mod policy_store;
 mod random;
 mod rule_flags;
 mod status;
+mod teams;
 mod tls;
 
 use std::path::{Path, PathBuf};
@@ -35,18 +36,39 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
   init [--force]                  create an empty policy (the file, or in etcd)
   seal --id ID [--from-env VAR]   seal an upstream Mistral key read from stdin (or VAR);
                                   sealing an existing id rotates it
-  mint --id ID --upstream-key KEY [--owner O] [--description D]
+  mint --id ID --upstream-key KEY [--owner O] [--description D] [--team T]
        [--not-before T] [--expires-at T | --ttl 90d] [rule flags]
-                                  create a token; prints it once on stdout
-  limit ID <rule flags>           change a token's rules
+                                  create a token; prints it once on stdout. --team T: the token
+                                  is a member of team T (which must exist), whose rules apply
+                                  on top of its own
+  limit ID [rule flags] [--team T | --no-team]
+                                  change a token's rules, move it to team T, or take it out of
+                                  its team
   revoke ID | unrevoke ID | remove ID
-  revoke --owner O | unrevoke --owner O
-                                  every token whose owner is exactly O, in one change (one
-                                  revision, one publish); prints the ids changed, one a line;
-                                  tokens already in that state are left as they are; exit 1 if
-                                  there is nothing to change. revoke and unrevoke (either form)
-                                  take --dry-run: show what would change, write nothing
-  list [--json]                   tokens and their state (never digests or keys)
+  revoke --owner O | --team T     (and unrevoke the same way) every token whose owner is
+                                  exactly O, or that is in team T (both given: tokens matching
+                                  both), in one change (one revision, one publish); prints the
+                                  ids changed, one a line; tokens already in that state are left
+                                  as they are; exit 1 if there is nothing to change. revoke and
+                                  unrevoke (every form) take --dry-run: show what would change,
+                                  write nothing
+  list [--json]                   tokens and their state (never digests or keys), grouped by
+                                  team when the policy has teams (tokens in no team last, under
+                                  \"(no team)\"); --json gives each token's team and enforce
+  team create ID [--description D] [rule flags]
+                                  create a team: rules and limits shared by its members (one
+                                  budget, one rate limit for all of them), on top of their own
+  team limit ID [rule flags] [--description D]
+                                  change a team's rules as limit does a token's (none removes a
+                                  rule, or the description)
+  team list [--json]              teams: description, rules, enforce, members (active/revoked)
+  team remove ID                  remove a team no token is in; with members it is refused,
+                                  naming them: move them (limit ID --team OTHER), take them out
+                                  (limit ID --no-team) or remove them first
+  enforce [true|false]            the policy-wide switch: false puts every rule of every token
+                                  and team in dry run (refusals are let through, logged and
+                                  counted as would_deny; authentication is always enforced);
+                                  without a value, prints the current one
   check                           validate the policy with the filter's own code
   status [--token ID] [--all] [--json]
                                   fleet mode: spend per budgeted token in its current window,
@@ -58,8 +80,9 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
   publish --to PATH [filter settings] [--admin URL [--wait-secs N]]
                                   write the ECDS file Envoy watches, atomically
 
-Changing commands (seal, mint, limit, revoke, unrevoke, remove) also take --publish PATH
-[filter settings] [--admin URL [--wait-secs N]] to publish right after writing the policy.
+Changing commands (seal, mint, limit, revoke, unrevoke, remove, team create|limit|remove,
+enforce true|false) also take --publish PATH [filter settings] [--admin URL [--wait-secs N]]
+to publish right after writing the policy.
 
 Filter settings: --wasm PATH, --vm-id ID, --runtime envoy.wasm.runtime.v8 (or .wasmtime),
 --filter-name NAME. Publishing over an existing file keeps that file's settings unless given;
@@ -72,7 +95,8 @@ defaults are shieldkey.wasm (relative to Envoy's working directory), vm_id shiel
 Fleet mode: with --etcd URLS (comma-separated etcd client URLs, all http://HOST:PORT or all
 https://HOST:PORT, tried in order until one answers) every command reads and writes the policy
 in etcd under --etcd-prefix (default shieldkey/) instead of the policy file:
-<prefix>policy/settings, <prefix>policy/keys/<id>, <prefix>policy/tokens/<id>. A change writes
+<prefix>policy/settings (with the policy-wide enforce), <prefix>policy/keys/<id>,
+<prefix>policy/teams/<id>, <prefix>policy/tokens/<id>. A change writes
 only the keys it changes, guarded by the revisions it read: when another writer got there first
 it is read and applied again (up to 5 times). There is nothing to publish (Envoys follow etcd):
 publish and --publish are refused. --etcd-user NAME authenticates with the password from
@@ -285,6 +309,8 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         "limit" => commands::limit(ctx, args),
         "remove" => commands::remove(ctx, args),
         "list" => commands::list(ctx, args),
+        "team" => teams::team(ctx, args),
+        "enforce" => teams::enforce(ctx, args),
         "check" => commands::check(ctx, args),
         "render" => commands::render(ctx, args),
         "publish" => commands::publish(ctx, args),

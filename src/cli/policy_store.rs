@@ -3,8 +3,10 @@
 //!
 //! etcd key layout (values are compact JSON of the `config::raw` types; Envoys in fleet mode
 //! follow it):
-//! - `<prefix>policy/settings`: the `RawPolicy` with empty `tokens` and `upstream_keys`;
+//! - `<prefix>policy/settings`: the `RawPolicy` with empty `tokens` and `upstream_keys` and no
+//!   `teams` (it carries the policy-wide `enforce`);
 //! - `<prefix>policy/keys/<id>`: one `RawUpstreamKey`;
+//! - `<prefix>policy/teams/<id>`: one `RawTeam`;
 //! - `<prefix>policy/tokens/<id>`: one `RawToken`.
 //!
 //! A save writes only the keys that differ from what was read, in transactions that guard every
@@ -22,7 +24,7 @@ use super::error::{failed, usage, CliError};
 use super::etcd::{Change, Credentials, Etcd, EtcdError, HttpTransport, Kv, Written};
 use super::policy_file;
 use crate::config::compile::{compile_bytes, CompileOptions};
-use crate::config::raw::{self, RawPolicy, RawToken, RawUpstreamKey};
+use crate::config::raw::{self, RawPolicy, RawTeam, RawToken, RawUpstreamKey};
 use crate::master_key::MasterKey;
 use crate::policy::Policy;
 use crate::secret::SecretBytes;
@@ -45,11 +47,13 @@ pub struct EtcdPolicy {
 /// Keys read from etcd: key → (value, `mod_revision`).
 type Keys = BTreeMap<Vec<u8>, (Vec<u8>, i64)>;
 
-/// What a change reads: in etcd, a command about one token reads the settings, the upstream keys
-/// and that token only, so its cost does not grow with the number of tokens (the write is
-/// guarded by the settings key, which every change rewrites); `Whole` reads every key, in one
-/// snapshot, for a change that selects tokens by their content (`revoke --owner`). A file is
-/// always read whole.
+/// What a change reads: in etcd, a command about one token reads the settings, the upstream keys,
+/// the teams and that token only, so its cost does not grow with the number of tokens (the write
+/// is guarded by the settings key, which every change rewrites); `Whole` reads every key, in one
+/// snapshot, for a change that selects tokens by their content (`revoke --owner`, `--team`) or
+/// must know every member of a team (`team remove`, `team list`). Every scope reads all teams:
+/// they are few, and validation needs them to check the team a token names. A file is always
+/// read whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     Token(String),
@@ -255,6 +259,14 @@ impl EtcdPolicy {
         format!("{}policy/tokens/", self.prefix)
     }
 
+    fn teams_prefix(&self) -> String {
+        format!("{}policy/teams/", self.prefix)
+    }
+
+    fn team_key(&self, id: &str) -> String {
+        format!("{}{id}", self.teams_prefix())
+    }
+
     fn key_key(&self, id: &str) -> String {
         format!("{}{id}", self.keys_prefix())
     }
@@ -310,6 +322,7 @@ impl EtcdPolicy {
         };
         read(self, self.settings_key(), true)?;
         read(self, self.keys_prefix(), false)?;
+        read(self, self.teams_prefix(), false)?;
         if let Some(id) = token {
             read(self, format!("{}{id}", self.tokens_prefix()), true)?;
         }
@@ -329,13 +342,15 @@ impl EtcdPolicy {
         })
     }
 
-    /// The policy document from its keys: tokens and upstream keys sorted by id.
+    /// The policy document from its keys: upstream keys, teams and tokens sorted by id.
     fn assemble(&self, kvs: &Keys) -> Result<RawPolicy, CliError> {
         let settings_key = self.settings_key();
         let keys_prefix = self.keys_prefix();
+        let teams_prefix = self.teams_prefix();
         let tokens_prefix = self.tokens_prefix();
         let mut settings = None;
         let mut upstream_keys = Vec::new();
+        let mut teams = Vec::new();
         let mut tokens = Vec::new();
         for (key, (value, _)) in kvs {
             let key = String::from_utf8_lossy(key);
@@ -345,14 +360,18 @@ impl EtcdPolicy {
                 let entry: RawUpstreamKey = parse_value(&key, value)?;
                 same_id(&key, id, &entry.id)?;
                 upstream_keys.push(entry);
+            } else if let Some(id) = key.strip_prefix(&teams_prefix) {
+                let entry: RawTeam = parse_value(&key, value)?;
+                same_id(&key, id, &entry.id)?;
+                teams.push(entry);
             } else if let Some(id) = key.strip_prefix(&tokens_prefix) {
                 let entry: RawToken = parse_value(&key, value)?;
                 same_id(&key, id, &entry.id)?;
                 tokens.push(entry);
             } else {
                 return Err(failed(format!(
-                    "unexpected etcd key {key}: under {} there are only settings, keys/<id> \
-                     and tokens/<id>",
+                    "unexpected etcd key {key}: under {} there are only settings, keys/<id>, \
+                     teams/<id> and tokens/<id>",
                     self.policy_prefix()
                 )));
             }
@@ -372,8 +391,10 @@ impl EtcdPolicy {
             }
         })?;
         upstream_keys.sort_by(|a, b| a.id.cmp(&b.id));
+        teams.sort_by(|a, b| a.id.cmp(&b.id));
         tokens.sort_by(|a, b| a.id.cmp(&b.id));
         policy.upstream_keys = upstream_keys;
+        policy.teams = teams;
         policy.tokens = tokens;
         Ok(policy)
     }
@@ -415,7 +436,7 @@ impl EtcdPolicy {
         })
     }
 
-    /// ` (etcd key <key>)` when `path` is in a token or upstream key.
+    /// ` (etcd key <key>)` when `path` is in a token, team or upstream key.
     fn key_of_path(&self, policy: &RawPolicy, path: &str) -> String {
         let index = |rest: &str| -> Option<usize> {
             rest.strip_prefix('[')?
@@ -431,6 +452,10 @@ impl EtcdPolicy {
             index(rest)
                 .and_then(|i| policy.upstream_keys.get(i))
                 .map(|k| self.key_key(&k.id))
+        } else if let Some(rest) = path.strip_prefix("teams") {
+            index(rest)
+                .and_then(|i| policy.teams.get(i))
+                .map(|t| self.team_key(&t.id))
         } else {
             None
         };
@@ -447,6 +472,7 @@ impl EtcdPolicy {
         let kvs = base.0.as_ref().unwrap_or(&empty);
         policy.revision = policy.revision.saturating_add(1);
         policy.upstream_keys.sort_by(|a, b| a.id.cmp(&b.id));
+        policy.teams.sort_by(|a, b| a.id.cmp(&b.id));
         policy.tokens.sort_by(|a, b| a.id.cmp(&b.id));
         let document = compact(policy)?;
         self.validate(policy, &document, master)?;
@@ -463,8 +489,9 @@ impl EtcdPolicy {
 
     /// The writes that turn `kvs` into `policy`, ordered so that every step of a change split
     /// over several transactions leaves a consistent policy: new and changed upstream keys, then
-    /// tokens, then removed tokens, then removed upstream keys, then anything else removed; and
-    /// the settings (which always change: the revision) to write last.
+    /// teams (a token never names a team not yet written), then tokens, then removed tokens, then
+    /// removed teams (removed only once no token names them), then removed upstream keys, then
+    /// anything else removed; and the settings (which always change: the revision) to write last.
     fn plan(&self, kvs: &Keys, policy: &RawPolicy) -> Result<(Vec<Change>, Change), CliError> {
         let seen = |key: &[u8]| kvs.get(key).map_or(0, |(_, m)| *m);
         let mut wanted = BTreeSet::new();
@@ -472,12 +499,16 @@ impl EtcdPolicy {
         for k in &policy.upstream_keys {
             put_if_changed(kvs, &mut wanted, self.key_key(&k.id), k, &mut changes)?;
         }
+        for t in &policy.teams {
+            put_if_changed(kvs, &mut wanted, self.team_key(&t.id), t, &mut changes)?;
+        }
         for t in &policy.tokens {
             put_if_changed(kvs, &mut wanted, self.token_key(&t.id), t, &mut changes)?;
         }
         let settings_key = self.settings_key().into_bytes();
         let mut settings_doc = policy.clone();
         settings_doc.upstream_keys.clear();
+        settings_doc.teams.clear();
         settings_doc.tokens.clear();
         let settings = Change {
             seen: seen(&settings_key),
@@ -485,9 +516,10 @@ impl EtcdPolicy {
             key: settings_key.clone(),
         };
         let tokens_prefix = self.tokens_prefix().into_bytes();
+        let teams_prefix = self.teams_prefix().into_bytes();
         let keys_prefix = self.keys_prefix().into_bytes();
-        let (mut tokens_removed, mut keys_removed, mut others_removed) =
-            (Vec::new(), Vec::new(), Vec::new());
+        let (mut tokens_removed, mut teams_removed, mut keys_removed, mut others_removed) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (key, (_, m)) in kvs {
             if *key == settings_key || wanted.contains(key) {
                 continue;
@@ -499,6 +531,8 @@ impl EtcdPolicy {
             };
             if key.starts_with(&tokens_prefix) {
                 tokens_removed.push(change);
+            } else if key.starts_with(&teams_prefix) {
+                teams_removed.push(change);
             } else if key.starts_with(&keys_prefix) {
                 keys_removed.push(change);
             } else {
@@ -506,6 +540,7 @@ impl EtcdPolicy {
             }
         }
         changes.extend(tokens_removed);
+        changes.extend(teams_removed);
         changes.extend(keys_removed);
         changes.extend(others_removed);
         Ok((changes, settings))
@@ -546,24 +581,24 @@ fn put_if_changed<T: Serialize + DeserializeOwned + PartialEq>(
     Ok(())
 }
 
-/// The settings value: a policy document without tokens and upstream keys, and nothing that
-/// belongs in the plugin configuration of a fleet-mode Envoy.
+/// The settings value: a policy document without tokens, teams and upstream keys, and nothing
+/// that belongs in the plugin configuration of a fleet-mode Envoy.
 fn parse_settings(key: &str, value: &[u8]) -> Result<RawPolicy, CliError> {
     let doc: serde_json::Value =
         serde_json::from_slice(value).map_err(|e| failed(format!("etcd key {key}: {e}")))?;
-    for field in ["tokens", "upstream_keys"] {
+    for (field, own_keys) in [
+        ("tokens", "policy/tokens/"),
+        ("teams", "policy/teams/"),
+        ("upstream_keys", "policy/keys/"),
+    ] {
         if doc
             .get(field)
             .and_then(serde_json::Value::as_array)
             .is_some_and(|list| !list.is_empty())
         {
             return Err(failed(format!(
-                "etcd key {key}: {field} must be empty: each entry has its own key under {}",
-                if field == "tokens" {
-                    "policy/tokens/"
-                } else {
-                    "policy/keys/"
-                }
+                "etcd key {key}: {field} must be empty: each entry has its own key under \
+                 {own_keys}"
             )));
         }
     }
@@ -863,6 +898,203 @@ mod tests {
         assert_eq!(ids(Scope::Whole, &mut s), ["amy", "zed"]);
         assert_eq!(ids(Scope::Token("zed".into()), &mut s), ["zed"]);
         assert!(ids(Scope::NoTokens, &mut s).is_empty());
+    }
+
+    fn team(id: &str) -> RawTeam {
+        RawTeam {
+            id: id.to_string(),
+            ..RawTeam::default()
+        }
+    }
+
+    fn key_names(fake: &Fake) -> Vec<String> {
+        fake.0
+            .borrow()
+            .kvs
+            .keys()
+            .map(|k| String::from_utf8(k.clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn teams_have_a_key_each_and_every_scope_reads_them() {
+        let fake = Fake::default();
+        let mut s = store(&fake, "sk/");
+        let mut p = empty();
+        p.upstream_keys.push(sealed_key());
+        p.teams.push(team("ops"));
+        let mut eng = team("eng");
+        eng.enforce = Some(false);
+        eng.description = Some("Engineering".into());
+        p.teams.push(eng.clone());
+        let mut amy = token("amy");
+        amy.team = Some("eng".into());
+        p.tokens.push(amy);
+        p.tokens.push(token("zed"));
+        p.enforce = Some(false);
+        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        assert_eq!(
+            key_names(&fake),
+            [
+                "sk/policy/keys/prod",
+                "sk/policy/settings",
+                "sk/policy/teams/eng",
+                "sk/policy/teams/ops",
+                "sk/policy/tokens/amy",
+                "sk/policy/tokens/zed"
+            ]
+        );
+        {
+            let f = fake.0.borrow();
+            // The settings carry the policy-wide enforce but never the teams.
+            assert_eq!(
+                f.kvs[&b"sk/policy/settings".to_vec()].0,
+                br#"{"version":1,"revision":1,"upstream_keys":[],"tokens":[],"enforce":false}"#
+            );
+            let stored: RawTeam =
+                serde_json::from_slice(&f.kvs[&b"sk/policy/teams/eng".to_vec()].0).unwrap();
+            assert_eq!(stored, eng);
+        }
+        for scope in [
+            Scope::Whole,
+            Scope::NoTokens,
+            Scope::Token("amy".into()),
+            Scope::Token("nobody".into()),
+        ] {
+            let loaded = s.load_scoped(&scope).unwrap();
+            let ids: Vec<_> = loaded.policy.teams.iter().map(|t| t.id.as_str()).collect();
+            assert_eq!(ids, ["eng", "ops"], "{scope:?}: sorted by id");
+            assert_eq!(loaded.policy.enforce, Some(false));
+        }
+
+        // A token-scoped change is validated against every team: naming a missing one fails,
+        // naming the key of the token, and writes nothing.
+        let loaded = s.load_scoped(&Scope::Token("zed".into())).unwrap();
+        let mut p = loaded.policy;
+        assert_eq!(p.tokens.len(), 1);
+        p.tokens[0].team = Some("ghost".into());
+        let calls = fake.0.borrow().calls.len();
+        let e = s
+            .save(&loaded.base, &mut p, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("tokens[0].team (etcd key sk/policy/tokens/zed): no team with id 'ghost'"),
+            "{e}"
+        );
+        assert_eq!(fake.0.borrow().calls.len(), calls);
+        // Naming an existing one goes through, writing that token and the settings only.
+        let loaded = s.load_scoped(&Scope::Token("zed".into())).unwrap();
+        let mut p = loaded.policy;
+        p.tokens[0].team = Some("ops".into());
+        let before = fake.0.borrow().kvs.clone();
+        save(&mut s, &loaded.base, &mut p);
+        let f = fake.0.borrow();
+        let changed: Vec<_> = f
+            .kvs
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(v))
+            .map(|(k, _)| String::from_utf8(k.clone()).unwrap())
+            .collect();
+        assert_eq!(changed, ["sk/policy/settings", "sk/policy/tokens/zed"]);
+    }
+
+    #[test]
+    fn teams_are_written_before_their_members_and_removed_after() {
+        let fake = Fake::default();
+        let mut s = store(&fake, "sk/");
+        let mut p = empty();
+        p.upstream_keys.push(sealed_key());
+        p.teams.push(team("old"));
+        let mut amy = token("amy");
+        amy.team = Some("old".into());
+        p.tokens.push(amy);
+        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        let loaded = s.load().unwrap();
+        // Move amy to a new team and remove the old one, in one change.
+        let mut p = loaded.policy;
+        p.teams = vec![team("new")];
+        p.tokens[0].team = Some("new".into());
+        let PolicyStore::Etcd(e) = &s else { panic!() };
+        let (changes, _) = e.plan(loaded.base.0.as_ref().unwrap(), &p).unwrap();
+        let order: Vec<_> = changes
+            .iter()
+            .map(|c| (String::from_utf8(c.key.clone()).unwrap(), c.value.is_some()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("sk/policy/teams/new".to_string(), true),
+                ("sk/policy/tokens/amy".to_string(), true),
+                ("sk/policy/teams/old".to_string(), false),
+            ]
+        );
+        // Removing a team still named by a token is refused by validation, naming the token.
+        let mut p = s.load().unwrap().policy;
+        p.teams.clear();
+        let e = s
+            .save(&Base(Some(BTreeMap::new())), &mut p, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("(etcd key sk/policy/tokens/amy)"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_team_keys_and_teams_in_the_settings_are_refused() {
+        let fake = Fake::default();
+        let mut s = store(&fake, "sk/");
+        fake.0
+            .borrow_mut()
+            .put(b"sk/policy/settings", br#"{"version":1,"revision":2}"#);
+        fake.0
+            .borrow_mut()
+            .put(b"sk/policy/teams/eng", br#"{"id":"ops"}"#);
+        let e = s.load().err().unwrap().to_string();
+        assert!(
+            e.contains("sk/policy/teams/eng") && e.contains("its id is 'ops'"),
+            "{e}"
+        );
+        fake.0
+            .borrow_mut()
+            .put(b"sk/policy/teams/eng", br#"{"id":"eng","colour":"blue"}"#);
+        let e = s.load_scoped(&Scope::NoTokens).err().unwrap().to_string();
+        assert!(
+            e.contains("sk/policy/teams/eng") && e.contains("colour"),
+            "{e}"
+        );
+        fake.0
+            .borrow_mut()
+            .kvs
+            .remove(b"sk/policy/teams/eng".as_slice());
+        fake.0.borrow_mut().put(
+            b"sk/policy/settings",
+            br#"{"version":1,"teams":[{"id":"eng"}]}"#,
+        );
+        let e = s.load().err().unwrap().to_string();
+        assert!(
+            e.contains("teams must be empty") && e.contains("policy/teams/"),
+            "{e}"
+        );
+
+        // A team the filter refuses names its etcd key.
+        fake.0
+            .borrow_mut()
+            .put(b"sk/policy/settings", br#"{"version":1,"revision":2}"#);
+        let mut p = s.load().unwrap().policy;
+        let mut bad = team("eng");
+        bad.source_cidrs = Some(vec!["10.0.0.0/33".into()]);
+        p.teams.push(bad);
+        let e = s
+            .save(&Base(Some(BTreeMap::new())), &mut p, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("teams[0].source_cidrs (etcd key sk/policy/teams/eng)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! The per-token rule flags shared by `mint` and `limit`: each sets one field of a token's rules,
-//! and the value `none` removes it. Values are checked only for shape here; the policy is then
-//! validated by the filter's own compiler, whose errors name the field.
+//! The rule flags shared by `mint`, `limit`, `team create` and `team limit`: each sets one field
+//! of a token's or a team's rules (the two have the same rule fields), and the value `none`
+//! removes it. Values are checked only for shape here; the policy is then validated by the
+//! filter's own compiler, whose errors name the field.
 
 use super::args::Args;
 use super::error::{usage, CliError};
-use crate::config::raw::{RawBudget, RawToken};
+use crate::config::raw::{RawBudget, RawCountries, RawModels, RawRateLimit, RawTeam, RawToken};
 
 pub const HELP: &str = "\
-  rule flags (mint, limit; the value none removes a rule):
+  rule flags (mint, limit, team create, team limit; the value none removes a rule):
        --budget-usd USD --budget-window lifetime|daily|monthly|hourly|<N>s
        --rpm N  --tpm N                   requests / Mistral tokens per minute
        --cidrs 10.0.0.0/8,2001:db8::/32   allowed client networks
@@ -15,7 +16,52 @@ pub const HELP: &str = "\
        --models 'mistral-small-*,mistral-embed'  --max-tokens N
        --scopes inference,read,manage|all  routes the token reaches (default inference)
        --allow-unmetered true|false       let a token with a budget, tpm or max_tokens limit
-                                          use routes ShieldKey cannot cap or meter";
+                                          use routes ShieldKey cannot cap or meter
+       --enforce true|false               false: dry run of these rules (a request they would
+                                          refuse is let through, logged and counted as
+                                          would_deny); authentication is always enforced";
+
+/// The rule fields of a token or a team, borrowed for `RuleFlags::apply`.
+pub struct RuleFields<'a> {
+    budget: &'a mut Option<RawBudget>,
+    rate_limit: &'a mut Option<RawRateLimit>,
+    source_cidrs: &'a mut Option<Vec<String>>,
+    countries: &'a mut Option<RawCountries>,
+    models: &'a mut Option<RawModels>,
+    scopes: &'a mut Option<Vec<String>>,
+    allow_unmetered: &'a mut Option<bool>,
+    enforce: &'a mut Option<bool>,
+}
+
+impl<'a> From<&'a mut RawToken> for RuleFields<'a> {
+    fn from(t: &'a mut RawToken) -> Self {
+        RuleFields {
+            budget: &mut t.budget,
+            rate_limit: &mut t.rate_limit,
+            source_cidrs: &mut t.source_cidrs,
+            countries: &mut t.countries,
+            models: &mut t.models,
+            scopes: &mut t.scopes,
+            allow_unmetered: &mut t.allow_unmetered,
+            enforce: &mut t.enforce,
+        }
+    }
+}
+
+impl<'a> From<&'a mut RawTeam> for RuleFields<'a> {
+    fn from(t: &'a mut RawTeam) -> Self {
+        RuleFields {
+            budget: &mut t.budget,
+            rate_limit: &mut t.rate_limit,
+            source_cidrs: &mut t.source_cidrs,
+            countries: &mut t.countries,
+            models: &mut t.models,
+            scopes: &mut t.scopes,
+            allow_unmetered: &mut t.allow_unmetered,
+            enforce: &mut t.enforce,
+        }
+    }
+}
 
 /// A flag's value: `None` when absent, `Some(None)` for `none`, `Some(Some(v))` to set.
 type Change<T> = Option<Option<T>>;
@@ -34,6 +80,7 @@ pub struct RuleFlags {
     max_tokens: Change<u64>,
     scopes: Change<Vec<String>>,
     allow_unmetered: Change<bool>,
+    enforce: Change<bool>,
 }
 
 impl RuleFlags {
@@ -51,6 +98,7 @@ impl RuleFlags {
             max_tokens: number(args, "max-tokens")?,
             scopes: list(args, "scopes")?,
             allow_unmetered: boolean(args, "allow-unmetered")?,
+            enforce: boolean(args, "enforce")?,
         })
     }
 
@@ -67,22 +115,24 @@ impl RuleFlags {
             && self.max_tokens.is_none()
             && self.scopes.is_none()
             && self.allow_unmetered.is_none()
+            && self.enforce.is_none()
     }
 
-    /// Applies the flags to a token; sections left with nothing in them are removed.
-    pub fn apply(self, token: &mut RawToken) -> Result<(), CliError> {
-        self.apply_budget(token)?;
+    /// Applies the flags to a token or a team; sections left with nothing in them are removed.
+    pub fn apply<'a>(self, target: impl Into<RuleFields<'a>>) -> Result<(), CliError> {
+        let fields = target.into();
+        self.apply_budget(fields.budget)?;
 
-        let mut rate = token.rate_limit.take().unwrap_or_default();
+        let mut rate = fields.rate_limit.take().unwrap_or_default();
         set(&mut rate.requests_per_minute, self.rpm);
         set(&mut rate.tokens_per_minute, self.tpm);
         if rate.requests_per_minute.is_some() || rate.tokens_per_minute.is_some() {
-            token.rate_limit = Some(rate);
+            *fields.rate_limit = Some(rate);
         }
 
-        set(&mut token.source_cidrs, self.cidrs);
+        set(fields.source_cidrs, self.cidrs);
 
-        let mut countries = token.countries.take().unwrap_or_default();
+        let mut countries = fields.countries.take().unwrap_or_default();
         set(&mut countries.allow, self.countries_allow);
         set(&mut countries.deny, self.countries_deny);
         let unknown_given = self.countries_unknown.is_some();
@@ -90,26 +140,27 @@ impl RuleFlags {
             countries.unknown = Some(unknown);
         }
         if countries.allow.is_some() || countries.deny.is_some() {
-            token.countries = Some(countries);
+            *fields.countries = Some(countries);
         } else if unknown_given {
             return Err(usage(
                 "--countries-unknown needs --countries-allow or --countries-deny",
             ));
         }
 
-        let mut models = token.models.take().unwrap_or_default();
+        let mut models = fields.models.take().unwrap_or_default();
         set(&mut models.allow, self.models);
         set(&mut models.max_tokens, self.max_tokens);
         if models.allow.is_some() || models.max_tokens.is_some() {
-            token.models = Some(models);
+            *fields.models = Some(models);
         }
-        set(&mut token.scopes, self.scopes);
-        set(&mut token.allow_unmetered, self.allow_unmetered);
+        set(fields.scopes, self.scopes);
+        set(fields.allow_unmetered, self.allow_unmetered);
+        set(fields.enforce, self.enforce);
         Ok(())
     }
 
-    fn apply_budget(&self, token: &mut RawToken) -> Result<(), CliError> {
-        match (&self.budget_usd, &self.budget_window, &mut token.budget) {
+    fn apply_budget(&self, budget: &mut Option<RawBudget>) -> Result<(), CliError> {
+        match (&self.budget_usd, &self.budget_window, budget) {
             (Some(None), _, budget) => *budget = None,
             (Some(Some(limit)), window, Some(budget)) => {
                 budget.limit_usd = limit.clone();
@@ -251,6 +302,38 @@ mod tests {
         flags(&["--max-tokens=none"]).apply(&mut t).unwrap();
         assert!(t.models.is_none());
         assert_eq!(t, RawToken::default());
+    }
+
+    #[test]
+    fn teams_take_the_same_flags_and_enforce_is_one_of_them() {
+        let mut team = RawTeam::default();
+        let f = flags(&[
+            "--budget-usd=100",
+            "--budget-window=daily",
+            "--tpm=5000",
+            "--scopes=inference,read",
+            "--enforce=false",
+        ]);
+        assert!(!f.is_empty());
+        f.apply(&mut team).unwrap();
+        assert_eq!(team.budget.as_ref().unwrap().window, "daily");
+        assert_eq!(
+            team.rate_limit.as_ref().unwrap().tokens_per_minute,
+            Some(5000)
+        );
+        assert_eq!(team.scopes.as_ref().unwrap().len(), 2);
+        assert_eq!(team.enforce, Some(false));
+
+        // --enforce alone is a change; true is kept as given, none goes back to the default.
+        let mut t = RawToken::default();
+        let f = flags(&["--enforce=true"]);
+        assert!(!f.is_empty());
+        f.apply(&mut t).unwrap();
+        assert_eq!(t.enforce, Some(true));
+        flags(&["--enforce=none"]).apply(&mut t).unwrap();
+        assert_eq!(t, RawToken::default());
+        let mut args = Args::new(vec!["--enforce=off".into()]);
+        assert!(RuleFlags::take(&mut args).is_err());
     }
 
     #[test]
