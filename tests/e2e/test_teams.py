@@ -118,8 +118,11 @@ def test_a_member_over_their_own_budget_is_refused_the_other_keeps_working(dep, 
 
 
 def test_offboarding_by_owner_and_by_team_is_live_and_spares_the_rest(dep, mock_mistral):
-    dep.edit_policy(lambda p: p.update(teams=[{"id": "eng"}, {"id": "ops"}]))
-    dep.edit_policy(members(ann={"team": "eng"}, ben={"team": "eng"}, cat={"team": "ops"}))
+    # The operator's path: teams and membership through the CLI.
+    dep.cli("team", "create", "eng", "--description", "Engineering")
+    dep.cli("team", "create", "ops")
+    for token_id, team in (("ann", "eng"), ("ben", "eng"), ("cat", "ops")):
+        dep.cli("limit", token_id, "--team", team)
     dep.start()
     for t in ("ann", "ben", "cat", "solo"):
         assert request(dep.url, token=dep.tokens[t])[0] == 200
@@ -137,12 +140,11 @@ def test_offboarding_by_owner_and_by_team_is_live_and_spares_the_rest(dep, mock_
 
 
 def test_dry_run_lets_exactly_the_refusals_through_then_enforcing_refuses_them(dep, mock_mistral):
-    team = {"id": "eng", "enforce": False,
-            "models": {"allow": ["mistral-small-*"], "max_tokens": 100}}
-    dep.edit_policy(lambda p: p.update(teams=[team]))
-    dep.edit_policy(members(ann={"team": "eng"},
-                            ben={"team": "eng", "enforce": False,
-                                 "models": {"allow": ["mistral-small-*", "codestral-*"]}}))
+    dep.cli("team", "create", "eng", "--enforce", "false",
+            "--models", "mistral-small-*", "--max-tokens", "100")
+    dep.cli("limit", "ann", "--team", "eng")
+    dep.cli("limit", "ben", "--team", "eng", "--enforce", "false",
+            "--models", "mistral-small-*,codestral-*")
     dep.start()
     sequence = [
         ("ann", chat(max_tokens=50), None),
@@ -179,12 +181,8 @@ def test_dry_run_lets_exactly_the_refusals_through_then_enforcing_refuses_them(d
     assert log.count("dry run: request of token") == sum(1 for s in sequence if s[2]), log
 
     # Enforced: exactly the requests that would have been refused are, with the same code.
-    def enforce(policy):
-        policy["teams"][0]["enforce"] = True
-        for t in policy["tokens"]:
-            t.pop("enforce", None)
-    dep.edit_policy(enforce)
-    dep.publish()
+    dep.cli("team", "limit", "eng", "--enforce", "true")
+    dep.cli("limit", "ben", "--enforce", "true", "--publish", str(dep.ecds))
     dep.wait_for_config_version(dep.revision())
     for token_id, body, would in sequence:
         status, _, reply = request(dep.url, token=dep.tokens[token_id], body=body)
