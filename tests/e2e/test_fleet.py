@@ -264,3 +264,39 @@ def test_an_idle_envoy_gives_its_lease_back_so_another_can_spend_it(fleet, mock_
     rest = spend_until_refused(fleet, "share", [1], 16)
     assert rest.count(200) == 11 and 429 in rest, rest
     assert wait_flushed(fleet, "share", 12 * COST) == 12 * COST
+
+
+def test_a_team_budget_is_one_ledger_across_the_fleet(fleet, mock_mistral):
+    """Two members of one team, each spending through both Envoys: the team's $0.01 is leased
+    from etcd like a token's, so the fleet serves it once; a team offboarded in one command is
+    refused by every Envoy."""
+    mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
+    fleet.cli("team", "create", "fleet-eng", "--budget-usd", "0.01", "--budget-window", "lifetime")
+    fleet.mint("m-one", "--team", "fleet-eng", "--budget-usd", "1", "--budget-window", "lifetime")
+    fleet.mint("m-two", "--team", "fleet-eng")
+    wait_known(fleet, "m-one")
+    wait_known(fleet, "m-two")
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(n: int) -> tuple[str, int, str | None]:
+        token = ("m-one", "m-two")[n % 2]
+        code, _, body = request(fleet.url((n // 2) % 2), token=fleet.tokens[token], body=BODY)
+        return token, code, (error_code(body) if code != 200 else None)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(one, range(40)))
+    served = sum(1 for r in results if r[1] == 200)
+    assert {r[2] for r in results if r[1] != 200} == {"shield_team_budget_exceeded"}, results
+    # $0.01 holds 13 requests of $0.00075, less what unused leases strand (about one each).
+    assert 9 <= served <= 13, results
+    assert wait_flushed(fleet, "team.fleet-eng", served * COST) == served * COST
+    assert served * COST <= 10_000_000
+    # Each member's own spend is flushed too, and adds up to the team's.
+    members = sum(wait_flushed(fleet, t, -1, timeout=0.5) for t in ("m-one",))
+    assert members == sum(1 for r in results if r[0] == "m-one" and r[1] == 200) * COST
+
+    revoked = fleet.cli("revoke", "--team", "fleet-eng")
+    assert sorted(revoked.split()) == ["m-one", "m-two"]
+    for i in range(2):
+        for token in ("m-one", "m-two"):
+            wait_status(fleet, i, token, 401, timeout=3)
