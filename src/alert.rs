@@ -7,8 +7,11 @@ use crate::time::format_rfc3339;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetAlert {
+    /// Whose budget: a token's id, or a team's subject id (`team.<id>`).
     pub token_id: String,
     pub owner: String,
+    /// The team of the token, or the team itself for a team's budget.
+    pub team: Option<String>,
     pub threshold_percent: u8,
     pub spent: NanoUsd,
     pub limit: NanoUsd,
@@ -20,7 +23,22 @@ pub struct BudgetAlert {
 }
 
 impl BudgetAlert {
+    /// The team whose own budget this is, when it is a team's.
+    fn team_budget(&self) -> Option<&str> {
+        crate::team::team_of_subject(&self.token_id)
+    }
+
     pub fn log_line(&self) -> String {
+        if let Some(team) = self.team_budget() {
+            return format!(
+                "shieldkey: budget alert: team {} reached {}% of its {} budget: spent {} of {} USD",
+                team,
+                self.threshold_percent,
+                self.window.name(),
+                format_usd(self.spent),
+                format_usd(self.limit),
+            );
+        }
         format!(
             "shieldkey: budget alert: token {} (owner '{}') reached {}% of its {} budget: spent {} of {} USD",
             self.token_id,
@@ -33,10 +51,19 @@ impl BudgetAlert {
     }
 
     pub fn webhook_body(&self) -> Vec<u8> {
+        let (event, token_id, owner) = match self.team_budget() {
+            Some(_) => ("shieldkey.team_budget_threshold", None, None),
+            None => (
+                "shieldkey.budget_threshold",
+                Some(self.token_id.as_str()),
+                Some(self.owner.as_str()),
+            ),
+        };
         serde_json::json!({
-            "event": "shieldkey.budget_threshold",
-            "token_id": self.token_id,
-            "owner": self.owner,
+            "event": event,
+            "token_id": token_id,
+            "owner": owner,
+            "team": self.team,
             "threshold_percent": self.threshold_percent,
             "spent_nano_usd": self.spent,
             "limit_nano_usd": self.limit,
@@ -60,6 +87,7 @@ mod tests {
         let alert = BudgetAlert {
             token_id: "ci-bot".into(),
             owner: "platform".into(),
+            team: Some("eng".into()),
             threshold_percent: 80,
             spent: 8_000_000_000,
             limit: 10_000_000_000,
@@ -73,10 +101,24 @@ mod tests {
         assert_eq!(v["spent_nano_usd"], 8_000_000_000u64);
         assert_eq!(v["window"], "daily");
         assert_eq!(v["window_resets_at"], "2026-11-25T00:00:00Z");
+        assert_eq!(v["team"], "eng");
         assert!(
             alert.log_line().contains("80% of its daily budget"),
             "{}",
             alert.log_line()
+        );
+        let team = BudgetAlert {
+            token_id: "team.eng".into(),
+            owner: String::new(),
+            ..alert
+        };
+        let v: serde_json::Value = serde_json::from_slice(&team.webhook_body()).unwrap();
+        assert_eq!(v["event"], "shieldkey.team_budget_threshold");
+        assert_eq!(v["team"], "eng");
+        assert!(v["token_id"].is_null() && v["owner"].is_null());
+        assert_eq!(
+            team.log_line(),
+            "shieldkey: budget alert: team eng reached 80% of its daily budget: spent 8.00 of 10.00 USD"
         );
     }
 }

@@ -688,6 +688,7 @@ impl Stream {
                 &active,
                 subject,
                 &token.record.owner,
+                self.audit.team.as_deref(),
                 &admission,
                 charge.cost,
                 tokens,
@@ -704,6 +705,7 @@ fn settle(
     active: &Active,
     subject: &Subject,
     owner: &str,
+    team: Option<&str>,
     admission: &Admission,
     cost: crate::money::NanoUsd,
     tokens: u64,
@@ -741,14 +743,16 @@ fn settle(
     subject.metrics.budget(host, budget.limit, remaining);
     let now = now_ms.div_euclid(1000);
     for threshold in settlement.crossed {
+        let team_budget = crate::team::team_of_subject(subject.id());
         let alert = BudgetAlert {
             token_id: subject.id().to_string(),
             // A team's alert names no owner: it is the team's budget, shared by its members.
-            owner: if crate::team::team_of_subject(subject.id()).is_some() {
+            owner: if team_budget.is_some() {
                 String::new()
             } else {
                 owner.to_string()
             },
+            team: team.map(str::to_string),
             threshold_percent: threshold,
             spent: settlement.spent,
             limit: budget.limit,

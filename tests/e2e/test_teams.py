@@ -96,6 +96,10 @@ def test_concurrent_members_never_overshoot_the_team_or_themselves(dep, mock_mis
     assert team_stat(dep, "eng", "requests") == sum(allowed.values())
     refused = sum(1 for r in results if r[2] == "shield_team_budget_exceeded")
     assert team_stat(dep, "eng", "reason.shield_team_budget_exceeded.denied") == refused
+    # The team's budget alerts fire once per threshold for the whole team (50% and 80% at least).
+    assert team_stat(dep, "eng", "budget_alerts") >= 2
+    log = dep.envoy.log_text()
+    assert log.count("budget alert: team eng reached 50%") == 1, log
     # The upstream saw exactly the allowed requests, each with the real key.
     assert len(mock_mistral.requests()) == sum(allowed.values())
 
