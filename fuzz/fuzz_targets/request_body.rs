@@ -16,7 +16,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use shieldkey::access::judge_body;
+use shieldkey::access::{judge_body, BodyVerdict, Judge};
+use shieldkey::denial::Denial;
 use shieldkey::config::token_rules::{compile_rules, RawTokenRules};
 use shieldkey::policy::TokenRules;
 use shieldkey::routes::{lookup, OutputCap, RouteKind};
@@ -198,11 +199,25 @@ fuzz_target!(|data: &[u8]| {
 
     let f = fixture();
     let body = (!data.is_empty()).then_some(data);
+    // Token-level judging, enforced: every rule's refusal ends the request.
+    let judge = |rules: &TokenRules, settings: &Settings, kind: RouteKind, body: Option<&[u8]>| {
+        let mut would = Vec::new();
+        let out = judge_body(rules, &mut Judge::new(false, false, &mut would), settings, kind, body);
+        assert!(would.is_empty(), "an enforcing judge recorded {would:?}");
+        out
+    };
+    // The same in dry run: what enforcement refuses for a rule is let through and recorded.
+    let dry_run = |rules: &TokenRules, settings: &Settings, kind: RouteKind, body: Option<&[u8]>| {
+        let mut would: Vec<Denial> = Vec::new();
+        let out: Result<BodyVerdict, Denial> =
+            judge_body(rules, &mut Judge::new(true, true, &mut would), settings, kind, body);
+        (out, would)
+    };
     for &kind in &f.kinds {
         for settings in [&f.settings, &f.small] {
-            let _ = judge_body(&TokenRules::default(), settings, kind, body);
+            let _ = judge(&TokenRules::default(), settings, kind, body);
 
-            let budgeted = judge_body(&f.budget, settings, kind, body);
+            let budgeted = judge(&f.budget, settings, kind, body);
             if let (Ok(v), Ok(facts)) = (&budgeted, &got) {
                 assert!(data.len() as u64 <= settings.max_body_bytes);
                 assert_eq!(v.model, facts.model);
@@ -219,7 +234,18 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
 
-            let ceiling = judge_body(&f.ceiling, settings, kind, body);
+            let ceiling = judge(&f.ceiling, settings, kind, body);
+            // Dry run lets through exactly the rule refusals, as the team's codes, and nothing else.
+            let (dry, would) = dry_run(&f.ceiling, settings, kind, body);
+            match &ceiling {
+                Ok(v) => assert!(would.is_empty() && dry.as_ref() == Ok(v), "{dry:?} {would:?}"),
+                Err(d) if d.is_rule() => {
+                    assert!(dry.is_ok(), "dry run refused {dry:?}");
+                    assert_eq!(would.first(), Some(&d.clone().by_team()));
+                }
+                // Not a rule (body unreadable, too large, bad model name): refused all the same.
+                Err(d) => assert_eq!(dry.as_ref().err().map(Denial::code), Some(d.code())),
+            }
             if let (Ok(v), Some(_)) = (&ceiling, body) {
                 let facts = got.as_ref().expect("admitted a body that does not parse");
                 let model = v.model.as_deref().expect("admitted without a model");
