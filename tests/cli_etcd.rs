@@ -1082,7 +1082,8 @@ fn status_sums_the_current_window_over_every_envoy() {
 
     let (json, _) = cli.ok(&["status", "--json"], None);
     let json: Value = serde_json::from_str(&json).unwrap();
-    let rows = json.as_array().unwrap();
+    assert_eq!(json["teams"], json!([]), "no teams");
+    let rows = json["tokens"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     let a = &rows[0];
     assert_eq!(a["id"], "alice");
@@ -1125,7 +1126,7 @@ fn status_sums_the_current_window_over_every_envoy() {
     let (one, _) = cli.ok(&["status", "--token", "alice", "--json"], None);
     let one: Value = serde_json::from_str(&one).unwrap();
     assert_eq!(
-        one[0]["nodes"],
+        one["tokens"][0]["nodes"],
         json!([
             {"node": "envoy-a", "claimed_nano_usd": 5_000_000_000u64,
              "spent_nano_usd": 3_250_000_000u64, "reported_spend": true},
@@ -1154,10 +1155,10 @@ fn status_sums_the_current_window_over_every_envoy() {
     let (all, _) = cli.ok(&["status", "--all", "--json"], None);
     let all: Value = serde_json::from_str(&all).unwrap();
     assert_eq!(
-        all[2],
+        all["tokens"][2],
         json!({"id": "carol", "owner": "c@x", "window": null, "window_start": 0,
                "limit_nano_usd": null, "spent_nano_usd": 0, "claimed_nano_usd": 0,
-               "remaining_nano_usd": null, "envoys": 0, "nodes": []})
+               "remaining_nano_usd": null, "envoys": 0, "nodes": [], "team": null})
     );
     assert_eq!(
         shieldkey::time::month_start(now_secs()),
@@ -1169,6 +1170,294 @@ fn status_sums_the_current_window_over_every_envoy() {
     let before = etcd.revision();
     cli.ok(&["status", "--all"], None);
     assert_eq!(etcd.revision(), before);
+}
+
+/// The row of team `id` in a `status` table (`team <id> ...`), split on whitespace.
+fn status_team_row<'t>(table: &'t str, id: &str) -> Vec<&'t str> {
+    table
+        .lines()
+        .find(|l| l.starts_with(&format!("team {id} ")))
+        .unwrap_or_else(|| panic!("no row team {id} in\n{table}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[test]
+fn status_groups_by_team_and_sums_the_team_ledger() {
+    let etcd = Etcd::start("status-teams");
+    let cli = Cli::new(&etcd);
+    cli.setup(&[]);
+    cli.ok(
+        &[
+            "team",
+            "create",
+            "eng",
+            "--description",
+            "Engineering",
+            "--budget-usd",
+            "500",
+            "--budget-window",
+            "monthly",
+        ],
+        None,
+    );
+    cli.ok(&["team", "create", "ops"], None);
+    let mint = |id: &str, extra: &[&str]| {
+        let mut args = vec!["mint", "--id", id, "--upstream-key", "prod"];
+        args.extend_from_slice(extra);
+        cli.ok(&args, None);
+    };
+    let monthly_150 = ["--budget-usd", "150", "--budget-window", "monthly"];
+    mint(
+        "alice",
+        &[&["--team", "eng", "--owner", "a@x"][..], &monthly_150].concat(),
+    );
+    mint("bob", &["--team", "eng"]);
+    mint(
+        "carol",
+        &["--budget-usd", "1.50", "--budget-window", "lifetime"],
+    );
+    mint(
+        "dave",
+        &[
+            "--team",
+            "ops",
+            "--budget-usd",
+            "2",
+            "--budget-window",
+            "lifetime",
+        ],
+    );
+    mint("erin", &[]);
+
+    // The ledger as two Envoys leave it: a team's keys are under its subject id `team.<id>`,
+    // windowed by the team's own budget.
+    let now = now_secs();
+    let month = shieldkey::time::month_start(now);
+    let last_month = shieldkey::time::month_start(month - 1);
+    let ledger = |key: &str, field: &str, n: u64| {
+        etcd.put(
+            &format!("shieldkey/ledger/{key}"),
+            &format!("{{\"{field}\":{n}}}"),
+        );
+    };
+    ledger(
+        &format!("pool/team.eng/{month}"),
+        "claimed",
+        120_000_000_000,
+    );
+    ledger(
+        &format!("node/envoy-a/team.eng/{month}/claimed"),
+        "claimed",
+        70_000_000_000,
+    );
+    ledger(
+        &format!("node/envoy-a/team.eng/{month}/spent"),
+        "spent",
+        41_250_000_000,
+    );
+    ledger(
+        &format!("node/eu/envoy-b/team.eng/{month}/claimed"),
+        "claimed",
+        50_000_000_000,
+    );
+    ledger(
+        &format!("node/eu/envoy-b/team.eng/{month}/spent"),
+        "spent",
+        8_750_000_001,
+    );
+    // Last month's team window: not counted.
+    ledger(
+        &format!("node/envoy-a/team.eng/{last_month}/spent"),
+        "spent",
+        499_000_000_000,
+    );
+    // A key under the bare team id is no team's (and no token's).
+    ledger(&format!("node/envoy-a/eng/{month}/spent"), "spent", 7);
+    // The members' own budgets.
+    ledger(&format!("pool/alice/{month}"), "claimed", 40_000_000_000);
+    ledger(
+        &format!("node/envoy-a/alice/{month}/claimed"),
+        "claimed",
+        40_000_000_000,
+    );
+    ledger(
+        &format!("node/envoy-a/alice/{month}/spent"),
+        "spent",
+        30_000_000_000,
+    );
+    ledger("pool/dave/0", "claimed", 2_000_000_000);
+    ledger("node/eu/envoy-b/dave/0/claimed", "claimed", 2_000_000_000);
+    ledger("node/eu/envoy-b/dave/0/spent", "spent", 1_000_000_000);
+    ledger("pool/carol/0", "claimed", 1_500_000_000);
+    ledger("node/envoy-a/carol/0/claimed", "claimed", 1_500_000_000);
+    ledger("node/envoy-a/carol/0/spent", "spent", 250_000_000);
+
+    let window = format!("monthly from {}", shieldkey::time::format_rfc3339(month));
+    let window_words: Vec<&str> = window.split(' ').collect();
+    let mut eng = vec!["team", "eng", "-"];
+    eng.extend_from_slice(&window_words);
+    eng.extend_from_slice(&["$500.00", "$50.000000001", "$120.00", "$449.999999999", "2"]);
+    let mut alice = vec!["alice", "a@x"];
+    alice.extend_from_slice(&window_words);
+    alice.extend_from_slice(&["$150.00", "$30.00", "$40.00", "$120.00", "1"]);
+    let ops = [
+        "team", "ops", "-", "no", "budget", "-", "$0.00", "$0.00", "-", "0",
+    ];
+    let dave = [
+        "dave", "-", "lifetime", "$2.00", "$1.00", "$2.00", "$1.00", "1",
+    ];
+    let carol = [
+        "carol", "-", "lifetime", "$1.50", "$0.25", "$1.50", "$1.25", "1",
+    ];
+
+    // Budgeted teams and tokens, each team followed by its members, then the tokens in no team.
+    let (table, err) = cli.ok(&["status"], None);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 7, "{table}");
+    assert!(lines[0].starts_with("TOKEN "), "{table}");
+    assert_eq!(status_team_row(&table, "eng"), eng, "{table}");
+    assert!(lines[1].starts_with("team eng "), "{table}");
+    assert!(lines[2].starts_with("  alice "), "{table}");
+    assert_eq!(status_row(&table, "alice"), alice, "{table}");
+    // ops has no budget of its own: shown for dave, who has one.
+    assert!(lines[3].starts_with("team ops "), "{table}");
+    assert_eq!(status_team_row(&table, "ops"), ops, "{table}");
+    assert!(lines[4].starts_with("  dave "), "{table}");
+    assert_eq!(status_row(&table, "dave"), dave, "{table}");
+    assert_eq!(lines[5], "(no team)", "{table}");
+    assert!(lines[6].starts_with("  carol "), "{table}");
+    assert_eq!(status_row(&table, "carol"), carol, "{table}");
+    assert!(
+        !table.contains("bob") && !table.contains("erin") && !table.contains("$499"),
+        "{table}"
+    );
+    assert!(
+        err.contains("2 teams, 3 tokens (2 without a budget: --all lists them)"),
+        "{err}"
+    );
+
+    // --all: bob under eng, erin in no team.
+    let (all, _) = cli.ok(&["status", "--all"], None);
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 9, "{all}");
+    assert!(
+        lines[1].starts_with("team eng ")
+            && lines[2].starts_with("  alice ")
+            && lines[3].starts_with("  bob ")
+            && lines[4].starts_with("team ops ")
+            && lines[5].starts_with("  dave ")
+            && lines[6] == "(no team)"
+            && lines[7].starts_with("  carol ")
+            && lines[8].starts_with("  erin "),
+        "{all}"
+    );
+    assert_eq!(
+        status_row(&all, "bob"),
+        ["bob", "-", "no", "budget", "-", "$0.00", "$0.00", "-", "0"],
+        "{all}"
+    );
+
+    // JSON: the teams with their members, and each token's team.
+    let (json, _) = cli.ok(&["status", "--json"], None);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    let teams = json["teams"].as_array().unwrap();
+    assert_eq!(teams.len(), 2, "{json:#}");
+    assert_eq!(
+        teams[0],
+        json!({
+            "id": "eng", "description": "Engineering", "window": "monthly",
+            "window_start": month, "limit_nano_usd": 500_000_000_000u64,
+            "spent_nano_usd": 50_000_000_001u64, "claimed_nano_usd": 120_000_000_000u64,
+            "remaining_nano_usd": 449_999_999_999u64, "envoys": 2,
+            "nodes": [
+                {"node": "envoy-a", "claimed_nano_usd": 70_000_000_000u64,
+                 "spent_nano_usd": 41_250_000_000u64, "reported_spend": true},
+                {"node": "eu/envoy-b", "claimed_nano_usd": 50_000_000_000u64,
+                 "spent_nano_usd": 8_750_000_001u64, "reported_spend": true},
+            ],
+            "members": ["alice", "bob"],
+        })
+    );
+    assert_eq!(
+        (&teams[1]["id"], &teams[1]["window"], &teams[1]["members"]),
+        (&json!("ops"), &Value::Null, &json!(["dave"]))
+    );
+    let tokens = json["tokens"].as_array().unwrap();
+    let ids: Vec<(&str, &Value)> = tokens
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap(), &t["team"]))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("alice", &json!("eng")),
+            ("dave", &json!("ops")),
+            ("carol", &Value::Null)
+        ]
+    );
+    assert_eq!(tokens[0]["spent_nano_usd"], 30_000_000_000u64);
+    assert_eq!(tokens[0]["remaining_nano_usd"], 120_000_000_000u64);
+
+    // One team: its row and every member's, then the team's budget per Envoy.
+    let (one, err) = cli.ok(&["status", "--team", "eng"], None);
+    let lines: Vec<&str> = one.lines().collect();
+    assert_eq!(status_team_row(&one, "eng"), eng, "{one}");
+    assert!(
+        lines[1].starts_with("team eng ")
+            && lines[2].starts_with("  alice ")
+            && lines[3].starts_with("  bob ")
+            && lines[4].is_empty()
+            && lines[5].starts_with("ENVOY "),
+        "{one}"
+    );
+    assert_eq!(
+        status_row(&one, "envoy-a"),
+        ["envoy-a", "$70.00", "$41.25"],
+        "{one}"
+    );
+    assert_eq!(
+        status_row(&one, "eu/envoy-b"),
+        ["eu/envoy-b", "$50.00", "$8.750000001"],
+        "{one}"
+    );
+    assert_eq!(lines.len(), 8, "{one}");
+    assert!(
+        !one.contains("carol") && !one.contains("dave") && !one.contains("$499"),
+        "{one}"
+    );
+    assert!(err.contains("1 team, 2 tokens;"), "{err}");
+    let (one, _) = cli.ok(&["status", "--team", "eng", "--json"], None);
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["teams"], json!([teams[0]]));
+    assert_eq!(one["tokens"][0]["id"], "alice");
+    assert_eq!(one["tokens"][1]["id"], "bob");
+    assert_eq!(one["tokens"][1]["team"], "eng");
+    assert_eq!(one["tokens"].as_array().unwrap().len(), 2);
+
+    let (ops_one, _) = cli.ok(&["status", "--team", "ops"], None);
+    assert_eq!(status_team_row(&ops_one, "ops"), ops, "{ops_one}");
+    assert!(
+        ops_one.contains("no Envoy has claimed or reported spend"),
+        "{ops_one}"
+    );
+    assert!(cli
+        .fails(&["status", "--team", "ghost"], None, 1)
+        .contains("no team with id 'ghost'"));
+    assert!(cli
+        .fails(&["status", "--team", "eng", "--token", "alice"], None, 2)
+        .contains("--token and --team exclude each other"));
+
+    // One token: its row alone; the JSON names its team.
+    let (alone, _) = cli.ok(&["status", "--token", "alice", "--json"], None);
+    let alone: Value = serde_json::from_str(&alone).unwrap();
+    assert_eq!(alone["teams"], json!([]));
+    assert_eq!(alone["tokens"][0]["team"], "eng");
+    assert_eq!(
+        shieldkey::time::month_start(now_secs()),
+        month,
+        "a month boundary passed during the test: run it again"
+    );
 }
 
 fn now_secs() -> i64 {

@@ -70,9 +70,13 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   counted as would_deny; authentication is always enforced);
                                   without a value, prints the current one
   check                           validate the policy with the filter's own code
-  status [--token ID] [--all] [--json]
-                                  fleet mode: spend per budgeted token in its current window,
-                                  summed over every Envoy (--token: per Envoy; --all: every token)
+  status [--token ID | --team ID] [--all] [--json]
+                                  fleet mode: spend per budgeted team and token in its current
+                                  window, summed over every Envoy; grouped by team when the
+                                  policy has teams (each team's row, its members' rows, then
+                                  \"(no team)\"). --token ID: that token, per Envoy; --team ID:
+                                  that team and all its members, the team's budget per Envoy;
+                                  --all: every team and token; --json: {\"teams\", \"tokens\"}
   render plugin-config|wasm-filter|ecds [filter settings]
   render http-filters [--country-header NAME] [--geoip DB_PATH] [--ecds-path PATH]
        [--filter-name NAME] [--json]
