@@ -26,8 +26,15 @@ pub fn printable(text: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditFacts {
     pub token_id: Option<String>,
+    /// The token's owner as the policy states it (made printable).
+    pub owner: Option<String>,
     /// The token's team (its id, not the subject id).
     pub team: Option<String>,
+    /// The route as the route table names it (`v1/conversations/{}`), or `unknown` for a path
+    /// outside it; never the raw path.
+    pub route: Option<&'static str>,
+    /// The id of the upstream key the request was sent with.
+    pub upstream_key: Option<String>,
     /// Codes of the refusals a dry run let through (`decision` is then `allowed`).
     pub would_deny: Vec<&'static str>,
     /// `allowed` or a denial code.
@@ -42,9 +49,18 @@ pub struct AuditFacts {
 impl AuditFacts {
     /// Filter-state entries known when the request is decided.
     pub fn decision_entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(5);
+        let mut out = Vec::with_capacity(8);
         if let Some(id) = &self.token_id {
             out.push(("shieldkey_token_id", id.clone()));
+        }
+        if let Some(owner) = self.owner.as_deref().filter(|o| !o.is_empty()) {
+            out.push(("shieldkey_owner", printable(owner)));
+        }
+        if let Some(route) = self.route {
+            out.push(("shieldkey_route", route.to_string()));
+        }
+        if let Some(key) = &self.upstream_key {
+            out.push(("shieldkey_upstream_key", key.clone()));
         }
         if let Some(team) = &self.team {
             out.push(("shieldkey_team", team.clone()));
@@ -114,6 +130,17 @@ mod tests {
         assert!(accounted.contains(&("shieldkey_cost_nano_usd", "2850".to_string())));
         assert!(accounted.contains(&("shieldkey_model", "mistral-small-latest".to_string())));
         assert_eq!(AuditFacts::default().decision_entries(), vec![]);
+        let routed = AuditFacts {
+            token_id: Some("bob".into()),
+            owner: Some("bob@example.com\nforged".into()),
+            route: Some("v1/conversations/{}"),
+            upstream_key: Some("prod".into()),
+            ..AuditFacts::default()
+        };
+        let entries = routed.decision_entries();
+        assert!(entries.contains(&("shieldkey_owner", "bob@example.com_forged".to_string())));
+        assert!(entries.contains(&("shieldkey_route", "v1/conversations/{}".to_string())));
+        assert!(entries.contains(&("shieldkey_upstream_key", "prod".to_string())));
         let dry = AuditFacts {
             token_id: Some("bob".into()),
             team: Some("eng".into()),

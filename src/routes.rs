@@ -175,6 +175,14 @@ pub struct Route {
     pub kind: RouteKind,
 }
 
+impl Route {
+    /// How audit records name the route: its template (`v1/conversations/{}`), so a record says
+    /// what was reached without carrying ids or client-written path text.
+    pub fn audit_name(&self) -> &'static str {
+        self.template
+    }
+}
+
 const fn route(method: Method, template: &'static str, scope: Scope, kind: RouteKind) -> Route {
     Route {
         method,

@@ -258,6 +258,7 @@ impl Stream {
             now_ms.div_euclid(1000),
         )?;
         self.audit.token_id = Some(token.id.clone());
+        self.audit.owner = Some(token.owner.clone());
         let metrics = active.metrics.token(host, &token.id);
         self.token = Some(Subject {
             record: token.clone(),
@@ -289,6 +290,7 @@ impl Stream {
         let path = routes::canonical_path(&path).ok_or(Denial::PathNotCanonical)?;
         let method = host.request_header(":method").unwrap_or_default();
         let route = routes::lookup(&method, path);
+        self.audit.route = Some(route.map_or("unknown", |r| r.audit_name()));
         let dry_run = active.policy.settings.dry_run;
         let mut kind = None;
         let mut would_deny = std::mem::take(&mut self.would_deny);
@@ -345,6 +347,11 @@ impl Stream {
             self.release(host, active, admissions);
             return Err(Denial::PolicyUnavailable);
         };
+        self.audit.upstream_key = active
+            .policy
+            .upstream_keys
+            .get(usize::from(token.record.upstream_key))
+            .map(|k| k.id.clone());
         let Some(upstream_authorization) =
             active.policy.authorization_for(token.record.upstream_key)
         else {

@@ -71,6 +71,8 @@ class Fleet:
                     {"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}}
                     for h, p in self.etcd.endpoints]
         text = yaml.safe_dump(doc).replace("filename: shieldkey.wasm", f"filename: {WASM}")
+        # The Envoys share a working directory: one audit log each.
+        text = text.replace("path: shieldkey-audit.log", f"path: shieldkey-audit-{i}.log")
         if self.fleet_options:
             # Both the syncer's and the filter's configuration carry the fleet section.
             extra = "".join(f',"{k}":{v}' for k, v in self.fleet_options.items())

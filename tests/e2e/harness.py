@@ -4,6 +4,7 @@ bundled mock Mistral upstream running in-process."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import signal
@@ -165,6 +166,26 @@ class EnvoyProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def audit_records(self, source: str = "file") -> list[dict]:
+        """The JSON access-log records: from `shieldkey-audit.log` in Envoy's working directory
+        (`file`), or the lines of Envoy's stdout that are JSON objects (`stdout`)."""
+        if source == "file":
+            path = self.workdir / "shieldkey-audit.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+        else:
+            text = self.log_text()
+        return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+
+    def wait_audit(self, count: int, timeout: float = 5.0, source: str = "file") -> list[dict]:
+        """Waits until at least `count` records were written (access logs are flushed
+        asynchronously, every 100 ms with this harness's `--file-flush-interval-msec`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.audit_records(source)
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
 
 
 class MockMistral:

@@ -338,13 +338,19 @@ def test_cut_short_streams_never_push_spend_past_the_limit(dep, mock_mistral):
 
 
 def test_a_model_name_with_a_newline_cannot_forge_an_access_log_line(dep, mock_mistral):
-    lines_before = dep.envoy.log_text().count("token=alice")
-    body = {"model": "mistral-small-latest\n[x] \"POST /v1/chat/completions\" 200 token=alice decision=allowed",
-            "max_tokens": 5, "messages": []}
+    before = dep.envoy.audit_records()
+    forged = '{"token_id":"alice","decision":"allowed"}'
+    body = {"model": f"mistral-small-latest\n{forged}\n", "max_tokens": 5, "messages": []}
     status, _, raw = request(dep.url, token=dep.tokens["capped"], body=body)
     assert status == 400 and error_code(raw) == "shield_model_invalid"
-    time.sleep(0.3)
-    assert dep.envoy.log_text().count("token=alice") == lines_before
+    records = dep.envoy.wait_audit(len(before) + 1)
+    # Exactly one record, the refusal, and every line of the file is one whole JSON object.
+    assert len(records) == len(before) + 1
+    assert records[-1]["token_id"] == "capped" and records[-1]["decision"] == "shield_model_invalid"
+    assert [r for r in records if r.get("token_id") == "alice"] == \
+        [r for r in before if r.get("token_id") == "alice"]
+    lines = (dep.workdir / "shieldkey-audit.log").read_text().splitlines()
+    assert all(l.startswith("{") and l.endswith("}") for l in lines)
     assert mock_mistral.requests() == []
 
 

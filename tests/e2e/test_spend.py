@@ -333,22 +333,45 @@ def test_prometheus_labels_for_token_model_and_reason(dep, mock_mistral):
     assert token_ids <= set(dep.tokens)
 
 
-def test_access_log_carries_token_decision_model_and_cost(dep, mock_mistral):
+def test_the_audit_trail_records_each_request_exactly(dep, mock_mistral):
+    """One JSON object per request, allowed or refused, in the file and on stdout, whose fields
+    match the requests exactly; never a secret, a prompt or a completion."""
     mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 500})
-    assert request(dep.url, token=dep.tokens["meter"])[0] == 200
-    assert request(dep.url, token=dep.tokens["capped"])[0] == 429
-    expected = (f"token=meter decision=allowed team=- would_deny=- model=mistral-small-latest prompt_tokens=1000 "
-                f"completion_tokens=500 cost_nano_usd={cost(1000, 500)}")
-    denied = "token=capped decision=shield_budget_exceeded team=- would_deny=-"
+    prompt = "the secret recipe is 42"
+    body = {"model": "mistral-small-latest", "messages": [{"role": "user", "content": prompt}]}
+    status, headers, reply = request(dep.url, token=dep.tokens["meter"], body=body)
+    assert status == 200
+    status, denied_headers, _ = request(dep.url, token=dep.tokens["capped"])
+    assert status == 429
+    # Envoy returns its request id (`always_set_request_id_in_response`): it finds the record.
+    ids = (headers["x-request-id"], denied_headers["x-request-id"])
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # access log lines reach the file asynchronously
-        log = dep.envoy.log_text()
-        if expected in log and denied in log:
+    while True:
+        by_id = {r["request_id"]: r for r in dep.envoy.audit_records()}
+        if all(i in by_id for i in ids) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert expected in log
-    assert denied in log
-
+    allowed, denied = by_id[ids[0]], by_id[ids[1]]
+    sent = len(json.dumps(body).encode())
+    assert {k: v for k, v in allowed.items() if k not in ("time", "duration_ms", "bytes_sent")} == {
+        "token_id": "meter", "owner": None, "team": None, "decision": "allowed",
+        "would_deny": None, "client_address": "127.0.0.1", "country": None, "method": "POST",
+        "route": "v1/chat/completions", "model": "mistral-small-latest", "upstream_key": "prod",
+        "prompt_tokens": "1000", "completion_tokens": "500",
+        "cost_nano_usd": str(cost(1000, 500)), "cost_estimated": "false", "status": 200,
+        "bytes_received": sent, "request_id": headers["x-request-id"]}
+    assert allowed["bytes_sent"] == len(reply)
+    assert isinstance(allowed["duration_ms"], int)
+    assert allowed["time"].endswith("Z") and allowed["time"][:4].isdigit()
+    assert denied["decision"] == "shield_budget_exceeded" and denied["status"] == 429
+    assert denied["token_id"] == "capped" and denied["cost_nano_usd"] is None
+    # stdout carries the same records.
+    stdout = {r["request_id"]: r for r in dep.envoy.audit_records(source="stdout")}
+    assert stdout[ids[0]] == allowed and stdout[ids[1]] == denied
+    # Nothing secret or private in the trail.
+    text = (dep.workdir / "shieldkey-audit.log").read_text()
+    for secret in [*dep.tokens.values(), *dep.keys.values(), dep.master_key, prompt, "Hello"]:
+        assert secret not in text
 
 def test_a_failing_webhook_never_blocks_traffic(tmp_path, mock_mistral, mock_keys):
     # The webhook answers 401 (the mock wants a Mistral key): every alert call fails.

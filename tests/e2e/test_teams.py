@@ -5,7 +5,6 @@ counters that survive reloads; team stats with a Prometheus label."""
 
 from __future__ import annotations
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,16 +170,11 @@ def test_dry_run_lets_exactly_the_refusals_through_then_enforcing_refuses_them(d
     assert team_stat(dep, "eng", "reason.shield_team_model_denied.would_deny") == 3
     assert stat(dep, "reason.shield_team_model_denied.denied") == 0
 
-    # One access-log record per request, with the team and what would have refused it.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [l for l in dep.envoy.log_text().splitlines() if "decision=allowed" in l]
-        if len(lines) >= len(sequence):
-            break
-        time.sleep(0.05)
-    records = [dict(re.findall(r"(token|team|would_deny|decision)=(\S+)", l)) for l in lines]
-    assert [(r["token"], r["team"], r["would_deny"]) for r in records] == [
-        (t, "-" if t == "solo" else "eng", w or "-") for t, _, w in sequence]
+    # One audit record per request, allowed, with the team and what would have refused it.
+    records = dep.envoy.wait_audit(len(sequence))
+    assert [(r["token_id"], r["decision"], r["team"], r["would_deny"]) for r in records] == [
+        (t, "allowed", None if t == "solo" else "eng", w) for t, _, w in sequence]
+    assert [r["owner"] for r in records] == [f"{t}@example.com" for t, _, _ in sequence]
     log = dep.envoy.log_text()
     assert log.count("dry run: request of token") == sum(1 for s in sequence if s[2]), log
 
