@@ -189,7 +189,7 @@ def test_no_secret_reaches_logs_stats_or_bodies(dep, mock_keys):
 def test_filter_logs_the_loaded_policy_without_secrets(dep):
     log = dep.envoy.log_text()
     assert "shieldkey: policy revision" in log
-    assert "tokens (1 revoked), 2 upstream keys" in log
+    assert "tokens (1 revoked), 0 teams, 2 upstream keys" in log
 
 
 @pytest.mark.parametrize("master_key,rejection", [
