@@ -1427,3 +1427,220 @@ fn revoke_by_team_changes_every_member_in_one_revision() {
         .contains("no token of owner 'bob@example.com' is in team 'ops'"));
     assert_eq!(ws.ok(&["unrevoke", "--team", "eng"], None), "e2\n");
 }
+
+/// A stand-in for Envoy's admin `/stats?format=json`: answers every request with `body`
+/// (chunked, as Envoy does) and records each request's first line.
+fn fake_stats_admin(status: u16, body: String) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&request);
+            record
+                .lock()
+                .unwrap()
+                .push(head.lines().next().unwrap_or("").to_string());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\n\
+                 transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn status_reads_one_envoys_stats_next_to_the_policy() {
+    let ws = Workspace::new("status-admin");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    ws.ok(
+        &[
+            "team",
+            "create",
+            "eng",
+            "--budget-usd",
+            "10",
+            "--budget-window",
+            "daily",
+        ],
+        None,
+    );
+    ws.ok(
+        &[
+            "mint",
+            "--id",
+            "alice",
+            "--upstream-key",
+            "prod",
+            "--owner",
+            "alice@example.com",
+            "--team",
+            "eng",
+            "--budget-usd",
+            "5",
+            "--budget-window",
+            "lifetime",
+        ],
+        None,
+    );
+    ws.ok(&["mint", "--id", "bob", "--upstream-key", "prod"], None);
+    ws.ok(&["revoke", "bob"], None);
+
+    // Without --admin (nor SHIELDKEY_ADMIN) and without etcd: a usage error naming both.
+    let err = ws.fails(&["status"], None, 2);
+    assert!(
+        err.contains("--admin URL or SHIELDKEY_ADMIN")
+            && err.contains("needs fleet mode (--etcd URLS or SHIELDKEY_ETCD)"),
+        "{err}"
+    );
+
+    let t = |id: &str, m: &str, v: u64| json!({"name": format!("wasmcustom.shieldkey.token_id.{id}.{m}"), "value": v});
+    let team =
+        |m: &str, v: u64| json!({"name": format!("wasmcustom.shieldkey.team.eng.{m}"), "value": v});
+    let stats = json!({"stats": [
+        t("alice", "requests", 3),
+        t("alice", "spend_nano_usd", 1_500_000_000),
+        t("alice", "budget_limit_nano_usd", 5_000_000_000),
+        t("alice", "budget_remaining_nano_usd", 3_500_000_000),
+        t("alice", "budget_spent_nano_usd", 1_500_000_000),
+        t("alice", "budget_window_start_seconds", 0),
+        t("alice", "reason.shield_budget_exceeded.denied", 2),
+        t("bob", "requests", 1),
+        t("bob", "spend_nano_usd", 42),
+        team("requests", 3),
+        team("spend_nano_usd", 1_500_000_000),
+        team("budget_limit_nano_usd", 10_000_000_000),
+        team("budget_remaining_nano_usd", 8_500_000_000),
+        team("budget_spent_nano_usd", 1_500_000_000),
+        // Settled on 1970-01-02: long before today's window, which has no spend yet.
+        team("budget_window_start_seconds", 86_400),
+        {"name": "extension_config_discovery.http_filter.shieldkey.version_text", "value": "1"},
+    ]});
+    let (url, seen) = fake_stats_admin(200, stats.to_string());
+    let out = ws.run(&["status", "--admin", &url, "--json"], None);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let request = seen.lock().unwrap()[0].clone();
+    assert!(
+        request.starts_with("GET /stats?format=json&filter=%5E%28wasmcustom%5C.shieldkey"),
+        "{request}"
+    );
+    assert_eq!(doc["teams"][0]["id"], "eng");
+    assert_eq!(doc["teams"][0]["spent_nano_usd"], 0, "an earlier window");
+    assert_eq!(doc["teams"][0]["spend_total_nano_usd"], 1_500_000_000u64);
+    assert_eq!(doc["teams"][0]["members"], json!(["alice"]));
+    let alice = &doc["tokens"][0];
+    assert_eq!(
+        (
+            &alice["id"],
+            &alice["status"],
+            &alice["spent_nano_usd"],
+            &alice["remaining_nano_usd"],
+            &alice["percent"],
+            &alice["requests"],
+            &alice["denied"]
+        ),
+        (
+            &json!("alice"),
+            &json!("active"),
+            &json!(1_500_000_000u64),
+            &json!(3_500_000_000u64),
+            &json!(30),
+            &json!(3),
+            &json!({"shield_budget_exceeded": 2})
+        )
+    );
+    let bob = &doc["tokens"][1];
+    assert_eq!(
+        (
+            &bob["status"],
+            &bob["spent_nano_usd"],
+            &bob["limit_nano_usd"]
+        ),
+        (&json!("revoked"), &json!(42), &serde_json::Value::Null)
+    );
+    // The policy file is ahead of what Envoy serves: said on stderr.
+    assert!(
+        err.contains("Envoy serves policy revision 1, the policy file"),
+        "{err}"
+    );
+
+    // The table, through SHIELDKEY_ADMIN.
+    let out = Command::new(env!("CARGO_BIN_EXE_shieldkey"))
+        .args(["status"])
+        .env("SHIELDKEY_POLICY", ws.policy())
+        .env("SHIELDKEY_ADMIN", &url)
+        .env_remove("SHIELDKEY_ETCD")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("TOKEN "), "{table}");
+    assert!(lines[1].starts_with("team eng "), "{table}");
+    assert!(
+        lines[2].starts_with("  alice ")
+            && lines[2].contains("[###-------] 30%")
+            && lines[2].contains("budget_exceeded:2"),
+        "{table}"
+    );
+    assert!(
+        lines[4].starts_with("  bob ") && lines[4].contains("revoked"),
+        "{table}"
+    );
+    // One token.
+    let one = ws.ok(&["status", "--admin", &url, "--token", "bob"], None);
+    assert_eq!(one.lines().count(), 2, "{one}");
+
+    // Nothing listens there: a clear error naming the URL, exit 1, nothing on stdout.
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let out = ws.run(&["status", "--admin", &closed], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains(&format!("cannot reach Envoy's admin endpoint at {closed}"))
+            && err.contains("check that Envoy is running"),
+        "{err}"
+    );
+
+    // Something answers, but not Envoy's stats: exit 1, nothing on stdout.
+    let (other, _) = fake_stats_admin(200, "<html>hello</html>".into());
+    let out = ws.run(&["status", "--admin", &other], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(err.contains("is not Envoy's stats JSON"), "{err}");
+    let (refusing, _) = fake_stats_admin(404, "no such path".into());
+    let err = ws.fails(&["status", "--admin", &refusing], None, 1);
+    assert!(err.contains("answered 404"), "{err}");
+
+    // Bad URLs and selections are usage errors; --admin in fleet mode too.
+    ws.fails(&["status", "--admin", "127.0.0.1:9901"], None, 2);
+    let err = ws.fails(&["status", "--admin", &url, "--token", "nobody"], None, 1);
+    assert!(err.contains("no token with id 'nobody'"), "{err}");
+    let err = ws.fails(
+        &["--etcd", "http://127.0.0.1:1", "status", "--admin", &url],
+        None,
+        2,
+    );
+    assert!(err.contains("in fleet mode status reads"), "{err}");
+}

@@ -1,5 +1,5 @@
 //! Asking Envoy's admin API (plain HTTP/1.1, normally on loopback) whether a published policy was
-//! applied or rejected.
+//! applied or rejected, and reading its stats for `shieldkey status`.
 //!
 //! What is trusted, checked against Envoy 1.40: the ECDS stats of the filter,
 //! `extension_config_discovery.http_filter.<name>.{version_text,update_success,update_rejected}`.
@@ -7,10 +7,11 @@
 //! `version_info` is not used: Envoy records there the last configuration it received, even one
 //! it then rejected.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::error::{usage, CliError};
-use super::http::{self, Endpoint, Limits, Request, UrlError};
+use super::http::{self, Endpoint, HttpError, Limits, Request, UrlError};
 
 /// Largest admin response read; the filtered stats are a few hundred bytes.
 const MAX_RESPONSE: u64 = 4 << 20;
@@ -42,27 +43,42 @@ impl Admin {
 
     /// GET `path` (with query); the body of a 200 answer.
     fn get(&self, path: &str, timeout: Duration) -> Result<String, String> {
+        self.fetch(path, "text/plain", timeout, MAX_RESPONSE)
+            .map_err(|e| e.to_string())
+    }
+
+    /// GET `path` (with query), reading at most `max_response` bytes; the body of a 200 answer.
+    pub fn fetch(
+        &self,
+        path: &str,
+        accept: &str,
+        timeout: Duration,
+        max_response: u64,
+    ) -> Result<String, AdminError> {
         let request = Request {
             method: "GET",
             path,
-            headers: &[("Accept", "text/plain")],
+            headers: &[("Accept", accept)],
             body: &[],
         };
         let limits = Limits {
             connect_timeout: timeout,
             io_timeout: timeout,
-            max_response: MAX_RESPONSE,
+            max_response,
         };
-        let answer = http::send(&self.endpoint, &request, &limits)
-            .map_err(|e| format!("admin request failed: {e}"))?;
+        let answer = http::send(&self.endpoint, &request, &limits).map_err(|e| match e {
+            HttpError::Connect(m) => AdminError::Unreachable(m),
+            HttpError::Exchange(m) => AdminError::Failed(format!("admin request failed: {m}")),
+        })?;
         if answer.status != 200 {
-            return Err(format!(
+            return Err(AdminError::Failed(format!(
                 "GET {path} answered {}: {}",
                 answer.status,
                 String::from_utf8_lossy(&answer.body).trim()
-            ));
+            )));
         }
-        String::from_utf8(answer.body).map_err(|_| "the admin answer is not UTF-8".to_string())
+        String::from_utf8(answer.body)
+            .map_err(|_| AdminError::Failed("the admin answer is not UTF-8".to_string()))
     }
 
     /// The ECDS stats of the filter named `filter`.
@@ -76,6 +92,25 @@ impl Admin {
                 self.url()
             )
         })
+    }
+}
+
+/// Why an admin request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminError {
+    /// No connection could be made (nothing listens there, a name that does not resolve, a
+    /// timeout): the request was never sent.
+    Unreachable(String),
+    /// Connected, but no 200 answer that could be read.
+    Failed(String),
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminError::Unreachable(m) => write!(f, "admin request failed: {m}"),
+            AdminError::Failed(m) => f.write_str(m),
+        }
     }
 }
 

@@ -884,7 +884,7 @@ pub fn remove(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
 }
 
 /// A token's state as `list` shows it: its status, then its validity period.
-fn token_state(t: &RawToken, now: i64) -> &'static str {
+pub(super) fn token_state(t: &RawToken, now: i64) -> &'static str {
     let parsed = |v: &Option<String>| v.as_deref().and_then(|s| parse_rfc3339(s).ok());
     match t.status {
         RawStatus::Revoked => "revoked",

@@ -13,6 +13,8 @@ mod policy_store;
 mod random;
 mod rule_flags;
 mod status;
+mod status_admin;
+mod status_common;
 mod teams;
 mod tls;
 
@@ -70,13 +72,19 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   counted as would_deny; authentication is always enforced);
                                   without a value, prints the current one
   check                           validate the policy with the filter's own code
-  status [--token ID | --team ID] [--all] [--json]
-                                  fleet mode: spend per budgeted team and token in its current
-                                  window, summed over every Envoy; grouped by team when the
-                                  policy has teams (each team's row, its members' rows, then
-                                  \"(no team)\"). --token ID: that token, per Envoy; --team ID:
-                                  that team and all its members, the team's budget per Envoy;
-                                  --all: every team and token; --json: {\"teams\", \"tokens\"}
+  status [--token ID | --team ID] [--all] [--json] [--admin URL] [--filter-name NAME]
+                                  spend per team and token, grouped by team when the policy has
+                                  teams (each team's row, its members' rows, then \"(no team)\").
+                                  With the policy file: one Envoy's view, read from its admin
+                                  endpoint (--admin URL or SHIELDKEY_ADMIN; exit 1 if it cannot
+                                  be read): every team and token with its status, spend in the
+                                  current budget window against the limit (with a bar), when the
+                                  window resets, requests, denials and would-deny by reason.
+                                  Fleet mode: spend per budgeted team and token in its current
+                                  window, summed over every Envoy from the ledger in etcd; --all:
+                                  every team and token. --token ID: that token (fleet: per
+                                  Envoy); --team ID: that team and all its members (fleet: the
+                                  team's budget per Envoy); --json: {\"teams\", \"tokens\"}
   render plugin-config|wasm-filter|ecds [filter settings]
   render http-filters [--country-header NAME] [--geoip DB_PATH] [--ecds-path PATH]
        [--filter-name NAME] [--json]
@@ -95,6 +103,8 @@ defaults are shieldkey.wasm (relative to Envoy's working directory), vm_id shiel
 
 --admin URL (Envoy's admin, e.g. http://127.0.0.1:9901): after writing, wait up to --wait-secs
 (default 10) until Envoy applied the new revision; exit 1 if it rejected it or did not apply it.
+status --admin URL reads that Envoy's stats (and warns when it serves another revision of the
+policy than the file's, read from the ECDS filter --filter-name, default shieldkey).
 
 Fleet mode: with --etcd URLS (comma-separated etcd client URLs, all http://HOST:PORT or all
 https://HOST:PORT, tried in order until one answers) every command reads and writes the policy

@@ -21,39 +21,14 @@ use super::commands::now;
 use super::error::{failed, usage, CliError};
 use super::etcd::Kv;
 use super::policy_store::{etcd_client, PolicyStore};
+use super::status_common::{
+    self, current_window, grouped_cells, members, signed_difference, signed_usd, summary, table,
+    usd, Budget, Select, TeamLine, TeamRef, TokenLine,
+};
 use super::Target;
-use crate::budget_window::BudgetWindow;
-use crate::config::raw::{RawBudget, RawPolicy, RawTeam, RawToken};
-use crate::money::{format_usd, parse_usd, NanoUsd};
+use crate::config::raw::{RawPolicy, RawTeam, RawToken};
+use crate::money::NanoUsd;
 use crate::time::format_rfc3339;
-
-const FILE_MODE: &str = "status shows the spend of a fleet, read from etcd: it needs fleet mode \
-(--etcd URLS or SHIELDKEY_ETCD). Without etcd every Envoy keeps its own spend: see its admin \
-/stats, e.g. `curl -s 'http://127.0.0.1:9901/stats?filter=shieldkey.token_id'` \
-(wasmcustom.shieldkey.token_id.<id>.spend_nano_usd, nano-USD charged since that Envoy started; \
-.budget_remaining_nano_usd, the budget left in the current window)";
-
-/// Which teams and tokens to show.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Select {
-    /// Teams and tokens with a budget (and the teams of budgeted tokens).
-    Budgeted,
-    /// Every team and token.
-    All,
-    /// One token, with the per-Envoy breakdown.
-    Token(String),
-    /// One team and all its members, with the per-Envoy breakdown of the team's budget.
-    Team(String),
-}
-
-/// A budget as the policy states it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Budget {
-    /// The policy's spelling (`monthly`, `hourly`, `300s`, …).
-    window: String,
-    lifetime: bool,
-    limit: NanoUsd,
-}
 
 /// One Envoy's share of a subject's current window.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,7 +79,7 @@ impl Row {
     fn window_text(&self) -> String {
         match &self.budget {
             None => "no budget".to_string(),
-            Some(b) if b.lifetime => b.window.clone(),
+            Some(b) if b.lifetime() => b.window.clone(),
             Some(b) => format!("{} from {}", b.window, format_rfc3339(self.window_start)),
         }
     }
@@ -210,30 +185,26 @@ impl TeamRow {
     }
 }
 
-/// A team and the rows of its members shown; or (`team: None`) the tokens in no team.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Group {
-    team: Option<TeamRow>,
-    tokens: Vec<Row>,
+/// The rows to show: teams' and tokens' rows filled from the ledger.
+type Plan = status_common::Plan<TeamRow, Row>;
+
+impl TokenLine for Row {
+    fn cells(&self, indent: &str) -> Vec<String> {
+        Row::cells(self, indent)
+    }
 }
 
-/// The rows to show, before the ledger is read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Plan {
-    /// Rows are grouped by team (the policy has teams, or `--team`).
-    grouped: bool,
-    groups: Vec<Group>,
+impl TeamLine for TeamRow {
+    fn in_policy(&self) -> bool {
+        self.in_policy
+    }
+
+    fn cells(&self) -> Vec<String> {
+        TeamRow::cells(self)
+    }
 }
 
 impl Plan {
-    fn teams(&self) -> impl Iterator<Item = &TeamRow> {
-        self.groups.iter().filter_map(|g| g.team.as_ref())
-    }
-
-    fn tokens(&self) -> impl Iterator<Item = &Row> {
-        self.groups.iter().flat_map(|g| &g.tokens)
-    }
-
     /// Every row, teams' and tokens', for the ledger to fill in.
     fn rows_mut(&mut self) -> impl Iterator<Item = &mut Row> {
         self.groups.iter_mut().flat_map(|g| {
@@ -251,53 +222,6 @@ impl Plan {
             "tokens": self.tokens().map(Row::json).collect::<Vec<_>>(),
         })
     }
-}
-
-fn signed_difference(a: NanoUsd, b: NanoUsd) -> i64 {
-    if a >= b {
-        i64::try_from(a - b).unwrap_or(i64::MAX)
-    } else {
-        i64::try_from(b - a).map_or(i64::MIN, |d| -d)
-    }
-}
-
-fn usd(value: NanoUsd) -> String {
-    format!("${}", format_usd(value))
-}
-
-fn signed_usd(value: i64) -> String {
-    if value < 0 {
-        format!("-{}", usd(value.unsigned_abs()))
-    } else {
-        usd(value.unsigned_abs())
-    }
-}
-
-/// A budget and the start of its window at `now`; `whom` names its owner in errors
-/// (`token 'alice'`, `team 'eng'`).
-fn current_window(
-    budget: Option<&RawBudget>,
-    whom: &str,
-    now: i64,
-) -> Result<(Option<Budget>, i64), CliError> {
-    let Some(budget) = budget else {
-        return Ok((None, 0));
-    };
-    let bad = |what: &str, m: String| {
-        failed(format!(
-            "{whom}: budget {what}: {m} (`shieldkey check` validates the whole policy)"
-        ))
-    };
-    let window = BudgetWindow::parse(&budget.window).map_err(|m| bad("window", m))?;
-    let limit = parse_usd(&budget.limit_usd).map_err(|m| bad("limit_usd", m))?;
-    Ok((
-        Some(Budget {
-            window: budget.window.clone(),
-            lifetime: window == BudgetWindow::Lifetime,
-            limit,
-        }),
-        window.start(now),
-    ))
 }
 
 fn token_row(token: &RawToken, now: i64) -> Result<Row, CliError> {
@@ -345,95 +269,12 @@ fn team_row(
     })
 }
 
-fn members<'p>(policy: &'p RawPolicy, team: &'p str) -> impl Iterator<Item = &'p RawToken> {
-    policy
-        .tokens
-        .iter()
-        .filter(move |t| t.team.as_deref() == Some(team))
-}
-
 /// The rows to show, before the ledger is read.
 fn plan(policy: &RawPolicy, select: &Select, now: i64) -> Result<Plan, CliError> {
-    match select {
-        Select::Token(id) => {
-            let token = policy
-                .tokens
-                .iter()
-                .find(|t| t.id == *id)
-                .ok_or_else(|| failed(format!("no token with id '{id}'")))?;
-            return Ok(Plan {
-                grouped: false,
-                groups: vec![Group {
-                    team: None,
-                    tokens: vec![token_row(token, now)?],
-                }],
-            });
-        }
-        Select::Team(id) => {
-            let team = policy
-                .teams
-                .iter()
-                .find(|t| t.id == *id)
-                .ok_or_else(|| failed(format!("no team with id '{id}'")))?;
-            return Ok(Plan {
-                grouped: true,
-                groups: vec![Group {
-                    team: Some(team_row(policy, id, Some(team), now)?),
-                    tokens: members(policy, id)
-                        .map(|t| token_row(t, now))
-                        .collect::<Result<_, _>>()?,
-                }],
-            });
-        }
-        Select::Budgeted | Select::All => {}
-    }
-    let all = *select == Select::All;
-    let shown = |t: &&RawToken| all || t.budget.is_some();
-    let rows = |tokens: Vec<&RawToken>| -> Result<Vec<Row>, CliError> {
-        tokens.into_iter().map(|t| token_row(t, now)).collect()
-    };
-    let grouped = !policy.teams.is_empty() || policy.tokens.iter().any(|t| t.team.is_some());
-    let mut groups = Vec::new();
-    if grouped {
-        for team in &policy.teams {
-            let tokens: Vec<&RawToken> = members(policy, &team.id).filter(shown).collect();
-            if all || team.budget.is_some() || !tokens.is_empty() {
-                groups.push(Group {
-                    team: Some(team_row(policy, &team.id, Some(team), now)?),
-                    tokens: rows(tokens)?,
-                });
-            }
-        }
-        // Tokens naming a team the policy lacks: shown under that name, not hidden.
-        let mut unknown: Vec<&str> = Vec::new();
-        for name in policy.tokens.iter().filter_map(|t| t.team.as_deref()) {
-            if !policy.teams.iter().any(|t| t.id == name) && !unknown.contains(&name) {
-                unknown.push(name);
-            }
-        }
-        for name in unknown {
-            let tokens: Vec<&RawToken> = members(policy, name).filter(shown).collect();
-            if !tokens.is_empty() {
-                groups.push(Group {
-                    team: Some(team_row(policy, name, None, now)?),
-                    tokens: rows(tokens)?,
-                });
-            }
-        }
-    }
-    let loose: Vec<&RawToken> = policy
-        .tokens
-        .iter()
-        .filter(|t| !grouped || t.team.is_none())
-        .filter(shown)
-        .collect();
-    if !grouped || !loose.is_empty() {
-        groups.push(Group {
-            team: None,
-            tokens: rows(loose)?,
-        });
-    }
-    Ok(Plan { grouped, groups })
+    status_common::layout(policy, select)?.try_map(
+        |TeamRef { id, team }| team_row(policy, id, team, now),
+        |token| token_row(token, now),
+    )
 }
 
 /// A ledger key, without `<prefix>ledger/`. The subject is a token id or a team's `team.<id>`.
@@ -567,56 +408,9 @@ fn tally<'r>(
     warnings
 }
 
-/// Columns padded to their widest cell; `right` aligns numbers.
-fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| -> String {
-        let last = cells.len().saturating_sub(1);
-        let mut out = String::new();
-        for (i, cell) in cells.into_iter().enumerate() {
-            let width = widths.get(i).copied().unwrap_or(0);
-            let pad = " ".repeat(width.saturating_sub(cell.chars().count()));
-            if i > 0 {
-                out.push_str("  ");
-            }
-            if right.get(i).copied().unwrap_or(false) {
-                out.push_str(&pad);
-                out.push_str(cell);
-            } else {
-                out.push_str(cell);
-                if i < last {
-                    out.push_str(&pad);
-                }
-            }
-        }
-        out.push('\n');
-        out
-    };
-    let mut out = line(headers.to_vec());
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
 /// The table of the plan: when grouped, each team's row (`team <id>`), its members indented
 /// under it, then `(no team)` and the tokens in no team.
 fn status_table(plan: &Plan) -> String {
-    let indent = if plan.grouped { "  " } else { "" };
-    let mut cells: Vec<Vec<String>> = Vec::new();
-    for group in &plan.groups {
-        match &group.team {
-            Some(team) => cells.push(team.cells()),
-            None if plan.grouped => cells.push(vec!["(no team)".to_string()]),
-            None => {}
-        }
-        cells.extend(group.tokens.iter().map(|r| r.cells(indent)));
-    }
     table(
         &[
             "TOKEN",
@@ -629,7 +423,7 @@ fn status_table(plan: &Plan) -> String {
             "ENVOYS",
         ],
         &[false, false, false, true, true, true, true, true],
-        &cells,
+        &grouped_cells(plan),
     )
 }
 
@@ -648,65 +442,23 @@ fn nodes_table(row: &Row) -> String {
     table(&["ENVOY", "CLAIMED", "SPENT"], &[false, true, true], &cells)
 }
 
-fn plural(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
-/// The summary on stderr: what is shown, and what `--all` would add.
-fn summary(policy: &RawPolicy, select: &Select, plan: &Plan) -> String {
-    let tokens = plan.tokens().count();
-    let teams = plan.teams().filter(|t| t.in_policy).count();
-    let mut hidden = Vec::new();
-    if *select == Select::Budgeted {
-        let without = policy.tokens.iter().filter(|t| t.budget.is_none()).count();
-        if without > 0 {
-            hidden.push(format!("{without} without a budget"));
-        }
-        let teams_hidden = policy.teams.len().saturating_sub(teams);
-        if teams_hidden > 0 {
-            hidden.push(format!(
-                "{} without a budget or a budgeted member",
-                plural(teams_hidden, "team", "teams")
-            ));
-        }
-    }
-    let hidden = if hidden.is_empty() {
-        String::new()
-    } else {
-        format!(" ({}: --all lists them)", hidden.join(", "))
-    };
-    if plan.grouped {
-        format!(
-            "{}, {}{hidden}",
-            plural(teams, "team", "teams"),
-            plural(tokens, "token", "tokens")
-        )
-    } else {
-        format!("{tokens} token(s){hidden}")
-    }
-}
-
-/// `status [--token ID | --team ID] [--all] [--json]`.
+/// `status [--token ID | --team ID] [--all] [--json]`: in fleet mode from the ledger in etcd,
+/// else from one Envoy's admin endpoint (`status_admin.rs`).
 pub fn status(target: Target, mut args: Args) -> Result<(), CliError> {
-    let Target::Etcd { urls, prefix, user } = target else {
-        return Err(usage(FILE_MODE));
+    let (urls, prefix, user) = match target {
+        Target::File(path) => return super::status_admin::status(&path, args),
+        Target::Etcd { urls, prefix, user } => (urls, prefix, user),
     };
-    let one_token = args.option("token")?;
-    let one_team = args.option("team")?;
-    let all = args.flag("all");
+    if args.option("admin")?.is_some() {
+        return Err(usage(
+            "--admin reads one Envoy's stats, with the policy file; in fleet mode status reads \
+             the fleet's spend from the ledger in etcd (leave out --admin; without --etcd, \
+             status --admin URL shows one Envoy)",
+        ));
+    }
+    let select = Select::take(&mut args, Select::Budgeted)?;
     let as_json = args.flag("json");
     args.finish()?;
-    let select = match (one_token, one_team) {
-        (Some(_), Some(_)) => {
-            return Err(usage(
-                "--token and --team exclude each other (--team shows the team and its members)",
-            ))
-        }
-        (Some(id), None) => Select::Token(id),
-        (None, Some(id)) => Select::Team(id),
-        (None, None) if all => Select::All,
-        (None, None) => Select::Budgeted,
-    };
 
     let mut store = PolicyStore::etcd(&urls, &prefix, user.clone())?;
     let policy = store.load()?.policy;
@@ -1196,27 +948,5 @@ mod tests {
         assert!(lines[3].starts_with("team ops ") && lines[3].contains("no budget"));
         assert_eq!(lines[5], "(no team)", "{text}");
         assert!(lines[6].starts_with("  dave "), "{text}");
-    }
-
-    #[test]
-    fn overspend_shows_as_negative_remaining() {
-        assert_eq!(signed_difference(5, 7), -2);
-        assert_eq!(signed_difference(7, 5), 2);
-        assert_eq!(signed_difference(0, u64::MAX), i64::MIN);
-        assert_eq!(signed_usd(-1_500_000_000), "-$1.50");
-        assert_eq!(signed_usd(250_000_000), "$0.25");
-    }
-
-    #[test]
-    fn tables_align() {
-        let t = table(
-            &["A", "NUM"],
-            &[false, true],
-            &[
-                vec!["long-name".into(), "1".into()],
-                vec!["x".into(), "1234".into()],
-            ],
-        );
-        assert_eq!(t, "A           NUM\nlong-name     1\nx          1234\n");
     }
 }

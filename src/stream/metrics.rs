@@ -76,6 +76,8 @@ pub struct TokenMetrics {
     estimated: Option<u32>,
     budget_limit: Option<u32>,
     budget_remaining: Option<u32>,
+    budget_spent: Option<u32>,
+    budget_window_start: Option<u32>,
     alerts: Option<u32>,
     denied: RefCell<HashMap<&'static str, Option<u32>>>,
     would_deny: RefCell<HashMap<&'static str, Option<u32>>>,
@@ -86,6 +88,15 @@ pub struct ModelMetrics {
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
     spend: Option<u32>,
+}
+
+/// A budget's state after a settlement, for its gauges.
+pub struct BudgetReport {
+    pub limit: NanoUsd,
+    pub remaining: NanoUsd,
+    pub spent: NanoUsd,
+    /// Unix seconds; 0 for a lifetime budget.
+    pub window_start: i64,
 }
 
 /// What one finished request adds to the stats.
@@ -244,6 +255,8 @@ impl TokenMetrics {
             estimated: counter(host, ids, &format!("{prefix}.estimated_charges")),
             budget_limit: gauge(host, ids, &format!("{prefix}.budget_limit_nano_usd")),
             budget_remaining: gauge(host, ids, &format!("{prefix}.budget_remaining_nano_usd")),
+            budget_spent: gauge(host, ids, &format!("{prefix}.budget_spent_nano_usd")),
+            budget_window_start: gauge(host, ids, &format!("{prefix}.budget_window_start_seconds")),
             alerts: counter(host, ids, &format!("{prefix}.budget_alerts")),
             denied: RefCell::new(HashMap::new()),
             would_deny: RefCell::new(HashMap::new()),
@@ -289,9 +302,19 @@ impl TokenMetrics {
         }
     }
 
-    pub fn budget(&self, host: &dyn Host, limit: NanoUsd, remaining: NanoUsd) {
-        set(host, self.budget_limit, limit);
-        set(host, self.budget_remaining, remaining);
+    /// The budget as a settlement left it: its limit, what remains and what was spent in the
+    /// window the settlement was charged to, and that window's start (unix seconds, 0 for a
+    /// lifetime budget). Set only when a request settles: nothing resets them when a window
+    /// ends, so `shieldkey status` compares the window start with the current one.
+    pub fn budget(&self, host: &dyn Host, budget: &BudgetReport) {
+        set(host, self.budget_limit, budget.limit);
+        set(host, self.budget_remaining, budget.remaining);
+        set(host, self.budget_spent, budget.spent);
+        set(
+            host,
+            self.budget_window_start,
+            u64::try_from(budget.window_start).unwrap_or(0),
+        );
     }
 
     pub fn alert(&self, host: &dyn Host) {

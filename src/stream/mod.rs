@@ -32,7 +32,7 @@ use crate::usage::{BodyKind, UsageScanner};
 use active::Active;
 use host::{Host, LogLevel};
 use levels::{Admissions, Level, Reservations, Subject};
-use metrics::Usage;
+use metrics::{BudgetReport, Usage};
 
 /// What the glue tells the host after a phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -747,8 +747,17 @@ fn settle(
     let (Some(budget), Some(remaining)) = (limits.budget, settlement.remaining) else {
         return;
     };
-    subject.metrics.budget(host, budget.limit, remaining);
     let now = now_ms.div_euclid(1000);
+    subject.metrics.budget(
+        host,
+        &BudgetReport {
+            limit: budget.limit,
+            remaining,
+            spent: settlement.spent,
+            // The ledger rolled its counters to the window of `now` before charging.
+            window_start: budget.window.start(now),
+        },
+    );
     for threshold in settlement.crossed {
         let team_budget = crate::team::team_of_subject(subject.id());
         let alert = BudgetAlert {

@@ -71,6 +71,56 @@ fn an_allowed_request_goes_upstream_with_the_real_key_uncompressed_and_is_charge
 }
 
 #[test]
+fn a_settlement_reports_its_budget_and_the_window_it_was_charged_to() {
+    let gw = gateway();
+    let serve = |gw: &Gateway| {
+        let mut s = gw.request("POST", CHAT, "alice");
+        s.on_request_headers(&gw.host, false);
+        gw.body(&mut s, SMALL, true);
+        gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+        gw.response_chunk(&mut s, USAGE, true);
+        s.on_log(&gw.host);
+    };
+    let gauge =
+        |gw: &Gateway, name: &str| gw.host.stat(&format!("shieldkey.token_id.alice.{name}"));
+    let day = |ms: i64| ms.div_euclid(1000) - ms.div_euclid(1000).rem_euclid(86_400);
+    let start = gw.host.now_ms.get();
+    serve(&gw);
+    serve(&gw);
+    let report = |gw: &Gateway| {
+        [
+            "budget_limit_nano_usd",
+            "budget_remaining_nano_usd",
+            "budget_spent_nano_usd",
+            "budget_window_start_seconds",
+        ]
+        .map(|n| gauge(gw, n))
+    };
+    assert_eq!(
+        report(&gw),
+        [1_000_000_000, 1_000_000_000 - 9_000, 9_000, day(start)]
+    );
+    // The next day: nothing changes the gauges until a request settles there.
+    gw.host.now_ms.set(start + 86_400_000);
+    assert_eq!(report(&gw)[3], day(start));
+    serve(&gw);
+    assert_eq!(
+        report(&gw),
+        [
+            1_000_000_000,
+            1_000_000_000 - 4_500,
+            4_500,
+            day(start) + 86_400
+        ]
+    );
+    assert_eq!(
+        gauge(&gw, "spend_nano_usd"),
+        13_500,
+        "the counter keeps counting"
+    );
+}
+
+#[test]
 fn a_body_ended_by_trailers_is_judged_before_anything_goes_upstream() {
     let gw = gateway();
     let greedy = br#"{"model":"mistral-small-latest","max_tokens":4000}"#;
