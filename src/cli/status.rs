@@ -568,7 +568,7 @@ fn tally<'r>(
 }
 
 /// Columns padded to their widest cell; `right` aligns numbers.
-fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+pub(super) fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
