@@ -1644,3 +1644,289 @@ fn status_reads_one_envoys_stats_next_to_the_policy() {
     );
     assert!(err.contains("in fleet mode status reads"), "{err}");
 }
+
+// --- audit -----------------------------------------------------------------------------------
+
+/// The fixture logs: two Envoys' audit trails; the first read from Envoy's stdout capture, so
+/// mixed with Envoy's own log lines, with a record of the wrong shape and one cut short.
+fn audit_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/audit")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn request_ids(text: &str) -> Vec<String> {
+    json_lines(text)
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn audit_filters_a_log_and_merges_logs_in_time_order() {
+    let ws = Workspace::new("audit");
+    let (e0, e1) = (audit_fixture("envoy-0.log"), audit_fixture("envoy-1.log"));
+    let ids = |extra: &[&str]| {
+        let mut args = vec!["audit", e0.as_str(), e1.as_str(), "--json"];
+        args.extend_from_slice(extra);
+        request_ids(&ws.ok(&args, None))
+    };
+    // Merged in time order; the lines that are not records are skipped, and said so.
+    assert_eq!(ids(&[]), ["r-1", "r-6", "r-2", "r-7", "r-3", "r-4", "r-5"]);
+    let out = ws.run(&["audit", &e0, &e1, "--json"], None);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("skipped 3 lines that are not JSON objects"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("skipped 1 JSON object that is not an audit record"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 8: status is not a whole number"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("oops"), "{stderr}");
+
+    // Every filter.
+    assert_eq!(ids(&["--token", "alice"]), ["r-1", "r-3"]);
+    assert_eq!(ids(&["--owner", "carol@example.com"]), ["r-6", "r-7"]);
+    assert_eq!(ids(&["--team", "ml"]), ["r-1", "r-6", "r-7", "r-3"]);
+    assert_eq!(ids(&["--decision", "allowed"]), ["r-1", "r-6", "r-3"]);
+    assert_eq!(ids(&["--decision", "denied"]), ["r-2", "r-7", "r-4"]);
+    assert_eq!(ids(&["--decision", "would-deny"]), ["r-3"]);
+    assert_eq!(ids(&["--decision", "shield_team_rate_limited"]), ["r-7"]);
+    assert_eq!(
+        ids(&[
+            "--since",
+            "2026-11-26T02:00:03Z",
+            "--until",
+            "2026-11-26T02:00:06Z"
+        ]),
+        ["r-2", "r-7", "r-3"]
+    );
+    assert_eq!(ids(&["--since", "2026-11-27"]), Vec::<String>::new());
+    assert_eq!(ids(&["--route", "v1/embeddings"]), ["r-6", "r-7"]);
+    assert_eq!(ids(&["--model", "mistral-large-latest"]), ["r-3"]);
+    assert_eq!(ids(&["--client", "10.0.0.0/30"]), Vec::<String>::new());
+    assert_eq!(ids(&["--client", "10.0.0.0/29"]), ["r-1"]);
+    assert_eq!(
+        ids(&["--client", "10.0.0.0/8"]),
+        ["r-1", "r-6", "r-7", "r-3"]
+    );
+    assert_eq!(ids(&["--client", "203.0.113.5"]), ["r-4"]);
+    assert_eq!(ids(&["--country", "fr"]), ["r-1", "r-3"]);
+    assert_eq!(ids(&["--country", "unknown"]), ["r-2", "r-4", "r-5"]);
+    assert_eq!(ids(&["--request-id", "r-5"]), ["r-5"]);
+    assert_eq!(
+        ids(&["--team", "ml", "--decision", "allowed", "--country", "DE"]),
+        ["r-6"]
+    );
+
+    // --json: the records as read, numbers as numbers and booleans as booleans.
+    let records = json_lines(&ws.ok(&["audit", &e0, "--json", "--request-id", "r-3"], None));
+    assert_eq!(
+        records,
+        [json!({
+            "bytes_received": 82, "bytes_sent": 2684, "client_address": "10.0.0.8",
+            "completion_tokens": 30, "cost_estimated": true, "cost_nano_usd": 64000,
+            "country": "FR", "decision": "allowed", "duration_ms": 900, "method": "POST",
+            "model": "mistral-large-latest", "owner": "alice@example.com", "prompt_tokens": 20,
+            "request_id": "r-3", "route": "v1/chat/completions", "status": 200, "team": "ml",
+            "time": "2026-11-26T02:00:05.250Z", "token_id": "alice", "upstream_key": "prod",
+            "would_deny": "shield_model_denied"
+        })]
+    );
+
+    // The table: one row per record, money in USD.
+    let table = ws.ok(&["audit", &e0, "--token", "alice"], None);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    for header in [
+        "TIME", "TOKEN", "OWNER", "TEAM", "DECISION", "CLIENT", "COUNTRY", "METHOD", "ROUTE",
+        "MODEL", "IN", "OUT", "COST_USD", "STATUS",
+    ] {
+        assert!(lines[0].contains(header), "{header}");
+    }
+    let row: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        row,
+        [
+            "2026-11-26T02:00:05.250Z",
+            "alice",
+            "alice@example.com",
+            "ml",
+            "allowed",
+            "[shield_model_denied]",
+            "10.0.0.8",
+            "FR",
+            "POST",
+            "v1/chat/completions",
+            "mistral-large-latest",
+            "20",
+            "30",
+            "0.000064",
+            "200"
+        ]
+    );
+    assert!(lines[1].contains("0.000450"));
+
+    // Stdin, with `-`.
+    let text = fs::read_to_string(&e1).unwrap();
+    assert_eq!(
+        request_ids(&ws.ok(&["audit", "-", "--json"], Some(&text))),
+        ["r-6", "r-7"]
+    );
+}
+
+#[test]
+fn audit_summary_totals_per_token_and_team() {
+    let ws = Workspace::new("audit-summary");
+    let (e0, e1) = (audit_fixture("envoy-0.log"), audit_fixture("envoy-1.log"));
+    let doc: serde_json::Value =
+        serde_json::from_str(&ws.ok(&["audit", &e0, &e1, "--summary", "--json"], None)).unwrap();
+    let token = |id: &str| {
+        doc["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["token_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let alice = token("alice");
+    assert_eq!(alice["requests"], 2);
+    assert_eq!(alice["allowed"], 2);
+    assert_eq!(alice["would_deny"], 1);
+    assert_eq!(
+        alice["would_deny_by_code"],
+        json!({"shield_model_denied": 1})
+    );
+    assert_eq!(alice["prompt_tokens"], 1020);
+    assert_eq!(alice["completion_tokens"], 530);
+    assert_eq!(alice["cost_nano_usd"], 514_000);
+    assert_eq!(alice["cost_usd"], "0.000514");
+    assert_eq!(alice["owners"], json!(["alice@example.com"]));
+    assert_eq!(alice["clients"], json!(["10.0.0.7", "10.0.0.8"]));
+    assert_eq!(alice["first_seen"], "2026-11-26T02:00:01.000Z");
+    assert_eq!(alice["last_seen"], "2026-11-26T02:00:05.250Z");
+    let carol = token("carol");
+    assert_eq!(
+        (carol["requests"].clone(), carol["denied"].clone()),
+        (json!(2), json!(1))
+    );
+    assert_eq!(
+        carol["denied_by_code"],
+        json!({"shield_team_rate_limited": 1})
+    );
+    assert_eq!(
+        token("bob")["denied_by_code"],
+        json!({"shield_budget_exceeded": 1})
+    );
+    let teams = doc["teams"].as_array().unwrap();
+    assert_eq!(teams.len(), 1);
+    assert_eq!(teams[0]["team"], "ml");
+    assert_eq!(teams[0]["tokens"], json!(["alice", "carol"]));
+    assert_eq!(teams[0]["requests"], 4);
+    assert_eq!(teams[0]["cost_nano_usd"], 534_000);
+    let total = &doc["total"];
+    assert_eq!(total["requests"], 7);
+    assert_eq!(total["allowed"], 3);
+    assert_eq!(total["denied"], 3);
+    assert_eq!(total["not_decided"], 1);
+    assert_eq!(total["cost_nano_usd"], 534_000);
+
+    // Filters apply before the summary.
+    let denied: serde_json::Value = serde_json::from_str(&ws.ok(
+        &[
+            "audit",
+            &e0,
+            &e1,
+            "--summary",
+            "--json",
+            "--decision",
+            "denied",
+        ],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(denied["total"]["requests"], 3);
+    assert_eq!(denied["total"]["cost_nano_usd"], 0);
+
+    // The table: teams, then tokens and a total row.
+    let table = ws.ok(&["audit", &e0, &e1, "--summary"], None);
+    assert!(table.starts_with("TEAM"), "{table}");
+    let total_row = table.lines().last().unwrap();
+    assert!(total_row.starts_with("(total)"), "{table}");
+    assert!(total_row.contains("0.000534"), "{table}");
+}
+
+#[test]
+fn audit_reads_the_default_log_and_relative_times() {
+    let ws = Workspace::new("audit-default");
+    // No log where Envoy would have written it: a clear error, exit 1.
+    let err = ws.fails(&["audit"], None, 1);
+    assert!(err.contains("cannot read shieldkey-audit.log"), "{err}");
+    let err = ws.fails(&["audit", "nowhere.log"], None, 1);
+    assert!(err.contains("cannot read nowhere.log"), "{err}");
+    // Usage errors, exit 2.
+    for (args, message) in [
+        (
+            &["audit", "--decision", "refused"][..],
+            "--decision 'refused'",
+        ),
+        (&["audit", "--since", "yesterday"][..], "--since"),
+        (&["audit", "--until", "15w"][..], "--until"),
+        (&["audit", "--client", "10.0.0.0/33"][..], "--client"),
+        (&["audit", "--since", "1h", "--until", "2h"][..], "--until"),
+        (&["audit", "-", "-"][..], "stdin"),
+        (&["audit", "--nope"][..], "--nope"),
+    ] {
+        let err = ws.fails(args, None, 2);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+
+    // Records 3 hours, 30 minutes and 1 minute old, in the default log.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let record = |age: i64, id: &str| {
+        json!({"time": shieldkey::time::format_rfc3339(now - age), "token_id": id,
+               "decision": "allowed", "status": 200})
+        .to_string()
+    };
+    let log = [
+        record(3 * 3600, "old"),
+        record(1800, "recent"),
+        record(60, "new"),
+    ]
+    .join("\n");
+    fs::write(ws.dir.join("shieldkey-audit.log"), log + "\n").unwrap();
+    let tokens = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["audit", "--json"];
+        all.extend_from_slice(args);
+        json_lines(&ws.ok(&all, None))
+            .iter()
+            .map(|r| r["token_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(tokens(&[]), ["old", "recent", "new"]);
+    assert_eq!(tokens(&["--since", "1h"]), ["recent", "new"]);
+    assert_eq!(tokens(&["--since", "15m"]), ["new"]);
+    assert_eq!(
+        tokens(&["--since", "7d", "--until", "10m"]),
+        ["old", "recent"]
+    );
+    assert_eq!(tokens(&["--until", "2h"]), ["old"]);
+}

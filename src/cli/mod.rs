@@ -3,6 +3,7 @@
 
 mod admin;
 mod args;
+mod audit;
 mod commands;
 mod duration;
 mod error;
@@ -91,6 +92,20 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   the http_filters chain every listener needs (YAML, or JSON)
   publish --to PATH [filter settings] [--admin URL [--wait-secs N]]
                                   write the ECDS file Envoy watches, atomically
+  audit [FILE...] [--token ID] [--owner O] [--team T] [--decision D] [--since T] [--until T]
+       [--route R] [--model M] [--client ADDR|CIDR] [--country CC] [--request-id ID]
+       [--summary] [--json]
+                                  read the audit trail (the JSON access log Envoy writes,
+                                  default shieldkey-audit.log; - is stdin; several files, e.g.
+                                  one per Envoy, are merged in time order): who used what, when,
+                                  from where. --decision allowed|denied|would-deny|<shield_ code>;
+                                  --since (inclusive) and --until (exclusive): RFC 3339, a date,
+                                  or 15m, 2h, 7d before now; --country unknown: no country.
+                                  --json: the matching records as JSON lines (numbers as numbers,
+                                  booleans as booleans); --summary: totals per team and token
+                                  (requests, allowed, denied by code, would_deny, tokens, cost,
+                                  first/last seen, client addresses), --json for one document.
+                                  Lines that are not JSON records are skipped, counted on stderr
 
 Changing commands (seal, mint, limit, revoke, unrevoke, remove, team create|limit|remove,
 enforce true|false) also take --publish PATH [filter settings] [--admin URL [--wait-secs N]]
@@ -307,6 +322,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
             return Ok(());
         }
         "keygen" => return commands::keygen(args),
+        "audit" => return audit::audit(args),
         "status" => return status::status(options.target()?, args),
         _ => {}
     }
