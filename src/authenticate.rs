@@ -16,6 +16,24 @@ pub struct Credentials<'a> {
     pub x_api_key: Option<&'a [u8]>,
 }
 
+/// Why authentication failed, and the token's record when its secret did verify (a revoked,
+/// expired or not-yet-valid token): its holder is known, so the refusal can be audited and
+/// counted under the token.
+#[derive(Debug)]
+pub struct Refusal {
+    pub denial: Denial,
+    pub verified: Option<Rc<TokenPolicy>>,
+}
+
+impl From<Denial> for Refusal {
+    fn from(denial: Denial) -> Self {
+        Refusal {
+            denial,
+            verified: None,
+        }
+    }
+}
+
 /// `lookup` finds a token's record by public id (the glue reads it from shared data once per
 /// worker and configuration, then serves it from a cache: records of one configuration never
 /// change, a new policy is a new configuration).
@@ -24,7 +42,7 @@ pub fn authenticate(
     verifier: &TokenVerifier,
     credentials: &Credentials<'_>,
     now_unix: i64,
-) -> Result<Rc<TokenPolicy>, Denial> {
+) -> Result<Rc<TokenPolicy>, Refusal> {
     let presented = token::from_headers(credentials.authorization, credentials.x_api_key).map_err(
         |e| match e {
             TokenError::Missing => Denial::TokenMissing,
@@ -33,18 +51,21 @@ pub fn authenticate(
     )?;
     let record = lookup(presented.id).ok_or(Denial::TokenUnknown)?;
     if !verifier.verify(presented.id, presented.secret_text(), &record.digest) {
-        return Err(Denial::TokenInvalid);
+        return Err(Denial::TokenInvalid.into());
     }
-    if record.revoked {
-        return Err(Denial::TokenRevoked);
-    }
-    if record.not_before.is_some_and(|nbf| now_unix < nbf) {
-        return Err(Denial::TokenNotYetValid);
-    }
-    if record.expires_at.is_some_and(|exp| now_unix >= exp) {
-        return Err(Denial::TokenExpired);
-    }
-    Ok(record)
+    let refused = if record.revoked {
+        Denial::TokenRevoked
+    } else if record.not_before.is_some_and(|nbf| now_unix < nbf) {
+        Denial::TokenNotYetValid
+    } else if record.expires_at.is_some_and(|exp| now_unix >= exp) {
+        Denial::TokenExpired
+    } else {
+        return Ok(record);
+    };
+    Err(Refusal {
+        denial: refused,
+        verified: Some(record),
+    })
 }
 
 #[cfg(test)]
@@ -119,7 +140,17 @@ mod tests {
             x_api_key: None,
         };
         let lookup = |id: &str| policy_store::lookup(&f.store, 1, id).map(Rc::new);
-        authenticate(&lookup, &f.verifier, &creds, now).map(|t| t.id.clone())
+        authenticate(&lookup, &f.verifier, &creds, now)
+            .map(|t| t.id.clone())
+            .map_err(|r| {
+                // The record comes back exactly when the secret verified.
+                let verified = matches!(
+                    r.denial,
+                    Denial::TokenRevoked | Denial::TokenExpired | Denial::TokenNotYetValid
+                );
+                assert_eq!(r.verified.is_some(), verified, "{:?}", r.denial);
+                r.denial
+            })
     }
 
     fn bearer(f: &Fixture, id: &str) -> String {
@@ -171,14 +202,14 @@ mod tests {
             authorization: Some(creds_text.as_bytes()),
             x_api_key: None,
         };
-        assert_eq!(
-            authenticate(
-                &|id: &str| policy_store::lookup(&f.store, 1, id).map(Rc::new),
-                &other,
-                &creds,
-                0
-            ),
-            Err(Denial::TokenInvalid)
-        );
+        let refused = authenticate(
+            &|id: &str| policy_store::lookup(&f.store, 1, id).map(Rc::new),
+            &other,
+            &creds,
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(refused.denial, Denial::TokenInvalid);
+        assert!(refused.verified.is_none());
     }
 }

@@ -25,6 +25,7 @@ use crate::audit::AuditFacts;
 use crate::authenticate::{authenticate, Credentials};
 use crate::denial::Denial;
 use crate::ledger::{Admission, Ledger, LedgerDenial};
+use crate::policy::TokenPolicy;
 use crate::routes::{self, RouteKind};
 use crate::rules::source_ip::parse_envoy_address;
 use crate::spend::{self, ResponseFacts};
@@ -208,6 +209,8 @@ impl Stream {
             subject.metrics.denied(host, denial);
         }
         self.audit.decision = Some(denial.code());
+        // What a dry run let through before an enforced rule refused is part of the record.
+        self.audit.would_deny = self.would_deny.iter().map(Denial::code).collect();
         self.write_decision(host);
         let extra = denial.headers();
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
@@ -220,6 +223,22 @@ impl Stream {
         for (name, value) in self.audit.decision_entries() {
             host.set_filter_state(name, value.as_bytes());
         }
+    }
+
+    /// Records who is asking (audit facts and the token's stats), once the secret verified.
+    fn identify(&mut self, host: &dyn Host, active: &Active, token: &Rc<TokenPolicy>) {
+        self.audit.token_id = Some(token.id.clone());
+        self.audit.owner = Some(token.owner.clone());
+        self.audit.team = token
+            .team
+            .as_deref()
+            .and_then(crate::team::team_of_subject)
+            .map(str::to_string);
+        let metrics = active.metrics.token(host, &token.id);
+        self.token = Some(Subject {
+            record: token.clone(),
+            metrics,
+        });
     }
 
     /// The levels this request is judged at: its token, then its team.
@@ -251,21 +270,25 @@ impl Stream {
             x_api_key: x_api_key.as_deref(),
         };
         let lookup = |id: &str| active.token(host, id);
-        let token = authenticate(
+        let authenticated = authenticate(
             &lookup,
             &active.verifier,
             &credentials,
             now_ms.div_euclid(1000),
-        )?;
-        self.audit.token_id = Some(token.id.clone());
-        self.audit.owner = Some(token.owner.clone());
-        let metrics = active.metrics.token(host, &token.id);
-        self.token = Some(Subject {
-            record: token.clone(),
-            metrics,
-        });
+        );
+        let token = match authenticated {
+            Ok(token) => token,
+            Err(refusal) => {
+                // A revoked, expired or not-yet-valid token whose secret verified: its holder is
+                // known, so the refusal is audited and counted under the token.
+                if let Some(token) = refusal.verified {
+                    self.identify(host, active, &token);
+                }
+                return Err(refusal.denial);
+            }
+        };
+        self.identify(host, active, &token);
         if let Some(team_subject) = &token.team {
-            self.audit.team = crate::team::team_of_subject(team_subject).map(str::to_string);
             // A member of a team that is not readable is refused: its limits cannot be checked.
             let record = active
                 .token(host, team_subject)
@@ -456,6 +479,10 @@ impl Stream {
         }
         self.would_deny = would_deny;
         if let Some(denial) = refused {
+            // The model the refused request asked for, when its body names one.
+            self.audit.model = body
+                .and_then(|b| crate::rules::request_body::parse_request_body(b).ok())
+                .and_then(|facts| facts.model);
             self.release(host, active, admissions);
             return self.deny(host, &denial);
         }

@@ -366,3 +366,59 @@ mod two_level_bound {
         }
     }
 }
+
+/// The audit record says who was refused and what they asked for: a revoked token whose secret
+/// verified is named (and counted under the token), a refused request keeps its model, and what
+/// a dry run let through before an enforced refusal is kept.
+#[test]
+fn refusals_are_audited_with_who_and_what() {
+    let mut gw = Gateway::new(
+        &[
+            (
+                "ann",
+                json!({"team": "eng", "owner": "ann@example.com",
+                           "models": {"allow": ["codestral-*"]}, "enforce": false}),
+            ),
+            ("ben", json!({})),
+        ],
+        json!({"teams": [{"id": "eng", "models": {"allow": ["mistral-small-*"], "max_tokens": 10}}]}),
+    );
+    let mut s = gw.request("POST", CHAT, "ann");
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Continue);
+    assert_eq!(gw.body(&mut s, &body(50), true), Flow::Pause);
+    assert_eq!(
+        code(&gw).as_deref(),
+        Some("shield_team_max_tokens_exceeded")
+    );
+    {
+        let state = gw.host.filter_state.borrow();
+        assert_eq!(state["shieldkey_model"], "mistral-small-latest");
+        assert_eq!(state["shieldkey_would_deny"], "shield_model_denied");
+        assert_eq!(state["shieldkey_owner"], "ann@example.com");
+        assert_eq!(state["shieldkey_team"], "eng");
+    }
+    s.on_log(&gw.host);
+
+    gw.reload(|doc| doc["tokens"][1]["status"] = json!("revoked"));
+    let mut s = gw.request("POST", CHAT, "ben");
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Pause);
+    assert_eq!(code(&gw).as_deref(), Some("shield_token_revoked"));
+    assert_eq!(gw.host.filter_state.borrow()["shieldkey_token_id"], "ben");
+    assert_eq!(
+        gw.host
+            .stat("shieldkey.token_id.ben.reason.shield_token_revoked.denied"),
+        1
+    );
+    // A wrong secret names nobody.
+    let mut s = gw.request(
+        "POST",
+        CHAT,
+        "sk_shield_t_ben_wrongwrongwrongwrongwrongwrongwrongwrongwro",
+    );
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Pause);
+    assert!(!gw
+        .host
+        .filter_state
+        .borrow()
+        .contains_key("shieldkey_token_id"));
+}

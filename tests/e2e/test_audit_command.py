@@ -177,7 +177,10 @@ def test_summary_totals_equal_the_stats_and_the_upstream(run):
     d, ids, _, upstream = run
     summary = json.loads(audit(d, "--summary", "--json"))
     tokens = {t["token_id"]: t for t in summary["tokens"]}
-    assert set(tokens) == {"app", "sdk", "capped", "dry", None}
+    # A revoked token whose secret verified is named in its refusal's record.
+    assert set(tokens) == {"app", "sdk", "capped", "dry", "gone", None}
+    assert tokens["gone"]["denied_by_code"] == {"shield_token_revoked": 1}
+    assert tokens["gone"]["allowed"] == 0
     for token_id in ("app", "sdk", "capped", "dry"):
         row = tokens[token_id]
         spend = wait_stat(d, token_id, "spend_nano_usd", row["cost_nano_usd"])
@@ -191,7 +194,7 @@ def test_summary_totals_equal_the_stats_and_the_upstream(run):
     assert tokens["capped"]["denied_by_code"] == {"shield_budget_exceeded": 1}
     assert stat(d, "capped", "reason.shield_budget_exceeded.denied") == 1
     assert tokens["dry"]["would_deny_by_code"] == {"shield_model_denied": 1}
-    assert tokens[None]["denied_by_code"] == {"shield_token_revoked": 1, "shield_token_missing": 1}
+    assert tokens[None]["denied_by_code"] == {"shield_token_missing": 1}
     assert [t["team"] for t in summary["teams"]] == ["ml"]
     assert summary["teams"][0]["tokens"] == ["app"]
     assert summary["teams"][0]["cost_nano_usd"] == tokens["app"]["cost_nano_usd"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -353,7 +354,9 @@ def test_the_audit_trail_records_each_request_exactly(dep, mock_mistral):
         time.sleep(0.05)
     allowed, denied = by_id[ids[0]], by_id[ids[1]]
     sent = len(json.dumps(body).encode())
-    assert {k: v for k, v in allowed.items() if k not in ("time", "duration_ms", "bytes_sent")} == {
+    assert allowed["host"] == socket.gethostname()
+    assert {k: v for k, v in allowed.items()
+            if k not in ("time", "duration_ms", "bytes_sent", "host")} == {
         "token_id": "meter", "owner": None, "team": None, "decision": "allowed",
         "would_deny": None, "client_address": "127.0.0.1", "country": None, "method": "POST",
         "route": "v1/chat/completions", "model": "mistral-small-latest", "upstream_key": "prod",

@@ -128,9 +128,9 @@ def test_status_matches_envoys_stats_and_fails_clearly_without_envoy(dep, mock_m
     assert (rows["dry"]["requests"], rows["dry"]["would_deny"]) == (1, {"shield_model_denied": 1})
     assert (team["requests"], team["denied"]) == (
         3, {"shield_budget_exceeded": 1, "shield_model_denied": 1})
-    # A revoked token never authenticates: no stats of its own.
+    # A revoked token's refusals (its secret verified) are counted under it.
     assert (rows["gone"]["status"], rows["gone"]["requests"], rows["gone"]["denied"]) == (
-        "revoked", 0, {})
+        "revoked", 0, {"shield_token_revoked": 1})
     assert rows["dry"]["status"] == "dry-run"
     assert rows["idle"]["status"] == "active" and rows["idle"]["spent_nano_usd"] == 0
 
