@@ -34,6 +34,8 @@ pub struct MemoryStore {
     next_cas: RefCell<u32>,
     /// How many reads were made (what publishing costs a root context).
     pub reads: std::cell::Cell<usize>,
+    /// How many writes were attempted (each a host call in Envoy, compare-and-swap or not).
+    pub writes: std::cell::Cell<usize>,
 }
 
 impl MemoryStore {
@@ -67,6 +69,7 @@ impl SharedStore for MemoryStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.writes.set(self.writes.get() + 1);
         let mut entries = self.entries.borrow_mut();
         if let (Some(expected), Some((_, current))) = (cas, entries.get(key)) {
             if expected != 0 && expected != *current {

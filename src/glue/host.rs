@@ -1,6 +1,7 @@
 //! `stream::host::Host` over proxy-wasm host calls, panic-free: every host error becomes a value
 //! (the SDK's trait helpers unwrap, and a panic in the VM is an outage).
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -9,6 +10,25 @@ use proxy_wasm::types::{BufferType, MapType, MetricType};
 use super::host_store::HostStore;
 use crate::store::SharedStore;
 use crate::stream::host::{Host, LogLevel, MetricKind};
+use crate::stream::metrics::PendingMetrics;
+
+thread_local! {
+    /// Stat changes of this VM (one per worker thread) not sent to Envoy yet: a request's
+    /// counters are added up here and sent by the root context's timer (`flush_metrics`), one
+    /// host call per stat that changed instead of one per request and stat.
+    static PENDING_METRICS: RefCell<PendingMetrics> = RefCell::new(PendingMetrics::default());
+}
+
+/// Sends every buffered stat change to Envoy.
+pub fn flush_metrics() {
+    let pending = PENDING_METRICS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    for (id, by) in pending.counters {
+        let _ = hostcalls::increment_metric(id, by);
+    }
+    for (id, value) in pending.gauges {
+        let _ = hostcalls::record_metric(id, value);
+    }
+}
 
 /// The host of one HTTP stream. `alert_queue`: the shared queue budget alerts go to.
 pub struct WasmHost {
@@ -81,10 +101,10 @@ impl Host for WasmHost {
         log(level, message);
     }
 
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+    fn request_headers(&self) -> Vec<(String, Vec<u8>)> {
+        // Header names are tokens (ASCII): Envoy's codecs refuse anything else, so the SDK's
+        // UTF-8 decoding of names cannot fail.
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
     }
 
     fn set_request_header(&self, name: &str, value: &[u8]) -> bool {
@@ -101,10 +121,8 @@ impl Host for WasmHost {
             .flatten()
     }
 
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-            .ok()
-            .flatten()
+    fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
+        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
     }
 
     fn response_chunk(&self, size: usize) -> Option<Vec<u8>> {
@@ -138,11 +156,15 @@ impl Host for WasmHost {
     }
 
     fn increment_metric(&self, id: u32, by: i64) {
-        let _ = hostcalls::increment_metric(id, by);
+        PENDING_METRICS.with(|p| p.borrow_mut().increment(id, by));
     }
 
     fn record_metric(&self, id: u32, value: u64) {
-        let _ = hostcalls::record_metric(id, value);
+        PENDING_METRICS.with(|p| p.borrow_mut().record(id, value));
+    }
+
+    fn flush_metrics(&self) {
+        flush_metrics();
     }
 
     fn enqueue_alert(&self, body: &[u8]) {

@@ -24,6 +24,8 @@ use crate::stream::metrics::MetricIds;
 use crate::stream::Stream;
 
 const ALERT_QUEUE: &str = "shieldkey.alerts";
+/// How often a worker sends its buffered stats to Envoy (and budget alerts to the webhook).
+const STATS_FLUSH_MS: u64 = 100;
 /// Alerts sent per tick and worker: a flood of alerts must not starve the worker.
 const ALERTS_PER_TICK: usize = 16;
 
@@ -117,6 +119,8 @@ impl RootContext for ShieldRoot {
     }
 
     fn on_tick(&mut self) {
+        // Stats of this worker's requests since the last tick.
+        host::flush_metrics();
         match &mut self.mode {
             Mode::Syncer(syncer) => {
                 syncer.tick();
@@ -192,9 +196,9 @@ impl ShieldRoot {
             &master,
             &metric_ids(),
         )?;
-        if alert_queue.is_some() {
-            let _ = hostcalls::set_tick_period(Duration::from_millis(500));
-        }
+        // The timer sends the stats buffered in this VM (`host::flush_metrics`) and the budget
+        // alerts: stats reach Envoy at most this late.
+        let _ = hostcalls::set_tick_period(Duration::from_millis(STATS_FLUSH_MS));
         self.active = Some(Rc::new(active));
         self.alert_queue = alert_queue;
         self.mode = Mode::Single;

@@ -44,6 +44,8 @@ pub struct FakeHost {
     pub call_reply: RefCell<(u32, Vec<u8>)>,
     pub resumed: Cell<u32>,
     pub spent_marks: RefCell<Vec<String>>,
+    /// Calls into the host (each one a proxy-wasm host call in Envoy), shared data apart.
+    pub host_calls: Cell<usize>,
 }
 
 fn get(list: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
@@ -84,15 +86,19 @@ impl FakeHost {
 
 impl Host for FakeHost {
     fn now_unix_ms(&self) -> Option<i64> {
+        self.host_calls.set(self.host_calls.get() + 1);
         Some(self.now_ms.get())
     }
     fn log(&self, _level: LogLevel, message: &str) {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.logs.borrow_mut().push(message.to_string());
     }
-    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
-        get(&self.request_headers.borrow(), name)
+    fn request_headers(&self) -> Vec<(String, Vec<u8>)> {
+        self.host_calls.set(self.host_calls.get() + 1);
+        self.request_headers.borrow().clone()
     }
     fn set_request_header(&self, name: &str, value: &[u8]) -> bool {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.remove_request_header(name);
         self.request_headers
             .borrow_mut()
@@ -100,30 +106,37 @@ impl Host for FakeHost {
         true
     }
     fn remove_request_header(&self, name: &str) -> bool {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.request_headers
             .borrow_mut()
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         true
     }
     fn request_body(&self) -> Option<Vec<u8>> {
+        self.host_calls.set(self.host_calls.get() + 1);
         Some(self.request_body.borrow().clone())
     }
-    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        get(&self.response_headers.borrow(), name)
+    fn response_headers(&self) -> Vec<(String, Vec<u8>)> {
+        self.host_calls.set(self.host_calls.get() + 1);
+        self.response_headers.borrow().clone()
     }
     fn response_chunk(&self, size: usize) -> Option<Vec<u8>> {
+        self.host_calls.set(self.host_calls.get() + 1);
         let chunk = self.response_chunk.borrow();
         Some(chunk.get(..size.min(chunk.len()))?.to_vec())
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.host_calls.set(self.host_calls.get() + 1);
         (path == ["source", "address"])
             .then(|| self.source_address.borrow().clone())
             .flatten()
     }
     fn send_local_reply(&self, status: u32, _headers: &[(&str, &str)], body: &[u8]) {
+        self.host_calls.set(self.host_calls.get() + 1);
         *self.reply.borrow_mut() = Some((status, body.to_vec()));
     }
     fn set_filter_state(&self, name: &str, value: &[u8]) {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.filter_state
             .borrow_mut()
             .insert(name.to_string(), String::from_utf8_lossy(value).into());
@@ -132,6 +145,7 @@ impl Host for FakeHost {
         &self.store
     }
     fn define_metric(&self, _kind: MetricKind, name: &str) -> Option<u32> {
+        self.host_calls.set(self.host_calls.get() + 1);
         *self
             .definitions
             .borrow_mut()
@@ -148,16 +162,19 @@ impl Host for FakeHost {
         u32::try_from(index).ok()
     }
     fn increment_metric(&self, id: u32, by: i64) {
+        // Buffered in the VM and sent on a timer (`glue::host`): not a host call per request.
         if let Some((_, v)) = self.metrics.borrow_mut().get_mut(id as usize) {
             *v += by;
         }
     }
     fn record_metric(&self, id: u32, value: u64) {
+        // Buffered in the VM and sent on a timer (`glue::host`): not a host call per request.
         if let Some((_, v)) = self.metrics.borrow_mut().get_mut(id as usize) {
             *v = value as i64;
         }
     }
     fn enqueue_alert(&self, body: &[u8]) {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.alerts.borrow_mut().push(body.to_vec());
     }
     fn dispatch_call(
@@ -168,17 +185,21 @@ impl Host for FakeHost {
         body: &[u8],
         _timeout_ms: u64,
     ) -> Option<u32> {
+        self.host_calls.set(self.host_calls.get() + 1);
         let mut calls = self.calls.borrow_mut();
         calls.push((path.to_string(), body.to_vec()));
         u32::try_from(calls.len()).ok()
     }
     fn call_response(&self, _body_size: usize) -> (u32, Vec<u8>) {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.call_reply.borrow().clone()
     }
     fn resume_request(&self) {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.resumed.set(self.resumed.get() + 1);
     }
     fn mark_spent(&self, token_id: &str) {
+        self.host_calls.set(self.host_calls.get() + 1);
         self.spent_marks.borrow_mut().push(token_id.to_string());
     }
 }

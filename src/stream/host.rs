@@ -22,12 +22,14 @@ pub trait Host {
     fn now_unix_ms(&self) -> Option<i64>;
     fn log(&self, level: LogLevel, message: &str);
 
-    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Every request header, in one call.
+    fn request_headers(&self) -> Vec<(String, Vec<u8>)>;
     fn set_request_header(&self, name: &str, value: &[u8]) -> bool;
     fn remove_request_header(&self, name: &str) -> bool;
     /// The whole request body buffered so far.
     fn request_body(&self) -> Option<Vec<u8>>;
-    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// Every response header, in one call.
+    fn response_headers(&self) -> Vec<(String, Vec<u8>)>;
     /// The response body chunk of the current callback.
     fn response_chunk(&self, size: usize) -> Option<Vec<u8>>;
     /// An Envoy attribute such as `source.address`.
@@ -42,6 +44,9 @@ pub trait Host {
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
     fn increment_metric(&self, id: u32, by: i64);
     fn record_metric(&self, id: u32, value: u64);
+    /// Sends stat changes the host buffered (`increment_metric`/`record_metric` may be batched
+    /// and sent on a timer): called where a change must be visible at once.
+    fn flush_metrics(&self) {}
     /// Hands a budget alert to the root context, which delivers it off the request path.
     fn enqueue_alert(&self, body: &[u8]);
 

@@ -25,6 +25,31 @@ use super::host::{Host, MetricKind};
 use crate::denial::Denial;
 use crate::money::NanoUsd;
 
+/// Stat changes added up in the VM until they are sent (the glue sends them on a timer): a
+/// counter's increments summed, a gauge's last value. Few stats change between two sends, so
+/// small vectors searched linearly beat hashing here.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct PendingMetrics {
+    pub counters: Vec<(u32, i64)>,
+    pub gauges: Vec<(u32, u64)>,
+}
+
+impl PendingMetrics {
+    pub fn increment(&mut self, id: u32, by: i64) {
+        match self.counters.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, total)) => *total = total.saturating_add(by),
+            None => self.counters.push((id, by)),
+        }
+    }
+
+    pub fn record(&mut self, id: u32, value: u64) {
+        match self.gauges.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, last)) => *last = value,
+            None => self.gauges.push((id, value)),
+        }
+    }
+}
+
 /// The stat ids this VM has defined, by name: one per VM, outliving configurations.
 #[derive(Default)]
 pub struct MetricIds {
@@ -328,5 +353,24 @@ impl ModelMetrics {
         bump(host, self.prompt_tokens, usage.prompt_tokens);
         bump(host, self.completion_tokens, usage.completion_tokens);
         bump(host, self.spend, usage.cost);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_changes_add_up_counters_and_keep_the_last_gauge() {
+        let mut p = PendingMetrics::default();
+        p.increment(3, 2);
+        p.increment(5, 1);
+        p.increment(3, 4);
+        p.record(7, 10);
+        p.record(7, 8);
+        assert_eq!(p.counters, vec![(3, 6), (5, 1)]);
+        assert_eq!(p.gauges, vec![(7, 8)]);
+        p.increment(5, i64::MAX);
+        assert_eq!(p.counters[1], (5, i64::MAX));
     }
 }

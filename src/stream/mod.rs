@@ -6,6 +6,7 @@
 
 pub mod active;
 mod claim;
+mod headers;
 pub mod host;
 mod levels;
 pub mod metrics;
@@ -31,6 +32,7 @@ use crate::rules::source_ip::parse_envoy_address;
 use crate::spend::{self, ResponseFacts};
 use crate::usage::{BodyKind, UsageScanner};
 use active::Active;
+use headers::Headers;
 use host::{Host, LogLevel};
 use levels::{Admissions, Level, Reservations, Subject};
 use metrics::{BudgetReport, Usage};
@@ -97,11 +99,12 @@ impl Stream {
         let Some(now_ms) = host.now_unix_ms() else {
             return self.deny(host, &Denial::PolicyUnavailable);
         };
-        let kind = match self.check_headers(host, &active, now_ms) {
+        let headers = Headers::new(host.request_headers());
+        let kind = match self.check_headers(host, &active, &headers, now_ms) {
             Ok(kind) => kind,
             Err(denial) => return self.deny(host, &denial),
         };
-        let admission = match self.admit_and_swap(host, &active) {
+        let admission = match self.admit_and_swap(host, &active, &headers, now_ms) {
             Ok(a) => a,
             Err(denial) => return self.deny(host, &denial),
         };
@@ -114,7 +117,9 @@ impl Stream {
             self.awaiting_body = Some(admission);
             return Flow::Continue;
         }
-        let request_bytes = content_length(host);
+        // The declared length (Envoy's codec enforces it), for estimates of requests whose body
+        // was not read.
+        let request_bytes = headers.number("content-length").unwrap_or(0);
         self.judge_and_reserve(host, &active, admission, None, request_bytes)
     }
 
@@ -153,16 +158,14 @@ impl Stream {
 
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
         if let Some(exchange) = &mut self.exchange {
-            exchange.status = host
-                .response_header(":status")
-                .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
-                .unwrap_or(0);
-            let kind = host
-                .response_header("content-type")
-                .and_then(|ct| String::from_utf8(ct).ok())
-                .map_or(BodyKind::Json, |ct| BodyKind::from_content_type(&ct));
-            exchange.unreadable = host
-                .response_header("content-encoding")
+            let headers = Headers::new(host.response_headers());
+            exchange.status = headers.number(":status").unwrap_or(0);
+            let kind = headers
+                .get("content-type")
+                .and_then(|ct| std::str::from_utf8(ct).ok())
+                .map_or(BodyKind::Json, BodyKind::from_content_type);
+            exchange.unreadable = headers
+                .get("content-encoding")
                 .is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"identity"));
             exchange.scanner = Some(UsageScanner::new(kind));
             exchange.response_ended = end_of_stream;
@@ -216,6 +219,8 @@ impl Stream {
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
         host.send_local_reply(denial.status(), &headers, &denial.body());
+        // Refusals are the rare path, and an operator watching one expects to see it counted.
+        host.flush_metrics();
         Flow::Pause
     }
 
@@ -261,13 +266,12 @@ impl Stream {
         &mut self,
         host: &dyn Host,
         active: &Active,
+        headers: &Headers,
         now_ms: i64,
     ) -> Result<RouteKind, Denial> {
-        let authorization = host.request_header("authorization");
-        let x_api_key = host.request_header("x-api-key");
         let credentials = Credentials {
-            authorization: authorization.as_deref(),
-            x_api_key: x_api_key.as_deref(),
+            authorization: headers.get("authorization"),
+            x_api_key: headers.get("x-api-key"),
         };
         let lookup = |id: &str| active.token(host, id);
         let authenticated = authenticate(
@@ -297,22 +301,24 @@ impl Stream {
             self.team = Some(Subject { record, metrics });
         }
 
-        let source = host
-            .property(&["source", "address"])
-            .as_deref()
-            .and_then(parse_envoy_address);
-        let country = if self
-            .subjects()
-            .any(|(_, s)| s.record.rules.countries.is_some())
-        {
-            host.request_header(&active.policy.settings.country_header)
+        // Envoy's resolved client address and the country are read only when a rule needs them.
+        let rules_of = || self.subjects().map(|(_, s)| &s.record.rules);
+        let source = if rules_of().any(|r| r.source_networks.is_some()) {
+            host.property(&["source", "address"])
+                .as_deref()
+                .and_then(parse_envoy_address)
         } else {
             None
         };
-        let path = host.request_header(":path").unwrap_or_default();
-        let path = routes::canonical_path(&path).ok_or(Denial::PathNotCanonical)?;
-        let method = host.request_header(":method").unwrap_or_default();
-        let route = routes::lookup(&method, path);
+        let country = if rules_of().any(|r| r.countries.is_some()) {
+            headers.get(&active.policy.settings.country_header)
+        } else {
+            None
+        };
+        let path = headers.get(":path").unwrap_or_default();
+        let path = routes::canonical_path(path).ok_or(Denial::PathNotCanonical)?;
+        let method = headers.get(":method").unwrap_or_default();
+        let route = routes::lookup(method, path);
         self.audit.route = Some(route.map_or("unknown", |r| r.audit_name()));
         let dry_run = active.policy.settings.dry_run;
         let mut kind = None;
@@ -320,7 +326,7 @@ impl Stream {
         for (level, subject) in self.subjects() {
             let mut judge = levels::judge(level, subject, dry_run, &mut would_deny);
             let rules = &subject.record.rules;
-            access::check_connection(rules, &mut judge, source, country.as_deref())?;
+            access::check_connection(rules, &mut judge, source, country)?;
             kind = Some(access::check_route(rules, &mut judge, route)?);
         }
         self.would_deny = would_deny;
@@ -333,7 +339,13 @@ impl Stream {
     /// the headers phase: proxy-wasm cannot hold request headers while reading the body (the
     /// host turns a header pause into a full stop), so everything that can be judged without
     /// the body is judged before anything is forwarded.
-    fn admit_and_swap(&mut self, host: &dyn Host, active: &Active) -> Result<Admissions, Denial> {
+    fn admit_and_swap(
+        &mut self,
+        host: &dyn Host,
+        active: &Active,
+        headers: &Headers,
+        now_ms: i64,
+    ) -> Result<Admissions, Denial> {
         let mut admissions = Admissions::default();
         for level in Level::BOTH {
             let Some(subject) = self.subject(level).cloned() else {
@@ -342,15 +354,10 @@ impl Stream {
             if !subject.limits().is_tracked() {
                 continue;
             }
-            let admitted = host
-                .now_unix_ms()
-                .ok_or(LedgerDenial::Busy)
-                .and_then(|now_ms| {
-                    active
-                        .ledger(host)
-                        .admit(subject.id(), subject.limits(), 0, now_ms)
-                        .or_else(|e| self.waive(active, level, e, subject.limits(), now_ms))
-                });
+            let admitted = active
+                .ledger(host)
+                .admit(subject.id(), subject.limits(), 0, now_ms)
+                .or_else(|e| self.waive(active, level, e, subject.limits(), now_ms));
             match admitted {
                 Ok(admission) => *admissions.slot(level) = Some(admission),
                 Err(e) => {
@@ -384,7 +391,7 @@ impl Stream {
         // `authorization` is replaced, `x-api-key` removed: no shield token goes upstream. The
         // upstream is asked for an uncompressed response, the only kind the usage scanner reads
         // (Envoy's compressor, placed before ShieldKey, compresses for the client again).
-        let swapped = host.remove_request_header("x-api-key")
+        let swapped = (!headers.has("x-api-key") || host.remove_request_header("x-api-key"))
             && host.set_request_header("authorization", upstream_authorization.expose())
             && host.set_request_header("accept-encoding", b"identity");
         if !swapped {
@@ -819,14 +826,6 @@ pub(crate) struct Reserving {
     reservations: Reservations,
     verdict: BodyVerdict,
     request_bytes: u64,
-}
-
-/// The request body's declared length (Envoy's codec enforces it), for estimates of requests
-/// whose body was not read.
-fn content_length(host: &dyn Host) -> u64 {
-    host.request_header("content-length")
-        .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn ledger_denial(e: LedgerDenial) -> Denial {

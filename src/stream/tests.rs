@@ -518,3 +518,56 @@ fn fleet_a_client_gone_while_its_request_waits_for_a_claim_leaves_nothing_held()
     s.on_log(&gw.host);
     assert_eq!(balance(&gw, "alice"), (0, 0));
 }
+
+/// What one request costs in calls into Envoy: a regression guard for the hot path (each host
+/// call crosses the VM boundary). Printed with `--nocapture`; the bounds are today's counts.
+#[test]
+fn host_calls_per_request() {
+    let gw = Gateway::new(
+        &[
+            ("open", json!({})),
+            (
+                "ruled",
+                json!({"budget": {"limit_usd": "100", "window": "daily"},
+                       "rate_limit": {"requests_per_minute": 100000, "tokens_per_minute": 100000000},
+                       "source_cidrs": ["127.0.0.0/8"],
+                       "models": {"allow": ["mistral-small-*"], "max_tokens": 1000}}),
+            ),
+        ],
+        json!({}),
+    );
+    let mut counts = Vec::new();
+    for token in ["open", "ruled", "open", "ruled"] {
+        let (calls, reads, writes) = (
+            gw.host.host_calls.get(),
+            gw.host.store.reads.get(),
+            gw.host.store.writes.get(),
+        );
+        let mut s = gw.request("POST", CHAT, token);
+        if s.on_request_headers(&gw.host, false) == Flow::Continue {
+            let _ = gw.body(&mut s, SMALL, true);
+        }
+        gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+        gw.response_chunk(&mut s, USAGE, true);
+        s.on_log(&gw.host);
+        assert_eq!(code(&gw), None);
+        counts.push((
+            token,
+            gw.host.host_calls.get() - calls,
+            gw.host.store.reads.get() - reads,
+            gw.host.store.writes.get() - writes,
+        ));
+    }
+    println!("(token, host calls, shared-data reads, shared-data writes): {counts:?}");
+    // The second request of each token: stats and records are defined and cached by then.
+    let (_, open_calls, open_reads, open_writes) = counts[2];
+    let (_, ruled_calls, ruled_reads, ruled_writes) = counts[3];
+    assert!(
+        open_calls <= 18 && open_reads + open_writes == 0,
+        "{counts:?}"
+    );
+    assert!(
+        ruled_calls <= 24 && ruled_reads + ruled_writes <= 6,
+        "{counts:?}"
+    );
+}

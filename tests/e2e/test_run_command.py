@@ -104,7 +104,12 @@ def test_with_mistral_api_key_the_first_command_targets_api_mistral_ai(tmp_path)
         result = sh(run.block_after("curl:").replace("curl -s ", "curl -s --max-time 30 ", 1))
         assert "shield_" not in result.stdout, result.stdout
         admin = f"http://127.0.0.1:{run.ports['admin']}"
-        assert "wasmcustom.shieldkey.allowed: 1" in urllib_get(f"{admin}/stats?filter=shieldkey.allowed")
+        # Stats reach Envoy on the filter's next timer tick (every 100 ms).
+        deadline = time.monotonic() + 5
+        while "wasmcustom.shieldkey.allowed: 1" not in (
+                stats := urllib_get(f"{admin}/stats?filter=shieldkey.allowed")):
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
         assert not harness.port_is_free(run.ports["listen"])
         for path in (tmp_path / "run").rglob("*"):
             if path.is_file():
