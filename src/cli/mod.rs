@@ -5,6 +5,7 @@ mod admin;
 mod args;
 mod audit;
 mod commands;
+mod console;
 mod duration;
 mod error;
 mod etcd;
@@ -324,6 +325,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         "keygen" => return commands::keygen(args),
         "audit" => return audit::audit(args),
         "status" => return status::status(options.target()?, args),
+        "console" => return console::console(options.target()?, args),
         _ => {}
     }
     let mut ctx = Context {
