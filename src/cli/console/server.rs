@@ -622,3 +622,262 @@ async fn not_found() -> Response {
         "There is no such page in the console.",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::commands::publish_options;
+    use crate::cli::console::auth::Credential;
+    use crate::cli::policy_store::PolicyStore;
+    use crate::secret::SecretBytes;
+    use axum::body::Body;
+    use std::path::PathBuf;
+    use tower::ServiceExt;
+
+    const SECRET: &str = "the-one-time-secret";
+
+    struct Fixture {
+        dir: PathBuf,
+        app: Shared,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    impl Fixture {
+        fn policy(&self) -> String {
+            std::fs::read_to_string(self.dir.join("policy.json")).unwrap()
+        }
+    }
+
+    fn fixture(name: &str) -> Fixture {
+        let dir =
+            std::env::temp_dir().join(format!("shieldkey-console-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        use base64::Engine;
+        let master = crate::master_key::MasterKey::from_base64(
+            &base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
+        )
+        .unwrap();
+        let sealed = crate::seal::seal(
+            master.seal_key(),
+            "prod",
+            b"upstream",
+            &[0u8; crate::seal::NONCE_LEN],
+        )
+        .unwrap();
+        let policy = serde_json::json!({"version": 1, "revision": 3,
+            "upstream_keys": [{"id": "prod", "sealed": sealed}],
+            "tokens": [{"id": "ann", "digest": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                        "upstream_key": "prod"}]});
+        std::fs::write(dir.join("policy.json"), policy.to_string()).unwrap();
+        let mut args = Args::new(Vec::new());
+        let publish = publish_options(&mut args, "publish").unwrap();
+        let app = Arc::new(App {
+            config: Config {
+                publish,
+                admin: None,
+                filter_name: "shieldkey".into(),
+                audit_log: None,
+                allow_remote: false,
+                fleet: None,
+                describe: "policy.json".into(),
+            },
+            ctx: Mutex::new(Context {
+                store: PolicyStore::File(dir.join("policy.json")),
+            }),
+            sessions: Mutex::new(Sessions::default()),
+            gate: Mutex::new(LoginGate::new(Credential::OneTime(Some(SecretBytes::new(
+                SECRET.as_bytes().to_vec(),
+            ))))),
+        });
+        Fixture { dir, app }
+    }
+
+    use super::super::super::args::Args;
+
+    fn request(method: &str, path: &str, cookie: Option<&str>, body: &str) -> Request {
+        let mut builder = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "127.0.0.1:8484");
+        if let Some(c) = cookie {
+            builder = builder.header(header::COOKIE, c);
+        }
+        if method == "POST" {
+            builder = builder.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        }
+        let mut req = builder.body(Body::from(body.to_string())).unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 5555))));
+        req
+    }
+
+    async fn send(app: &Shared, req: Request) -> Response {
+        router(app.clone()).oneshot(req).await.unwrap()
+    }
+
+    async fn body(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// Logs in; returns the cookie and the CSRF token of the session.
+    async fn log_in(app: &Shared) -> (String, String) {
+        let r = send(
+            app,
+            request("POST", "/login", None, &format!("secret={SECRET}")),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let cookie = r.headers()[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(cookie.contains("HttpOnly; SameSite=Strict; Path=/"));
+        let cookie = cookie.split(';').next().unwrap().to_string();
+        let page = body(send(app, request("GET", "/", Some(&cookie), "")).await).await;
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string();
+        (cookie, csrf)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn pages_need_a_session_and_carry_security_headers() {
+        let f = fixture("guard");
+        let r = send(&f.app, request("GET", "/", None, "")).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()[header::LOCATION], "/login");
+        for (name, value) in SECURITY_HEADERS {
+            assert_eq!(r.headers()[name], value);
+        }
+        let r = send(
+            &f.app,
+            request("GET", "/tokens/ann", Some("shieldkey_console=forged"), ""),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        // Another host (DNS rebinding) is not answered.
+        let mut req = request("GET", "/login", None, "");
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("evil.example:8484"));
+        assert_eq!(
+            send(&f.app, req).await.status(),
+            StatusCode::MISDIRECTED_REQUEST
+        );
+        // The login page and the static files need no session.
+        assert_eq!(
+            send(&f.app, request("GET", "/login", None, ""))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+        let css = send(&f.app, request("GET", "/static/console.css", None, "")).await;
+        assert_eq!(
+            css.headers()[header::CONTENT_TYPE],
+            "text/css; charset=utf-8"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn posts_without_a_session_or_with_a_forged_csrf_token_change_nothing() {
+        let f = fixture("csrf");
+        let before = f.policy();
+        let r = send(
+            &f.app,
+            request("POST", "/tokens/ann/revoke", None, "csrf=x"),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+        let (cookie, csrf) = log_in(&f.app).await;
+        for forged in ["", "csrf=", "csrf=forged", &format!("csrf={csrf}x")] {
+            let r = send(
+                &f.app,
+                request("POST", "/tokens/ann/revoke", Some(&cookie), forged),
+            )
+            .await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{forged}");
+        }
+        // The right token from another site.
+        let mut req = request(
+            "POST",
+            "/tokens/ann/revoke",
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        );
+        req.headers_mut()
+            .insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert_eq!(send(&f.app, req).await.status(), StatusCode::FORBIDDEN);
+        // GET is only the confirm step.
+        let r = send(
+            &f.app,
+            request("GET", "/tokens/ann/revoke", Some(&cookie), ""),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(f.policy(), before);
+
+        // With the session's token, from its own pages: done.
+        let mut req = request(
+            "POST",
+            "/tokens/ann/revoke",
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        );
+        req.headers_mut()
+            .insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        let r = send(&f.app, req).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()[header::LOCATION], "/tokens/ann");
+        assert!(f.policy().contains("\"revoked\""));
+        let page = body(send(&f.app, request("GET", "/tokens/ann", Some(&cookie), "")).await).await;
+        assert!(
+            page.contains("Revoked token &#39;ann&#39; (policy revision 4)."),
+            "{page}"
+        );
+
+        // Logout ends the session.
+        let r = send(
+            &f.app,
+            request("POST", "/logout", Some(&cookie), &format!("csrf={csrf}")),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let r = send(&f.app, request("GET", "/", Some(&cookie), "")).await;
+        assert_eq!(r.headers()[header::LOCATION], "/login");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_login_secret_works_once_and_failures_lock_out() {
+        let f = fixture("login");
+        log_in(&f.app).await;
+        let r = send(
+            &f.app,
+            request("POST", "/login", None, &format!("secret={SECRET}")),
+        )
+        .await;
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "the secret was consumed"
+        );
+        for _ in 1..super::super::auth::MAX_FAILURES {
+            send(&f.app, request("POST", "/login", None, "secret=wrong")).await;
+        }
+        let r = send(&f.app, request("POST", "/login", None, "secret=wrong")).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+}
