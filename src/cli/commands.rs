@@ -195,6 +195,7 @@ pub fn init(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
 
 /// Filter settings given explicitly (flags or their environment defaults). `None` keeps what the
 /// published file being replaced says, or the default when there is none.
+#[derive(Debug, Clone)]
 struct FilterFlags {
     wasm: Option<String>,
     vm_id: Option<String>,
@@ -229,6 +230,7 @@ fn filter_flags(args: &mut Args) -> Result<FilterFlags, CliError> {
 
 /// Where and how to publish: `--publish PATH` (or `publish --to PATH`), the filter settings,
 /// and `--admin URL [--wait-secs N]` to wait for Envoy's verdict.
+#[derive(Debug, Clone)]
 pub(super) struct Publish {
     to: Option<String>,
     /// `to` came from `SHIELDKEY_PUBLISH`, not a flag.
@@ -242,6 +244,38 @@ impl Publish {
     /// `--publish` (or `--to`) was given on the command line, not taken from SHIELDKEY_PUBLISH.
     pub(super) fn given(&self) -> bool {
         self.to.is_some() && !self.to_from_env
+    }
+
+    /// The ECDS filter name given (`--filter-name`), if any.
+    pub(super) fn filter_name(&self) -> Option<&str> {
+        self.flags.filter_name.as_deref()
+    }
+
+    /// Where changes are published, if anywhere.
+    pub(super) fn to(&self) -> Option<&str> {
+        self.to.as_deref()
+    }
+
+    /// Confirms every publish with the Envoy whose admin is at `admin` (nothing without a file to
+    /// publish to).
+    pub(super) fn confirm_with(&mut self, admin: Option<String>) {
+        self.admin = if self.to.is_some() { admin } else { None };
+    }
+
+    /// Refuses a file to publish to in fleet mode, where every Envoy follows etcd.
+    pub(super) fn check_store(&self, store: &PolicyStore) -> Result<(), CliError> {
+        if self.to.is_some() && store.is_etcd() {
+            return Err(usage(format!(
+                "{}: in fleet mode (--etcd or SHIELDKEY_ETCD) every Envoy follows the policy in \
+                 etcd, so there is nothing to publish; nothing was changed",
+                if self.to_from_env {
+                    "SHIELDKEY_PUBLISH is set (unset it)"
+                } else {
+                    "--publish"
+                }
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +316,50 @@ pub(super) fn publish_options(args: &mut Args, to_flag: &str) -> Result<Publish,
     })
 }
 
+/// What a written change did.
+pub(super) struct Changed<T> {
+    /// What was done, in words ("revoked token 'alice'").
+    pub done: String,
+    /// The revision the policy was written at.
+    pub revision: u64,
+    /// Where it went, in how many steps, after how many retries (see `written_note`).
+    pub note: String,
+    /// What the edit returned in detail.
+    pub value: T,
+    /// `None`: nothing to publish to (no `--publish`, or fleet mode). `Some(Err)`: the policy
+    /// was written but Envoy does not serve it (the publish failed, or Envoy refused it).
+    pub published: Option<Result<Published, CliError>>,
+}
+
+impl<T> Changed<T> {
+    /// The line the CLI prints once the change is written.
+    pub(super) fn written_line(&self) -> String {
+        format!(
+            "{} (policy revision {}{})",
+            self.done, self.revision, self.note
+        )
+    }
+}
+
+/// Says why a written policy is not served, and what to do.
+pub(super) fn not_served(e: &CliError, revision: u64) -> CliError {
+    failed(format!(
+        "{e}\nthe policy file has revision {revision} but Envoy does not serve it: \
+         fix the problem and run `shieldkey publish`"
+    ))
+}
+
+/// The edit of a change: applied to the policy as read (with the master key when there is
+/// one), it returns what it did in words and in detail.
+pub(super) trait Edit<T>:
+    FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<(String, T), CliError>
+{
+}
+impl<T, F: FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<(String, T), CliError>> Edit<T>
+    for F
+{
+}
+
 /// Runs a change to the policy: load, change, validate, write, and publish if asked. Everything
 /// publishing needs (the settings of the published file, Envoy's counters) is read first, so a
 /// publish that cannot happen changes nothing.
@@ -307,83 +385,109 @@ pub(super) fn change(
 }
 
 /// `change`, for an edit that also returns what it did in detail: `report` gets the value of the
-/// attempt that was written, once it is written and before publishing (so a publish that fails
-/// does not hide what changed). With `dry_run` the edit is applied to one fresh read and
-/// validated like a save, the revision it would get is shown, `report` gets its value, and
-/// nothing is written or published.
+/// attempt that was written, once it is written and before the publish is reported (so a
+/// publish that fails does not hide what changed). With `dry_run` the edit is applied to one
+/// fresh read and validated like a save, the revision it would get is shown, `report` gets its
+/// value, and nothing is written or published.
 pub(super) fn change_reporting<T>(
     ctx: &mut Context,
     publish: Publish,
     scope: Scope,
     needs_master_key: bool,
     dry_run: bool,
-    mut edit: impl FnMut(&mut RawPolicy, Option<&MasterKey>) -> Result<(String, T), CliError>,
+    edit: impl Edit<T>,
     report: impl FnOnce(&T),
 ) -> Result<(), CliError> {
-    if publish.to.is_some() {
-        refuse_publish(
-            ctx,
-            if publish.to_from_env {
-                "SHIELDKEY_PUBLISH is set (unset it)"
-            } else {
-                "--publish"
-            },
-        )?;
-    }
-    let load_master = |policy: &RawPolicy| {
-        if needs_master_key {
-            require_master_key(Some(policy)).map(Some)
-        } else {
-            master_key(Some(policy))
-        }
-    };
     if dry_run {
-        let mut policy = ctx.store.load_scoped(&scope)?.policy;
-        let master = load_master(&policy)?;
-        let from = policy.revision;
-        let (done, value) = edit(&mut policy, master.as_ref())?;
-        policy.revision = from.saturating_add(1);
-        let json = compact(&policy)?;
-        ctx.store
-            .validate(&policy, json.as_bytes(), master.as_ref())?;
+        publish.check_store(&ctx.store)?;
+        let (done, from, to, value) = dry_run_change(ctx, scope, needs_master_key, edit)?;
         let publish_note = match &publish.to {
             Some(to) => format!(" or published to {to}"),
             None => String::new(),
         };
         eprintln!(
-            "dry run: {done} (policy revision {from} -> {}); nothing was written{publish_note}",
-            policy.revision
+            "dry run: {done} (policy revision {from} -> {to}); nothing was written{publish_note}"
         );
         report(&value);
         return Ok(());
     }
+    let changed = apply_change(ctx, &publish, scope, needs_master_key, edit)?;
+    report_changed(changed, report)
+}
+
+/// Prints a written change as the CLI does: what was done, `report`'s detail, then the
+/// publish; a failed publish is the command's error.
+fn report_changed<T>(changed: Changed<T>, report: impl FnOnce(&T)) -> Result<(), CliError> {
+    eprintln!("{}", changed.written_line());
+    report(&changed.value);
+    match changed.published {
+        None => Ok(()),
+        Some(Ok(published)) => {
+            eprintln!("{}", published.line());
+            Ok(())
+        }
+        Some(Err(e)) => Err(not_served(&e, changed.revision)),
+    }
+}
+
+fn load_master(policy: &RawPolicy, needs_master_key: bool) -> Result<Option<MasterKey>, CliError> {
+    if needs_master_key {
+        require_master_key(Some(policy)).map(Some)
+    } else {
+        master_key(Some(policy))
+    }
+}
+
+/// A change applied to one fresh read and validated like a save, writing nothing: what it would
+/// do, the revision before and the one it would get, and the edit's value.
+pub(super) fn dry_run_change<T>(
+    ctx: &mut Context,
+    scope: Scope,
+    needs_master_key: bool,
+    mut edit: impl Edit<T>,
+) -> Result<(String, u64, u64, T), CliError> {
+    let mut policy = ctx.store.load_scoped(&scope)?.policy;
+    let master = load_master(&policy, needs_master_key)?;
+    let from = policy.revision;
+    let (done, value) = edit(&mut policy, master.as_ref())?;
+    policy.revision = from.saturating_add(1);
+    let json = compact(&policy)?;
+    ctx.store
+        .validate(&policy, json.as_bytes(), master.as_ref())?;
+    Ok((done, from, policy.revision, value))
+}
+
+/// The core of every change, for the CLI and the console alike: load, change, validate, write
+/// (retrying in fleet mode when another writer got there first), then publish as `publish`
+/// says. An `Err` means nothing was written; a failed publish after the write is in
+/// `Changed::published`.
+pub(super) fn apply_change<T>(
+    ctx: &mut Context,
+    publish: &Publish,
+    scope: Scope,
+    needs_master_key: bool,
+    mut edit: impl Edit<T>,
+) -> Result<Changed<T>, CliError> {
+    publish.check_store(&ctx.store)?;
     let target = match &publish.to {
-        Some(to) => Some(PublishTarget::prepare(Path::new(to), &publish)?),
+        Some(to) => Some(PublishTarget::prepare(Path::new(to), publish)?),
         None => None,
     };
     let ((done, value, policy, master), steps, retries) = retrying(&mut ctx.store, |store| {
         let Loaded { mut policy, base } = store.load_scoped(&scope)?;
-        let master = load_master(&policy)?;
+        let master = load_master(&policy, needs_master_key)?;
         let (done, value) = edit(&mut policy, master.as_ref())?;
         let saved = store.save(&base, &mut policy, master.as_ref())?;
         Ok((saved, (done, value, policy, master)))
     })?;
-    eprintln!(
-        "{done} (policy revision {}{})",
-        policy.revision,
-        written_note(&ctx.store, steps, retries)
-    );
-    report(&value);
-    if let Some(target) = target {
-        target.publish(&policy, master.as_ref()).map_err(|e| {
-            failed(format!(
-                "{e}\nthe policy file has revision {} but Envoy does not serve it: \
-                 fix the problem and run `shieldkey publish`",
-                policy.revision
-            ))
-        })?;
-    }
-    Ok(())
+    let published = target.map(|target| target.publish(&policy, master.as_ref()));
+    Ok(Changed {
+        done,
+        revision: policy.revision,
+        note: written_note(&ctx.store, steps, retries),
+        value,
+        published,
+    })
 }
 
 pub fn seal_key(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
@@ -448,75 +552,81 @@ fn read_upstream_key(from_env: Option<&str>) -> Result<SecretBytes, CliError> {
     Ok(key)
 }
 
-/// Rule flags as given, parsed again for every attempt of a change (`RuleFlags::apply` consumes
-/// them, and in fleet mode a change may be applied again after another writer won).
-pub(super) struct RuleArgs(Args);
+/// A token to mint, as `mint` takes it (from flags, or the console's form).
+#[derive(Debug, Clone, Default)]
+pub(super) struct MintSpec {
+    pub id: String,
+    pub upstream_key: String,
+    pub owner: Option<String>,
+    pub description: Option<String>,
+    pub team: Option<String>,
+    pub not_before: Option<String>,
+    pub expires_at: Option<String>,
+    /// A validity from now (`90d`); excludes `expires_at`.
+    pub ttl: Option<String>,
+    pub rules: RuleFlags,
+}
 
-impl RuleArgs {
-    pub(super) fn take(args: &mut Args) -> Result<(RuleArgs, RuleFlags), CliError> {
-        let copy = RuleArgs(args.clone());
-        let rules = RuleFlags::take(args)?;
-        Ok((copy, rules))
-    }
-
-    pub(super) fn rules(&self) -> Result<RuleFlags, CliError> {
-        RuleFlags::take(&mut self.0.clone())
+impl MintSpec {
+    /// Checks the shape of every field; turns a `ttl` into `expires_at`.
+    fn checked(mut self) -> Result<MintSpec, CliError> {
+        token::validate_id(&self.id).map_err(|m| usage(format!("--id: {m}")))?;
+        if let Some(team) = &self.team {
+            crate::team::validate_id(team).map_err(|m| usage(format!("--team: {m}")))?;
+        }
+        for (flag, value) in [
+            ("--not-before", &self.not_before),
+            ("--expires-at", &self.expires_at),
+        ] {
+            if let Some(v) = value {
+                parse_rfc3339(v).map_err(|m| usage(format!("{flag}: {m}")))?;
+            }
+        }
+        self.expires_at = match (self.expires_at.take(), self.ttl.take()) {
+            (Some(_), Some(_)) => return Err(usage("use --expires-at or --ttl, not both")),
+            (Some(at), None) => Some(at),
+            (None, Some(ttl)) => {
+                let secs = parse_ttl(&ttl).map_err(|m| usage(format!("--ttl: {m}")))?;
+                Some(format_rfc3339(now().saturating_add(secs)))
+            }
+            (None, None) => None,
+        };
+        Ok(self)
     }
 }
 
-pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
-    let id = args.required("id")?;
-    let upstream_key = args.required("upstream-key")?;
-    let owner = args.option("owner")?;
-    let description = args.option("description")?;
-    let not_before = args.option("not-before")?;
-    let expires_at = args.option("expires-at")?;
-    let ttl = args.option("ttl")?;
-    let team = args.option("team")?;
-    let (rule_args, _) = RuleArgs::take(&mut args)?;
-    let publish = publish_options(&mut args, "publish")?;
-    args.finish()?;
-    token::validate_id(&id).map_err(|m| usage(format!("--id: {m}")))?;
-    if let Some(team) = &team {
-        crate::team::validate_id(team).map_err(|m| usage(format!("--team: {m}")))?;
-    }
-    for (flag, value) in [("--not-before", &not_before), ("--expires-at", &expires_at)] {
-        if let Some(v) = value {
-            parse_rfc3339(v).map_err(|m| usage(format!("{flag}: {m}")))?;
-        }
-    }
-    let expires_at = match (expires_at, ttl) {
-        (Some(_), Some(_)) => return Err(usage("use --expires-at or --ttl, not both")),
-        (Some(at), None) => Some(at),
-        (None, Some(ttl)) => {
-            let secs = parse_ttl(&ttl).map_err(|m| usage(format!("--ttl: {m}")))?;
-            Some(format_rfc3339(now().saturating_add(secs)))
-        }
-        (None, None) => None,
-    };
-
+/// The core of `mint` (the CLI's and the console's): a new secret, its digest in the policy.
+/// Returns the change and the token, which exists nowhere else: show it once.
+pub(super) fn mint_token(
+    ctx: &mut Context,
+    publish: &Publish,
+    spec: MintSpec,
+) -> Result<(Changed<()>, SecretBytes), CliError> {
+    let spec = spec.checked()?;
+    let id = spec.id.clone();
     let mut secret = [0u8; SECRET_BYTES];
     random::fill(&mut secret)?;
     let (full, secret_text) = token::format_token(&id, &secret);
     wipe(&mut secret);
-    change(
+    let changed = apply_change(
         ctx,
         publish,
         Scope::Token(id.clone()),
         true,
-        |policy, master| {
+        |policy: &mut RawPolicy, master: Option<&MasterKey>| {
             let master = master.ok_or_else(|| failed("the master key is required"))?;
             if policy.tokens.iter().any(|t| t.id == id) {
                 return Err(failed(format!(
                     "a token with id '{id}' exists (revoke or remove it, or pick another id)"
                 )));
             }
-            if !policy.upstream_keys.iter().any(|k| k.id == upstream_key) {
+            let upstream_key = &spec.upstream_key;
+            if !policy.upstream_keys.iter().any(|k| k.id == *upstream_key) {
                 return Err(failed(format!(
-                "no upstream key '{upstream_key}' (seal it first: shieldkey seal --id {upstream_key})"
-            )));
+                    "no upstream key '{upstream_key}' (seal it first: shieldkey seal --id {upstream_key})"
+                )));
             }
-            if let Some(team) = &team {
+            if let Some(team) = &spec.team {
                 require_team(policy, team)?;
             }
             let verifier = TokenVerifier::new(master.digest_key())
@@ -526,20 +636,40 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
                 id: id.clone(),
                 digest: STANDARD.encode(digest),
                 upstream_key: upstream_key.clone(),
-                owner: owner.clone(),
-                description: description.clone(),
-                not_before: not_before.clone(),
-                expires_at: expires_at.clone(),
-                team: team.clone(),
+                owner: spec.owner.clone(),
+                description: spec.description.clone(),
+                not_before: spec.not_before.clone(),
+                expires_at: spec.expires_at.clone(),
+                team: spec.team.clone(),
                 ..RawToken::default()
             };
-            rule_args.rules()?.apply(&mut token)?;
+            spec.rules.clone().apply(&mut token)?;
             policy.tokens.push(token);
-            Ok(format!(
-                "minted token '{id}'; it is shown once, store it now"
+            Ok((
+                format!("minted token '{id}'; it is shown once, store it now"),
+                (),
             ))
         },
     )?;
+    Ok((changed, full))
+}
+
+pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
+    let spec = MintSpec {
+        id: args.required("id")?,
+        upstream_key: args.required("upstream-key")?,
+        owner: args.option("owner")?,
+        description: args.option("description")?,
+        not_before: args.option("not-before")?,
+        expires_at: args.option("expires-at")?,
+        ttl: args.option("ttl")?,
+        team: args.option("team")?,
+        rules: RuleFlags::take(&mut args)?,
+    };
+    let publish = publish_options(&mut args, "publish")?;
+    args.finish()?;
+    let (changed, full) = mint_token(ctx, &publish, spec)?;
+    report_changed(changed, |_| {})?;
     println!("{}", String::from_utf8_lossy(full.expose()));
     Ok(())
 }
@@ -678,11 +808,7 @@ pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Resul
             Scope::Token(id.clone()),
             false,
             dry_run,
-            |policy, _| {
-                let token = token_mut(policy, &id)?;
-                token.status = status;
-                Ok((format!("{} token '{id}'", words.did(dry_run)), ()))
-            },
+            token_status_edit(&id, status, dry_run),
             |_| {},
         ),
         Selection::Matching(selected) => change_reporting(
@@ -706,6 +832,32 @@ pub fn set_status(ctx: &mut Context, mut args: Args, status: RawStatus) -> Resul
             },
         ),
     }
+}
+
+/// The change of `revoke ID` and `unrevoke ID`: the token's status.
+fn token_status_edit(id: &str, status: RawStatus, dry_run: bool) -> impl Edit<()> + '_ {
+    let words = StatusWords::of(status);
+    move |policy: &mut RawPolicy, _: Option<&MasterKey>| {
+        let token = token_mut(policy, id)?;
+        token.status = status;
+        Ok((format!("{} token '{id}'", words.did(dry_run)), ()))
+    }
+}
+
+/// The core of `revoke ID` / `unrevoke ID` (the CLI's and the console's).
+pub(super) fn set_token_status(
+    ctx: &mut Context,
+    publish: &Publish,
+    id: &str,
+    status: RawStatus,
+) -> Result<Changed<()>, CliError> {
+    apply_change(
+        ctx,
+        publish,
+        Scope::Token(id.to_string()),
+        false,
+        token_status_edit(id, status, false),
+    )
 }
 
 /// The tokens selected by `--owner` / `--team` that `revoke` / `unrevoke` changed, and those it
@@ -795,51 +947,54 @@ fn nothing_selected(policy: &RawPolicy, selected: &Match) -> String {
     }
 }
 
-/// `limit ID [rule flags] [--team T | --no-team]`: changes a token's rules (budget, rates,
-/// networks, countries, models, scopes, enforce) and the team it is in.
-pub fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
-    let publish = publish_options(&mut args, "publish")?;
-    let (rule_args, rules) = RuleArgs::take(&mut args)?;
-    let team = args.option("team")?;
-    let no_team = args.flag("no-team");
-    let id = args.positional("token id")?;
-    args.finish()?;
-    // `--team none` would be ambiguous (a team may be called none): leaving is `--no-team`.
-    let membership: Option<Option<String>> = match (team, no_team) {
-        (Some(_), true) => {
+/// What `limit` changes: rules, and the team (`Some(None)`: out of its team).
+#[derive(Debug, Clone, Default)]
+pub(super) struct TokenChange {
+    pub rules: RuleFlags,
+    pub membership: Option<Option<String>>,
+}
+
+impl TokenChange {
+    fn checked(&self) -> Result<(), CliError> {
+        if let Some(Some(team)) = &self.membership {
+            crate::team::validate_id(team).map_err(|m| usage(format!("--team: {m}")))?;
+        }
+        if self.rules.is_empty() && self.membership.is_none() {
             return Err(usage(
-                "--team and --no-team exclude each other; nothing was changed",
-            ))
+                "nothing to change: give at least one rule flag, --team TEAM or --no-team (see --help)",
+            ));
         }
-        (Some(team), false) => {
-            crate::team::validate_id(&team).map_err(|m| usage(format!("--team: {m}")))?;
-            Some(Some(team))
-        }
-        (None, true) => Some(None),
-        (None, false) => None,
-    };
-    if rules.is_empty() && membership.is_none() {
-        return Err(usage(
-            "nothing to change: give at least one rule flag, --team TEAM or --no-team (see --help)",
-        ));
+        Ok(())
     }
-    let rules_given = !rules.is_empty();
-    change(
+}
+
+/// The core of `limit ID` (the CLI's and the console's): changes a token's rules (budget,
+/// rates, networks, countries, models, scopes, enforce) and the team it is in.
+pub(super) fn change_token(
+    ctx: &mut Context,
+    publish: &Publish,
+    id: &str,
+    change: &TokenChange,
+) -> Result<Changed<()>, CliError> {
+    change.checked()?;
+    let rules_given = !change.rules.is_empty();
+    let membership = &change.membership;
+    apply_change(
         ctx,
         publish,
-        Scope::Token(id.clone()),
+        Scope::Token(id.to_string()),
         false,
-        |policy, _| {
-            if let Some(Some(team)) = &membership {
+        |policy: &mut RawPolicy, _: Option<&MasterKey>| {
+            if let Some(Some(team)) = membership {
                 require_team(policy, team)?;
             }
-            let token = token_mut(policy, &id)?;
+            let token = token_mut(policy, id)?;
             let mut done = Vec::new();
             if rules_given {
-                rule_args.rules()?.apply(&mut *token)?;
+                change.rules.clone().apply(&mut *token)?;
                 done.push(format!("changed the rules of token '{id}'"));
             }
-            if let Some(new) = &membership {
+            if let Some(new) = membership {
                 let subject = if done.is_empty() {
                     format!("token '{id}'")
                 } else {
@@ -858,9 +1013,32 @@ pub fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
                 });
                 token.team = new.clone();
             }
-            Ok(done.join("; "))
+            Ok((done.join("; "), ()))
         },
     )
+}
+
+/// `limit ID [rule flags] [--team T | --no-team]`.
+pub fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
+    let publish = publish_options(&mut args, "publish")?;
+    let rules = RuleFlags::take(&mut args)?;
+    let team = args.option("team")?;
+    let no_team = args.flag("no-team");
+    let id = args.positional("token id")?;
+    args.finish()?;
+    // `--team none` would be ambiguous (a team may be called none): leaving is `--no-team`.
+    let membership: Option<Option<String>> = match (team, no_team) {
+        (Some(_), true) => {
+            return Err(usage(
+                "--team and --no-team exclude each other; nothing was changed",
+            ))
+        }
+        (Some(team), false) => Some(Some(team)),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    let change = TokenChange { rules, membership };
+    report_changed(change_token(ctx, &publish, &id, &change)?, |_| {})
 }
 
 pub fn remove(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
@@ -1200,7 +1378,39 @@ pub fn publish(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
         .ok_or_else(|| usage("--to PATH is required (or set SHIELDKEY_PUBLISH)"))?;
     let policy = ctx.store.load()?.policy;
     let master = master_key(Some(&policy))?;
-    PublishTarget::prepare(Path::new(&to), &options)?.publish(&policy, master.as_ref())
+    let published =
+        PublishTarget::prepare(Path::new(&to), &options)?.publish(&policy, master.as_ref())?;
+    eprintln!("{}", published.line());
+    Ok(())
+}
+
+/// A publish that went through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Published {
+    pub revision: u64,
+    pub to: PathBuf,
+    /// How long Envoy took to apply it; `None`: not confirmed (no `--admin`).
+    pub applied_after: Option<Duration>,
+}
+
+impl Published {
+    /// What the CLI says about it.
+    pub(super) fn line(&self) -> String {
+        match self.applied_after {
+            Some(took) => format!(
+                "published revision {} to {}; Envoy applied it ({} ms)",
+                self.revision,
+                self.to.display(),
+                took.as_millis()
+            ),
+            None => format!(
+                "published revision {} to {} (not confirmed: with --admin URL the CLI waits until \
+                 Envoy applies it)",
+                self.revision,
+                self.to.display()
+            ),
+        }
+    }
 }
 
 /// The file mode of the published ECDS file. It carries sealed keys and digests, not secrets,
@@ -1209,7 +1419,8 @@ const ECDS_MODE: u32 = 0o640;
 
 /// How a publish confirmed with Envoy can end.
 enum Verdict {
-    Applied,
+    /// After this long.
+    Applied(Duration),
     /// Envoy refused the file (the previous configuration keeps serving).
     Refused(CliError),
     /// No verdict (timeout, admin unreachable).
@@ -1265,7 +1476,11 @@ impl PublishTarget {
 
     /// Writes the ECDS file Envoy watches, atomically, after the same validation the filter runs;
     /// with `--admin`, waits for Envoy's verdict.
-    fn publish(mut self, policy: &RawPolicy, master: Option<&MasterKey>) -> Result<(), CliError> {
+    fn publish(
+        mut self,
+        policy: &RawPolicy,
+        master: Option<&MasterKey>,
+    ) -> Result<Published, CliError> {
         let json = compact(policy)?;
         validate(json.as_bytes(), master)?;
         // The policy names the variable the filter reads the master key from: it must be passed.
@@ -1274,14 +1489,13 @@ impl PublishTarget {
         let mut bytes = format!("{doc:#}").into_bytes();
         bytes.push(b'\n');
         write_atomic(&self.to, &bytes, ECDS_MODE)?;
+        let published = |applied_after| Published {
+            revision: policy.revision,
+            to: self.to.clone(),
+            applied_after,
+        };
         let Some((admin, before, wait)) = &self.confirm else {
-            eprintln!(
-                "published revision {} to {} (not confirmed: with --admin URL the CLI waits until \
-                 Envoy applies it)",
-                policy.revision,
-                self.to.display()
-            );
-            return Ok(());
+            return Ok(published(None));
         };
         let verdict = match wait_applied(
             admin,
@@ -1290,20 +1504,12 @@ impl PublishTarget {
             before,
             *wait,
         ) {
-            Ok(took) => {
-                eprintln!(
-                    "published revision {} to {}; Envoy applied it ({} ms)",
-                    policy.revision,
-                    self.to.display(),
-                    took.as_millis()
-                );
-                Verdict::Applied
-            }
+            Ok(took) => Verdict::Applied(took),
             Err(WaitError::Refused(m)) => Verdict::Refused(failed(m)),
             Err(WaitError::Unknown(m)) => Verdict::Unknown(failed(m)),
         };
         match verdict {
-            Verdict::Applied => Ok(()),
+            Verdict::Applied(took) => Ok(published(Some(took))),
             Verdict::Unknown(e) => Err(e),
             Verdict::Refused(e) => match &self.serving {
                 None => Err(e),

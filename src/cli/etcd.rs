@@ -58,8 +58,9 @@ impl fmt::Display for EtcdError {
     }
 }
 
-/// Sends one gateway call (`method` such as `kv/range`) and returns etcd's JSON answer.
-pub trait Transport {
+/// Sends one gateway call (`method` such as `kv/range`) and returns etcd's JSON answer. `Send`:
+/// the console calls etcd from a worker thread.
+pub trait Transport: Send {
     /// `resend_safe`: the call changes nothing (a read, authentication), so it may be sent to the
     /// next endpoint after a failure that happened once it was sent.
     fn call(&mut self, method: &str, body: &Value, resend_safe: bool) -> Result<Value, EtcdError>;
@@ -574,12 +575,11 @@ pub mod fake {
     //! An in-memory etcd behind the `Transport` trait, with etcd's op limit and revisions.
 
     use super::*;
-    use std::cell::RefCell;
     use std::collections::BTreeMap;
-    use std::rc::Rc;
+    use std::sync::{Arc, Mutex, MutexGuard};
 
     /// Runs before a txn is applied, with its number (from 0).
-    pub type Hook = Box<dyn FnMut(usize, &mut State)>;
+    pub type Hook = Box<dyn FnMut(usize, &mut State) + Send>;
 
     #[derive(Default)]
     pub struct State {
@@ -600,7 +600,21 @@ pub mod fake {
     }
 
     #[derive(Clone, Default)]
-    pub struct Fake(pub Rc<RefCell<State>>);
+    pub struct Fake(pub Arc<Shared>);
+
+    /// The fake's state, shared by the test and the transport it gave away.
+    #[derive(Default)]
+    pub struct Shared(Mutex<State>);
+
+    impl Shared {
+        pub fn borrow(&self) -> MutexGuard<'_, State> {
+            self.0.lock().unwrap()
+        }
+
+        pub fn borrow_mut(&self) -> MutexGuard<'_, State> {
+            self.0.lock().unwrap()
+        }
+    }
 
     fn bytes(v: &Value, name: &str) -> Vec<u8> {
         STANDARD

@@ -5,6 +5,7 @@ mod admin;
 mod args;
 mod audit;
 mod commands;
+mod console;
 mod duration;
 mod error;
 mod etcd;
@@ -106,6 +107,22 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   (requests, allowed, denied by code, would_deny, tokens, cost,
                                   first/last seen, client addresses), --json for one document.
                                   Lines that are not JSON records are skipped, counted on stderr
+  console [--listen ADDR] [--allow-remote] [--admin URL] [--audit-log PATH]
+       [--publish PATH [filter settings] [--wait-secs N]]
+                                  the web console (default http://127.0.0.1:8484/): tokens by
+                                  team with owner, status, spend against limit (a bar), window
+                                  reset, requests, denials and last use; a token's rules and
+                                  recent audit records; revoke and unrevoke (with a confirm
+                                  step), change limits, mint (the token shown once). Changes go
+                                  through the same code as the CLI's commands and are published
+                                  with --publish PATH, confirmed by Envoy with --admin URL (which
+                                  also gives spend and counters), or written to etcd in fleet
+                                  mode (spend from the ledger). --audit-log PATH: Envoy's
+                                  shieldkey-audit.log, for last use and recent records. Listens
+                                  on loopback only unless --allow-remote (then put TLS in front).
+                                  Login: the one-time secret printed on stderr at start (a new
+                                  one is printed after each login), or the password in
+                                  SHIELDKEY_CONSOLE_PASSWORD (never argv); see CONSOLE_README.md
 
 Changing commands (seal, mint, limit, revoke, unrevoke, remove, team create|limit|remove,
 enforce true|false) also take --publish PATH [filter settings] [--admin URL [--wait-secs N]]
@@ -142,7 +159,7 @@ variable the policy's master_key_env names), SHIELDKEY_PUBLISH, SHIELDKEY_WASM, 
 (defaults for --publish/--to, --wasm and --admin), SHIELDKEY_ETCD, SHIELDKEY_ETCD_PREFIX,
 SHIELDKEY_ETCD_USER, SHIELDKEY_ETCD_CACERT, SHIELDKEY_ETCD_CERT, SHIELDKEY_ETCD_KEY (defaults for
 --etcd, --etcd-prefix, --etcd-user, --etcd-cacert, --etcd-cert, --etcd-key),
-SHIELDKEY_ETCD_PASSWORD.
+SHIELDKEY_ETCD_PASSWORD, SHIELDKEY_CONSOLE_PASSWORD (the console's login password).
 Times are RFC 3339, e.g. 2027-01-31T00:00:00Z.
 ";
 
@@ -324,6 +341,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         "keygen" => return commands::keygen(args),
         "audit" => return audit::audit(args),
         "status" => return status::status(options.target()?, args),
+        "console" => return console::console(options.target()?, args),
         _ => {}
     }
     let mut ctx = Context {

@@ -66,7 +66,7 @@ impl<'a> From<&'a mut RawTeam> for RuleFields<'a> {
 /// A flag's value: `None` when absent, `Some(None)` for `none`, `Some(Some(v))` to set.
 type Change<T> = Option<Option<T>>;
 
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RuleFlags {
     budget_usd: Change<String>,
     budget_window: Option<String>,

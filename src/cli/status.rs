@@ -442,6 +442,25 @@ fn nodes_table(row: &Row) -> String {
     table(&["ENVOY", "CLAIMED", "SPENT"], &[false, true, true], &cells)
 }
 
+/// For the console: the document `status --all --json` prints in fleet mode (every team's and
+/// token's spend in its current window, summed over the fleet from the ledger in etcd), and
+/// warnings about ledger keys left out.
+pub(super) fn fleet_snapshot(
+    urls: &str,
+    prefix: &str,
+    user: Option<String>,
+    policy: &RawPolicy,
+    now: i64,
+) -> Result<(Value, Vec<String>), CliError> {
+    let mut plan = plan(policy, &Select::All, now)?;
+    let ledger_prefix = format!("{prefix}ledger/");
+    let snapshot = etcd_client(urls, user)?
+        .range_prefix(ledger_prefix.as_bytes())
+        .map_err(|e| failed(format!("cannot read the ledger under {ledger_prefix}: {e}")))?;
+    let warnings = tally(plan.rows_mut(), &ledger_prefix, &snapshot.kvs);
+    Ok((plan.json(), warnings))
+}
+
 /// `status [--token ID | --team ID] [--all] [--json]`: in fleet mode from the ledger in etcd,
 /// else from one Envoy's admin endpoint (`status_admin.rs`).
 pub fn status(target: Target, mut args: Args) -> Result<(), CliError> {

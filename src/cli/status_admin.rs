@@ -412,14 +412,14 @@ type Plan = status_common::Plan<TeamRow, TokenRow>;
 
 /// A token's status: revoked, expired, not yet valid, else in dry run when its own rules are
 /// (its `enforce` or the policy's is false), else active.
-fn token_status(policy: &RawPolicy, token: &RawToken, now: i64) -> &'static str {
+pub(super) fn token_status(policy: &RawPolicy, token: &RawToken, now: i64) -> &'static str {
     match token_state(token, now) {
         "active" if token.enforce == Some(false) || policy.enforce == Some(false) => "dry-run",
         state => state,
     }
 }
 
-fn team_status(policy: &RawPolicy, team: Option<&RawTeam>) -> &'static str {
+pub(super) fn team_status(policy: &RawPolicy, team: Option<&RawTeam>) -> &'static str {
     match team {
         None => "-",
         Some(t) if t.enforce == Some(false) || policy.enforce == Some(false) => "dry-run",
@@ -606,6 +606,20 @@ fn strangers(policy: &RawPolicy, stats: &EnvoyStats) -> Option<String> {
             parts.join(" and ")
         )
     })
+}
+
+/// For the console: the document `status --all --json` prints, from the stats of the Envoy at
+/// `admin`, and the policy revision that Envoy serves in the ECDS filter `filter_name` (`""`
+/// before any; `None`: no such filter).
+pub(super) fn snapshot(
+    policy: &RawPolicy,
+    admin: &Admin,
+    filter_name: &str,
+    now: i64,
+) -> Result<(Value, Option<String>), CliError> {
+    let stats = read_stats(admin)?;
+    let plan = plan(policy, &Select::All, &stats, now)?;
+    Ok((plan_json(&plan), stats.served.get(filter_name).cloned()))
 }
 
 /// `status [--token ID | --team ID] [--all] [--json] [--admin URL] [--filter-name NAME]`, with

@@ -8,9 +8,10 @@
 use serde_json::json;
 
 use super::args::Args;
-use super::commands::{change, enforce_text, publish_options, Context, RuleArgs};
+use super::commands::{change, enforce_text, publish_options, Context};
 use super::error::{failed, usage, CliError};
 use super::policy_store::Scope;
+use super::rule_flags::RuleFlags;
 use crate::config::raw::{RawPolicy, RawStatus, RawTeam, RawToken};
 use crate::config::token_rules::RawTokenRules;
 use crate::team;
@@ -62,7 +63,7 @@ fn team_mut<'p>(policy: &'p mut RawPolicy, id: &str) -> Result<&'p mut RawTeam, 
 fn create(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let description = description(&mut args)?;
-    let (rule_args, _) = RuleArgs::take(&mut args)?;
+    let rules = RuleFlags::take(&mut args)?;
     let id = team_id(&mut args)?;
     args.finish()?;
     // No token can name a team that does not exist yet: the tokens need not be read.
@@ -77,7 +78,7 @@ fn create(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
             description: description.clone().flatten(),
             ..RawTeam::default()
         };
-        rule_args.rules()?.apply(&mut created)?;
+        rules.clone().apply(&mut created)?;
         policy.teams.push(created);
         Ok(format!("created team '{id}'"))
     })
@@ -88,7 +89,7 @@ fn create(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
 fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     let description = description(&mut args)?;
-    let (rule_args, rules) = RuleArgs::take(&mut args)?;
+    let rules = RuleFlags::take(&mut args)?;
     let id = team_id(&mut args)?;
     args.finish()?;
     if rules.is_empty() && description.is_none() {
@@ -99,7 +100,7 @@ fn limit(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     // A team's rules do not depend on its members: the tokens need not be read.
     change(ctx, publish, Scope::NoTokens, false, |policy, _| {
         let team = team_mut(policy, &id)?;
-        rule_args.rules()?.apply(&mut *team)?;
+        rules.clone().apply(&mut *team)?;
         if let Some(d) = &description {
             team.description = d.clone();
         }
@@ -170,7 +171,7 @@ fn members<'p>(tokens: &'p [RawToken], team: &str) -> Members<'p> {
 
 /// One line of what a team's (or token's) rules are, `none` when it has none. `enforce` is shown
 /// by its own column.
-fn rules_summary(rules: &RawTokenRules) -> String {
+pub(super) fn rules_summary(rules: &RawTokenRules) -> String {
     let mut parts = Vec::new();
     if let Some(b) = &rules.budget {
         parts.push(format!("budget {} USD {}", b.limit_usd, b.window));
