@@ -48,56 +48,109 @@ pub struct Publication {
 /// Publishes `policy` (idempotent: every root context of a configuration calls it, and only the
 /// first writes anything).
 pub fn publish(store: &dyn SharedStore, policy: &Policy) -> Result<Publication, StoreError> {
-    let (generation, complete) = claim_generation(store, &policy.fingerprint)?;
-    if complete {
-        // Another root context of this configuration published all of it already.
-        return Ok(Publication {
-            generation,
-            written: 0,
-        });
-    }
-    let oldest_readable = generation.saturating_sub(KEEP_GENERATIONS - 1);
-    let mut written = 0;
+    let mut publisher = match Publisher::start(store, &policy.fingerprint)? {
+        Started::Publishing(p) => p,
+        Started::AlreadyPublished(publication) => return Ok(publication),
+    };
     for token in policy.tokens.iter().chain(&policy.teams) {
-        let record = token_record::encode(token);
-        if put_entry(store, &token.id, generation, &record, oldest_readable)? {
-            written += 1;
-        }
+        publisher.put(token)?;
     }
-    // Tokens of the previous configuration that this one does not have: tombstones.
-    // Tokens this configuration does not have get a tombstone; they stay in the id list until
-    // no configuration can read them any more and their value is cleared.
-    let mut ids: Vec<String> = policy
-        .tokens
-        .iter()
-        .chain(&policy.teams)
-        .map(|t| t.id.clone())
-        .collect();
-    ids.sort_unstable();
-    let current = ids.len();
-    let previous = store.get(IDS_KEY).map(|(v, _)| v).unwrap_or_default();
-    for old in previous.split(|b| *b == b'\n').filter(|s| !s.is_empty()) {
-        let old = String::from_utf8_lossy(old).into_owned();
-        if ids[..current].binary_search(&old).is_ok() {
-            continue;
+    publisher.finish()
+}
+
+/// What `Publisher::start` found.
+pub enum Started<'s> {
+    /// This root context writes the records, one by one (`put`), then `finish`.
+    Publishing(Publisher<'s>),
+    /// Another root context of the same configuration published all of it already: nothing to
+    /// read, compile or write.
+    AlreadyPublished(Publication),
+}
+
+/// Publishes one configuration's records as they are compiled, so a configuration with many
+/// tokens never holds them all at once (WebAssembly memory never shrinks: a VM's peak while
+/// loading stays resident).
+pub struct Publisher<'s> {
+    store: &'s dyn SharedStore,
+    generation: u64,
+    oldest_readable: u64,
+    ids: Vec<String>,
+    written: usize,
+}
+
+impl<'s> Publisher<'s> {
+    pub fn start(store: &'s dyn SharedStore, fingerprint: &str) -> Result<Started<'s>, StoreError> {
+        let (generation, complete) = claim_generation(store, fingerprint)?;
+        if complete {
+            return Ok(Started::AlreadyPublished(Publication {
+                generation,
+                written: 0,
+            }));
         }
-        if put_entry(store, &old, generation, &[], oldest_readable)? {
-            written += 1;
-        }
-        if store.get(&record_key(&old)).is_some() {
-            ids.push(old);
-        }
+        Ok(Started::Publishing(Publisher {
+            store,
+            generation,
+            oldest_readable: generation.saturating_sub(KEEP_GENERATIONS - 1),
+            ids: Vec::new(),
+            written: 0,
+        }))
     }
-    ids.sort_unstable();
-    let list = ids.join("\n").into_bytes();
-    if previous != list {
-        store.set(IDS_KEY, &list, None)?;
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
-    mark_complete(store, generation)?;
-    Ok(Publication {
-        generation,
-        written,
-    })
+
+    /// Writes one token's (or team's) record at this generation.
+    pub fn put(&mut self, token: &TokenPolicy) -> Result<(), StoreError> {
+        self.put_record(&token.id, &token_record::encode(token))
+    }
+
+    /// Writes a record already encoded (`token_record::encode`) for `id`.
+    pub fn put_record(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        if put_entry(
+            self.store,
+            id,
+            self.generation,
+            record,
+            self.oldest_readable,
+        )? {
+            self.written += 1;
+        }
+        self.ids.push(id.to_string());
+        Ok(())
+    }
+
+    /// Tombstones for the records of earlier configurations this one does not have; they stay
+    /// in the id list until no configuration can read them any more and their value is cleared.
+    pub fn finish(mut self) -> Result<Publication, StoreError> {
+        let (store, generation, oldest_readable) =
+            (self.store, self.generation, self.oldest_readable);
+        self.ids.sort_unstable();
+        let current = self.ids.len();
+        let previous = store.get(IDS_KEY).map(|(v, _)| v).unwrap_or_default();
+        for old in previous.split(|b| *b == b'\n').filter(|s| !s.is_empty()) {
+            let old = String::from_utf8_lossy(old).into_owned();
+            if self.ids[..current].binary_search(&old).is_ok() {
+                continue;
+            }
+            if put_entry(store, &old, generation, &[], oldest_readable)? {
+                self.written += 1;
+            }
+            if store.get(&record_key(&old)).is_some() {
+                self.ids.push(old);
+            }
+        }
+        self.ids.sort_unstable();
+        let list = self.ids.join("\n").into_bytes();
+        if previous != list {
+            store.set(IDS_KEY, &list, None)?;
+        }
+        mark_complete(store, generation)?;
+        Ok(Publication {
+            generation,
+            written: self.written,
+        })
+    }
 }
 
 /// The record of token `id` as configuration `generation` sees it; `None` when unknown, removed,

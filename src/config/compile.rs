@@ -105,26 +105,10 @@ pub fn compile(
     }
 
     let (teams, team_index) = crate::team::compile_teams(&raw.teams)?;
+    let mut compiler = TokenCompiler::new(&key_index, &team_index);
     let mut tokens = Vec::with_capacity(raw.tokens.len());
-    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(raw.tokens.len());
     for (i, t) in raw.tokens.iter().enumerate() {
-        let path = format!("tokens[{i}]");
-        token::validate_id(&t.id).map_err(|m| ConfigError::at(format!("{path}.id"), m))?;
-        if let Some(first) = seen.insert(t.id.as_str(), i) {
-            return Err(ConfigError::at(
-                format!("{path}.id"),
-                format!("duplicate token id '{}' (first at tokens[{first}])", t.id),
-            ));
-        }
-        if let Some(team) = &t.team {
-            if !team_index.contains_key(team) {
-                return Err(ConfigError::at(
-                    format!("{path}.team"),
-                    format!("no team with id '{team}'"),
-                ));
-            }
-        }
-        tokens.push(compile_token(t, &key_index, &path)?);
+        tokens.push(compiler.compile(i, t)?);
     }
 
     Ok(Policy {
@@ -136,6 +120,69 @@ pub fn compile(
         teams,
         settings: compile_settings(raw)?,
     })
+}
+
+/// The upstream keys of a compiled policy by id, as tokens name them.
+pub fn key_index(policy: &Policy) -> HashMap<&str, u16> {
+    policy
+        .upstream_keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| Some((k.id.as_str(), u16::try_from(i).ok()?)))
+        .collect()
+}
+
+/// The teams of a compiled policy by team id.
+pub fn team_index(policy: &Policy) -> HashMap<String, usize> {
+    policy
+        .teams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((crate::team::team_of_subject(&t.id)?.to_string(), i)))
+        .collect()
+}
+
+/// Compiles the tokens of one policy, one at a time, checking what spans tokens: unique ids, and
+/// that each names an upstream key and a team the policy has. Used on a whole `RawPolicy`
+/// (`compile`) and on tokens read one by one (`config::token_stream`).
+pub struct TokenCompiler<'p> {
+    key_index: &'p HashMap<&'p str, u16>,
+    team_index: &'p HashMap<String, usize>,
+    seen: HashMap<String, usize>,
+}
+
+impl<'p> TokenCompiler<'p> {
+    pub fn new(
+        key_index: &'p HashMap<&'p str, u16>,
+        team_index: &'p HashMap<String, usize>,
+    ) -> Self {
+        TokenCompiler {
+            key_index,
+            team_index,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Compiles `tokens[i]`.
+    pub fn compile(&mut self, i: usize, t: &RawToken) -> Result<TokenPolicy, ConfigError> {
+        let path = format!("tokens[{i}]");
+        token::validate_id(&t.id).map_err(|m| ConfigError::at(format!("{path}.id"), m))?;
+        if let Some(first) = self.seen.insert(t.id.clone(), i) {
+            return Err(ConfigError::at(
+                format!("{path}.id"),
+                format!("duplicate token id '{}' (first at tokens[{first}])", t.id),
+            ));
+        }
+        if let Some(team) = &t.team {
+            if !self.team_index.contains_key(team) {
+                return Err(ConfigError::at(
+                    format!("{path}.team"),
+                    format!("no team with id '{team}'"),
+                ));
+            }
+        }
+        compile_token(t, self.key_index, &path)
+    }
 }
 
 /// Compiles one token against the upstream keys of its policy (`key_index`: id → index). `path`

@@ -6,6 +6,7 @@ pub mod error;
 pub mod raw;
 pub mod settings;
 pub mod token_rules;
+pub mod token_stream;
 
 pub use compile::{compile, CompileOptions};
 pub use error::ConfigError;

@@ -15,7 +15,7 @@ use super::fleet::{FleetFilter, Syncer};
 use super::host::{self, log, WasmHost};
 use super::http::ShieldHttp;
 use crate::config::raw::RawPolicy;
-use crate::config::{raw, ConfigError};
+use crate::config::ConfigError;
 use crate::fleet::compile_fleet;
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
 use crate::stream::active::Active;
@@ -163,7 +163,8 @@ impl ShieldRoot {
     fn configure(&mut self) -> Result<(), ConfigError> {
         let bytes = host::plugin_configuration()
             .ok_or_else(|| ConfigError::at(".", "the filter needs a plugin configuration"))?;
-        let raw = raw::parse(&bytes)?;
+        // The tokens are read later, one at a time (`Active::load`).
+        let raw = crate::config::token_stream::parse_head(&bytes)?;
         if let Some(fleet) = &raw.fleet {
             let settings = compile_fleet(&raw, fleet)?;
             // A few ticks per interval, so a change waits at most a quarter interval for one.

@@ -7,15 +7,18 @@ use std::rc::Rc;
 
 use super::host::{Host, LogLevel};
 use super::metrics::{MetricIds, Metrics};
+use crate::config::compile::{self, TokenCompiler};
 use crate::config::compile::{compile, fingerprint, CompileOptions};
 use crate::config::raw::RawPolicy;
+use crate::config::token_stream;
 use crate::config::ConfigError;
 use crate::fleet::FleetSettings;
 use crate::ledger::{Ledger, SharedDataLedger};
 use crate::master_key::MasterKey;
 use crate::policy::{Policy, TokenPolicy};
-use crate::policy_store;
+use crate::policy_store::{self, Publisher, Started};
 use crate::token_digest::TokenVerifier;
+use crate::token_record;
 
 /// A decoded token record and the shared-data version it was decoded from.
 type VersionedRecord = (u32, Rc<TokenPolicy>);
@@ -79,8 +82,11 @@ impl Active {
         Ok(active)
     }
 
-    /// Compiles a configuration (`raw` is `config` parsed), publishes its token records into
-    /// shared data and creates their counters: what every root context does in `on_configure`.
+    /// Compiles a configuration (`raw`: `config` without its tokens, `token_stream::parse_head`),
+    /// publishes its token records into shared data and creates their counters: what every root
+    /// context does in `on_configure`. Tokens are read from `config` one at a time and kept only
+    /// as their encoded records until all of them compiled (a configuration with an invalid token
+    /// writes nothing); a root context that finds the configuration published already reads none.
     pub fn load(
         host: &dyn Host,
         config: &[u8],
@@ -90,32 +96,22 @@ impl Active {
     ) -> Result<Active, ConfigError> {
         let started_ms = host.now_unix_ms();
         let (mut policy, verifier) = compile_opened(config, raw, master)?;
-        let publication = policy_store::publish(host.store(), &policy).map_err(|e| {
+        let shared = |e: crate::store::StoreError| {
             ConfigError::at(
                 ".",
                 format!("cannot publish the policy into shared data: {e:?}"),
             )
-        })?;
-        // Counters are keyed by token id, not by configuration: they survive reloads. Creating
-        // them here lets every request-time update be a compare-and-swap.
-        let ledger = SharedDataLedger::new(host.store());
-        for token in policy
-            .tokens
-            .iter()
-            .chain(&policy.teams)
-            .filter(|t| t.rules.limits.is_tracked())
-        {
-            ledger.ensure(&token.id).map_err(|e| {
-                ConfigError::at(".", format!("cannot create counters in shared data: {e:?}"))
-            })?;
-        }
-        // Once in shared data, the token list is not needed in every worker's memory.
-        let (tokens, revoked, teams) = (
-            policy.tokens.len(),
-            policy.revoked_count(),
-            policy.teams.len(),
-        );
-        policy.tokens = Vec::new();
+        };
+        let store = host.store();
+        let (publication, counts) =
+            match Publisher::start(store, &policy.fingerprint).map_err(shared)? {
+                Started::AlreadyPublished(publication) => (publication, None),
+                Started::Publishing(mut publisher) => {
+                    let counts = publish_tokens(store, config, &policy, &mut publisher)?;
+                    (publisher.finish().map_err(shared)?, Some(counts))
+                }
+            };
+        // Once in shared data, the teams are not needed in every worker's memory.
         policy.teams = Vec::new();
         // One root context per configuration writes; the others find the records there.
         let level = if publication.written > 0 {
@@ -128,17 +124,20 @@ impl Active {
         let took_ms = started_ms
             .zip(host.now_unix_ms())
             .map_or(-1, |(start, end)| end - start);
+        let what = match counts {
+            Some(c) => format!(
+                "{} records written): {} tokens ({} revoked), {} teams",
+                publication.written, c.tokens, c.revoked, c.teams
+            ),
+            None => "records published by another root context)".to_string(),
+        };
         host.log(
             level,
             &format!(
-                "shieldkey: policy revision {} loaded (fingerprint {}, generation {}, {} records written): {} tokens ({} revoked), {} teams, {} upstream keys, in {} ms",
+                "shieldkey: policy revision {} loaded (fingerprint {}, generation {}, {what}, {} upstream keys, in {} ms",
                 policy.revision,
                 policy.fingerprint,
                 publication.generation,
-                publication.written,
-                tokens,
-                revoked,
-                teams,
                 policy.upstream_keys.len(),
                 took_ms
             ),
@@ -182,6 +181,74 @@ impl Active {
             None => SharedDataLedger::new(host.store()),
         }
     }
+}
+
+struct Counts {
+    tokens: usize,
+    revoked: usize,
+    teams: usize,
+}
+
+/// Compiles every token of `config` (one at a time) and the policy's teams, then writes their
+/// records: all or nothing, so an invalid token leaves shared data as it was. Creates the
+/// counters of those with limits.
+fn publish_tokens(
+    store: &dyn crate::store::SharedStore,
+    config: &[u8],
+    policy: &Policy,
+    publisher: &mut Publisher<'_>,
+) -> Result<Counts, ConfigError> {
+    let key_index = compile::key_index(policy);
+    let team_index = compile::team_index(policy);
+    let mut compiler = TokenCompiler::new(&key_index, &team_index);
+    let ledger = SharedDataLedger::new(store);
+    let counters = |e: crate::store::StoreError| {
+        ConfigError::at(".", format!("cannot create counters in shared data: {e:?}"))
+    };
+    // Encoded records only: a few dozen bytes a token, instead of the parsed and compiled forms.
+    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut tracked: Vec<String> = Vec::new();
+    let mut revoked = 0;
+    let tokens = token_stream::for_each_token(config, &mut |i, raw| {
+        let token = compiler.compile(i, &raw)?;
+        revoked += usize::from(token.revoked);
+        if token.rules.limits.is_tracked() {
+            tracked.push(token.id.clone());
+        }
+        records.push((token.id.clone(), token_record::encode(&token)));
+        Ok(())
+    })?;
+    tracked.extend(
+        policy
+            .teams
+            .iter()
+            .filter(|t| t.rules.limits.is_tracked())
+            .map(|t| t.id.clone()),
+    );
+    records.extend(
+        policy
+            .teams
+            .iter()
+            .map(|t| (t.id.clone(), token_record::encode(t))),
+    );
+    // Counters are keyed by token id, not by configuration: they survive reloads. Creating
+    // them here lets every request-time update be a compare-and-swap.
+    for id in &tracked {
+        ledger.ensure(id).map_err(counters)?;
+    }
+    for (id, record) in records {
+        publisher.put_record(&id, &record).map_err(|e| {
+            ConfigError::at(
+                ".",
+                format!("cannot publish the policy into shared data: {e:?}"),
+            )
+        })?;
+    }
+    Ok(Counts {
+        tokens,
+        revoked,
+        teams: policy.teams.len(),
+    })
 }
 
 /// Compiles a configuration with its upstream keys opened, and the token verifier of its

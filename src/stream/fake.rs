@@ -210,8 +210,8 @@ pub struct Gateway {
     pub active: Rc<Active>,
     pub tokens: HashMap<String, String>,
     pub metric_ids: Rc<MetricIds>,
-    master: MasterKey,
-    document: RefCell<Value>,
+    pub master: MasterKey,
+    pub document: RefCell<Value>,
 }
 
 impl Gateway {
@@ -254,7 +254,7 @@ impl Gateway {
         let host = FakeHost::default();
         host.now_ms.set(1_790_000_000_000);
         let metric_ids = Rc::new(MetricIds::default());
-        let raw = raw::parse(&bytes).unwrap();
+        let raw = crate::config::token_stream::parse_head(&bytes).unwrap();
         let active = Rc::new(Active::load(&host, &bytes, &raw, &master, &metric_ids).unwrap());
         Gateway {
             host,
@@ -269,14 +269,27 @@ impl Gateway {
     /// Applies a new configuration (`change` edits the policy document), as ECDS would: the VM,
     /// its shared data and its stat ids stay.
     pub fn reload(&mut self, change: impl FnOnce(&mut Value)) {
+        self.try_reload(change).unwrap();
+    }
+
+    /// `reload`, or the configuration's error (the gateway then keeps its configuration).
+    pub fn try_reload(
+        &mut self,
+        change: impl FnOnce(&mut Value),
+    ) -> Result<(), crate::config::ConfigError> {
         let mut doc = self.document();
         change(&mut doc);
         let bytes = serde_json::to_vec(&doc).unwrap();
-        let raw = raw::parse(&bytes).unwrap();
-        self.active = Rc::new(
-            Active::load(&self.host, &bytes, &raw, &self.master, &self.metric_ids).unwrap(),
-        );
+        let raw = crate::config::token_stream::parse_head(&bytes)?;
+        self.active = Rc::new(Active::load(
+            &self.host,
+            &bytes,
+            &raw,
+            &self.master,
+            &self.metric_ids,
+        )?);
         *self.document.borrow_mut() = doc;
+        Ok(())
     }
 
     /// The same gateway in fleet mode: records and base as the syncer writes them, leases

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use super::active::Active;
 use super::fake::{Gateway, REAL_KEY};
 use super::Flow;
 use crate::ledger::SharedDataLedger;
@@ -570,4 +571,45 @@ fn host_calls_per_request() {
         ruled_calls <= 24 && ruled_reads + ruled_writes <= 6,
         "{counts:?}"
     );
+}
+
+/// Tokens are read one at a time when a configuration loads, but published all or nothing: a
+/// configuration with an invalid token writes no record and the previous one keeps serving; a
+/// configuration already published by another root context is not read again.
+#[test]
+fn a_configuration_with_an_invalid_token_writes_nothing() {
+    let mut gw = gateway();
+    let writes = gw.host.store.writes.get();
+    let err = gw
+        .try_reload(|doc| {
+            doc["tokens"][0]["budget"]["limit_usd"] = json!("2");
+            doc["tokens"][2]["upstream_key"] = json!("nowhere");
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("tokens[2].upstream_key"), "{err}");
+    // Claiming the generation is the only write.
+    assert_eq!(gw.host.store.writes.get() - writes, 1);
+    let mut s = gw.request("POST", CHAT, "open");
+    assert_eq!(s.on_request_headers(&gw.host, true), Flow::Continue);
+
+    // The same document again (another root context of it): no token read, nothing written.
+    let doc = gw.document.borrow().clone();
+    let bytes = serde_json::to_vec(&doc).unwrap();
+    let head = crate::config::token_stream::parse_head(&bytes).unwrap();
+    // The failed configuration was the newest: this one is published again, once.
+    Active::load(&gw.host, &bytes, &head, &gw.master, &gw.metric_ids).unwrap();
+    let (reads, writes) = (gw.host.store.reads.get(), gw.host.store.writes.get());
+    Active::load(&gw.host, &bytes, &head, &gw.master, &gw.metric_ids).unwrap();
+    assert_eq!(gw.host.store.writes.get(), writes);
+    assert!(
+        gw.host.store.reads.get() - reads <= 2,
+        "only the generations key"
+    );
+    assert!(gw
+        .host
+        .logs
+        .borrow()
+        .last()
+        .is_some_and(|l| l.contains("records published by another root context")));
 }

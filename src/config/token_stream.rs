@@ -1,0 +1,217 @@
+//! Reading a policy document without holding its tokens: the rest of the document first (tokens
+//! skipped), then the tokens one at a time. What the filter loads with: a 100,000-token policy
+//! then costs a VM the document's bytes and one token at a time, not every token parsed and
+//! compiled at once (WebAssembly memory never shrinks, so a VM's peak while loading stays).
+//!
+//! Two passes because JSON objects are unordered: tokens are compiled against the upstream keys
+//! and teams, which may come after them.
+
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use super::raw::{RawPolicy, RawToken};
+use super::ConfigError;
+
+/// The document without its tokens (`tokens` empty), validated as `raw::parse` validates.
+pub fn parse_head(json: &[u8]) -> Result<RawPolicy, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let rest = de
+        .deserialize_map(HeadVisitor)
+        .map_err(|e| ConfigError::at(".", e.to_string()))?;
+    de.end().map_err(|e| ConfigError::at(".", e.to_string()))?;
+    let mut head = serde_json::to_vec(&Value::Object(rest))
+        .map_err(|e| ConfigError::at(".", e.to_string()))?;
+    // The document without `tokens` is small: parsed with the field paths `raw::parse` gives.
+    let policy = super::raw::parse(&head)?;
+    head.clear();
+    Ok(policy)
+}
+
+/// Calls `each` with every token of the document, in order, with its index; stops at the first
+/// error. Returns how many there were. Field errors name the token (`tokens[3].budget...`).
+pub fn for_each_token(
+    json: &[u8],
+    each: &mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
+) -> Result<usize, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let mut failure = None;
+    let count = de
+        .deserialize_map(TokensVisitor {
+            each,
+            failure: &mut failure,
+        })
+        .map_err(|e| {
+            failure
+                .take()
+                .unwrap_or_else(|| ConfigError::at("tokens", e.to_string()))
+        })?;
+    Ok(count)
+}
+
+/// Collects every top-level field but `tokens` (skipped, its syntax still checked).
+struct HeadVisitor;
+
+impl<'de> Visitor<'de> for HeadVisitor {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a policy document (a JSON object)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        let mut tokens_seen = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "tokens" {
+                if tokens_seen {
+                    return Err(serde::de::Error::duplicate_field("tokens"));
+                }
+                tokens_seen = true;
+                map.next_value::<IgnoredAny>()?;
+            } else if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+            } else {
+                let value = map.next_value::<Value>()?;
+                out.insert(key, value);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Skips every top-level field but `tokens`, whose elements go to `each`.
+struct TokensVisitor<'a> {
+    each: &'a mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
+    failure: &'a mut Option<ConfigError>,
+}
+
+impl<'de> Visitor<'de> for TokensVisitor<'_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a policy document (a JSON object)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+        let mut count = 0;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "tokens" {
+                count = map.next_value_seed(TokenSeq {
+                    each: &mut *self.each,
+                    failure: &mut *self.failure,
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(count)
+    }
+}
+
+struct TokenSeq<'a> {
+    each: &'a mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
+    failure: &'a mut Option<ConfigError>,
+}
+
+impl<'de> DeserializeSeed<'de> for TokenSeq<'_> {
+    type Value = usize;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<usize, D::Error> {
+        de.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TokenSeq<'_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of tokens")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
+        let mut index = 0;
+        // Each element as a JSON value first (one token's worth of memory), then typed with
+        // the field path of its errors.
+        while let Some(value) = seq.next_element::<Value>()? {
+            let token = serde_path_to_error::deserialize::<_, RawToken>(value).map_err(|e| {
+                let path = e.path().to_string();
+                let at = if path == "." {
+                    format!("tokens[{index}]")
+                } else {
+                    format!("tokens[{index}].{path}")
+                };
+                ConfigError::at(at, e.into_inner().to_string())
+            });
+            let outcome = token.and_then(|t| (self.each)(index, t));
+            if let Err(e) = outcome {
+                let message = e.to_string();
+                *self.failure = Some(e);
+                return Err(serde::de::Error::custom(message));
+            }
+            index += 1;
+        }
+        Ok(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::raw;
+
+    const DOC: &str = r#"{"version":1,"tokens":[
+        {"id":"a","digest":"x","upstream_key":"k"},
+        {"id":"b","digest":"y","upstream_key":"k","team":"t"}],
+        "upstream_keys":[{"id":"k","sealed":"s"}],"teams":[{"id":"t"}]}"#;
+
+    #[test]
+    fn the_head_is_the_document_without_its_tokens() {
+        let head = parse_head(DOC.as_bytes()).unwrap();
+        let mut whole = raw::parse(DOC.as_bytes()).unwrap();
+        let tokens = std::mem::take(&mut whole.tokens);
+        assert_eq!(head, whole);
+        let mut seen = Vec::new();
+        let n = for_each_token(DOC.as_bytes(), &mut |i, t| {
+            seen.push((i, t));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(seen.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), tokens);
+    }
+
+    #[test]
+    fn errors_name_the_token_and_stop() {
+        let bad = DOC.replace(
+            r#""id":"b","digest""#,
+            r#""id":"b","colour":"red","digest""#,
+        );
+        let err = for_each_token(bad.as_bytes(), &mut |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("tokens[1]"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+        let mut calls = 0;
+        let err = for_each_token(DOC.as_bytes(), &mut |i, _| {
+            calls += 1;
+            Err(ConfigError::at(format!("tokens[{i}].team"), "no such team"))
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(calls, 1);
+        assert!(err.starts_with("tokens[0].team"), "{err}");
+        // The head refuses what raw::parse refuses, tokens apart.
+        for doc in [
+            r#"{"version":1,"tokens":[],"tokens":[]}"#,
+            r#"{"version":1,"extra":1}"#,
+            r#"{"version":1,"tokens":[1,]}"#,
+            r#"[1]"#,
+            r#"{"version":1} x"#,
+        ] {
+            assert!(parse_head(doc.as_bytes()).is_err(), "{doc}");
+        }
+        assert!(parse_head(br#"{"tokens":[{"anything":1}],"version":1}"#).is_ok());
+    }
+}
