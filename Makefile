@@ -1,5 +1,5 @@
 # The two commands: `make run` (ShieldKey with a demo policy) and `make test` (everything).
-.PHONY: run test setup build soak fuzz fleet
+.PHONY: run test setup build soak fuzz fleet bench
 
 run:
 	scripts/run.sh
@@ -23,3 +23,9 @@ soak: build
 
 fuzz:
 	scripts/fuzz.sh 600
+
+# Throughput, latency and Envoy CPU per request against plain Envoy and a minimal wasm filter,
+# with wrk and h2load (installed if missing); README "Benchmarks". `make bench BENCH_ARGS=--quick`
+# for a smoke test.
+bench: build
+	scripts/bench.sh $(BENCH_ARGS)

@@ -73,6 +73,9 @@ def validate(bootstrap: Path, workdir: Path, env: dict | None = None) -> tuple[b
 
 class EnvoyProcess:
     _ids = itertools.count()
+    # How the log (Envoy's stdout and stderr) is opened: "wb" starts it afresh on every start;
+    # benchmarks use "ab" so they can truncate it between runs while Envoy keeps writing.
+    log_mode = "wb"
 
     def __init__(self, bootstrap: Path, workdir: Path, *, admin_port: int,
                  listener_ports: dict[str, int], cluster_endpoints: dict[str, tuple[str, int]],
@@ -109,7 +112,7 @@ class EnvoyProcess:
         return f"http://127.0.0.1:{next(iter(self.listener_ports.values()))}"
 
     def start(self) -> "EnvoyProcess":
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, self.log_mode)
         self.proc = subprocess.Popen(
             [str(ENVOY), "-c", str(self.config), "--concurrency", str(self.concurrency),
              "--log-level", self.log_level, "--use-dynamic-base-id", "--drain-time-s", "1",
