@@ -71,7 +71,9 @@ impl AuditFacts {
         if let Some(decision) = self.decision {
             out.push(("shieldkey_decision", decision.to_string()));
         }
-        if let Some(model) = &self.model {
+        // An allowed request's model is written with its accounting (it may only be known from
+        // the response); a refused request has no accounting.
+        if let (Some(model), false) = (&self.model, self.decision == Some("allowed")) {
             out.push(("shieldkey_model", printable(model)));
         }
         out

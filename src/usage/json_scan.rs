@@ -128,6 +128,11 @@ impl JsonScanner {
         &self.facts
     }
 
+    /// The facts, without copying them (the scanner is done).
+    pub fn into_facts(self) -> JsonFacts {
+        self.facts
+    }
+
     /// The top-level value has been closed.
     pub fn is_complete(&self) -> bool {
         self.closed

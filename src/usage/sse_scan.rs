@@ -57,9 +57,24 @@ impl Default for SseScanner {
 }
 
 impl SseScanner {
-    pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some((&b, rest)) = bytes.split_first() {
+            if self.line == Line::Data {
+                // The rest of a data line goes to the event's JSON scanner in one piece: most
+                // of a stream is data lines.
+                let run = bytes
+                    .iter()
+                    .position(|b| *b == b'\n' || *b == b'\r')
+                    .unwrap_or(bytes.len());
+                if run > 0 {
+                    let (data, after) = bytes.split_at(run);
+                    self.data_run(data);
+                    bytes = after;
+                    continue;
+                }
+            }
             self.byte(b);
+            bytes = rest;
         }
     }
 
@@ -137,11 +152,17 @@ impl SseScanner {
     }
 
     fn data_byte(&mut self, b: u8) {
-        if let Some(slot) = self.data_prefix.get_mut(self.data_len) {
-            *slot = b;
+        self.data_run(&[b]);
+    }
+
+    /// Bytes of a data line (no line break among them).
+    fn data_run(&mut self, run: &[u8]) {
+        // Only the start of the line is kept, to recognise `[DONE]`.
+        for (slot, b) in self.data_prefix.iter_mut().skip(self.data_len).zip(run) {
+            *slot = *b;
         }
-        self.data_len = self.data_len.saturating_add(1);
-        self.event.feed(&[b]);
+        self.data_len = self.data_len.saturating_add(run.len());
+        self.event.feed(run);
     }
 
     fn end_line(&mut self) {
@@ -168,14 +189,14 @@ impl SseScanner {
         }
         let mut event = std::mem::take(&mut self.event);
         event.finish();
-        let facts = event.facts();
-        if facts.saw_usage {
-            self.last = facts.clone();
-        }
-        if facts.model.is_some() {
-            self.model = facts.model.clone();
-        }
+        let mut facts = event.into_facts();
         self.generated_bytes = self.generated_bytes.saturating_add(facts.generated_bytes);
+        if let Some(model) = facts.model.take() {
+            self.model = Some(model);
+        }
+        if facts.saw_usage {
+            self.last = facts;
+        }
         self.event_has_data = false;
     }
 }
