@@ -13,9 +13,10 @@ use crate::stream::host::{Host, LogLevel, MetricKind};
 use crate::stream::metrics::PendingMetrics;
 
 thread_local! {
-    /// Stat changes of this VM (one per worker thread) not sent to Envoy yet: a request's
+    /// Counter increments of this VM (one per worker thread) not sent to Envoy yet: a request's
     /// counters are added up here and sent by the root context's timer (`flush_metrics`), one
-    /// host call per stat that changed instead of one per request and stat.
+    /// host call per counter that changed instead of one per request and counter. Increments
+    /// commute, so workers flushing at different times add up right; gauges are not buffered.
     static PENDING_METRICS: RefCell<PendingMetrics> = RefCell::new(PendingMetrics::default());
 }
 
@@ -24,9 +25,6 @@ pub fn flush_metrics() {
     let pending = PENDING_METRICS.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (id, by) in pending.counters {
         let _ = hostcalls::increment_metric(id, by);
-    }
-    for (id, value) in pending.gauges {
-        let _ = hostcalls::record_metric(id, value);
     }
 }
 
@@ -160,7 +158,9 @@ impl Host for WasmHost {
     }
 
     fn record_metric(&self, id: u32, value: u64) {
-        PENDING_METRICS.with(|p| p.borrow_mut().record(id, value));
+        // Gauges are set at once, never buffered: workers flush at different times, and a
+        // buffered older value could land after a newer one from another worker.
+        let _ = hostcalls::record_metric(id, value);
     }
 
     fn flush_metrics(&self) {

@@ -25,13 +25,11 @@ use super::host::{Host, MetricKind};
 use crate::denial::Denial;
 use crate::money::NanoUsd;
 
-/// Stat changes added up in the VM until they are sent (the glue sends them on a timer): a
-/// counter's increments summed, a gauge's last value. Few stats change between two sends, so
-/// small vectors searched linearly beat hashing here.
+/// Counter increments added up in the VM until they are sent (the glue sends them on a timer).
+/// Few counters change between two sends, so a small vector searched linearly beats hashing.
 #[derive(Default, Debug, PartialEq, Eq)]
 pub struct PendingMetrics {
     pub counters: Vec<(u32, i64)>,
-    pub gauges: Vec<(u32, u64)>,
 }
 
 impl PendingMetrics {
@@ -39,13 +37,6 @@ impl PendingMetrics {
         match self.counters.iter_mut().find(|(i, _)| *i == id) {
             Some((_, total)) => *total = total.saturating_add(by),
             None => self.counters.push((id, by)),
-        }
-    }
-
-    pub fn record(&mut self, id: u32, value: u64) {
-        match self.gauges.iter_mut().find(|(i, _)| *i == id) {
-            Some((_, last)) => *last = value,
-            None => self.gauges.push((id, value)),
         }
     }
 }
@@ -361,15 +352,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_changes_add_up_counters_and_keep_the_last_gauge() {
+    fn pending_increments_add_up() {
         let mut p = PendingMetrics::default();
         p.increment(3, 2);
         p.increment(5, 1);
         p.increment(3, 4);
-        p.record(7, 10);
-        p.record(7, 8);
         assert_eq!(p.counters, vec![(3, 6), (5, 1)]);
-        assert_eq!(p.gauges, vec![(7, 8)]);
         p.increment(5, i64::MAX);
         assert_eq!(p.counters[1], (5, i64::MAX));
     }

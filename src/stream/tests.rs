@@ -568,7 +568,7 @@ fn host_calls_per_request() {
         "{counts:?}"
     );
     assert!(
-        ruled_calls <= 24 && ruled_reads + ruled_writes <= 6,
+        ruled_calls <= 25 && ruled_reads + ruled_writes <= 6,
         "{counts:?}"
     );
 }
