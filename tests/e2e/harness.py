@@ -19,6 +19,10 @@ from pathlib import Path
 
 import yaml
 
+# The filter sends its counters every 100 ms (glue::root's timer); a read after this long sees
+# every request that finished before it.
+STATS_FLUSH_S = 0.25
+
 PROJECT = Path(__file__).resolve().parents[2]
 ENVOY = PROJECT / ".venv" / "bin" / "envoy"
 
@@ -149,6 +153,7 @@ class EnvoyProcess:
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges from /stats as integers (histograms are left out)."""
+        time.sleep(STATS_FLUSH_S)
         out = {}
         for line in self.admin_get("/stats").splitlines():
             name, _, value = line.partition(": ")
@@ -157,6 +162,10 @@ class EnvoyProcess:
         return out
 
     def stat(self, name: str) -> int | None:
+        if name.startswith("wasmcustom."):
+            # The filter adds its counters up in each worker and sends them every 100 ms: wait
+            # for a tick, so what happened before this call is counted.
+            time.sleep(STATS_FLUSH_S)
         text = self.admin_get(f"/stats?filter=^{name.replace('.', '[.]')}$")
         for line in text.splitlines():
             key, _, value = line.partition(": ")
