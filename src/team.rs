@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use crate::config::raw::RawTeam;
-use crate::config::token_rules::{compile_rules, RawTokenRules};
+use crate::config::token_rules::compile_rules;
 use crate::config::ConfigError;
 use crate::policy::TokenPolicy;
 use crate::token;
@@ -56,7 +56,7 @@ pub fn compile_team(raw: &RawTeam, path: &str) -> Result<TokenPolicy, ConfigErro
         not_before: None,
         expires_at: None,
         team: None,
-        rules: compile_rules(&RawTokenRules::of_team(raw), path)?,
+        rules: compile_rules(&raw.rules(), path)?,
     })
 }
 

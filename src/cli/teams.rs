@@ -263,11 +263,7 @@ fn list(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
             enforce_text(t.enforce),
             t.description.as_deref().unwrap_or("-")
         );
-        println!(
-            "{:<32} rules: {}",
-            "",
-            rules_summary(&RawTokenRules::of_team(t))
-        );
+        println!("{:<32} rules: {}", "", rules_summary(&t.rules()));
     }
     let in_teams = policy.tokens.iter().filter(|t| t.team.is_some()).count();
     let mut summary = format!(
@@ -354,7 +350,7 @@ mod tests {
             ..RawTeam::default()
         };
         assert_eq!(
-            rules_summary(&RawTokenRules::of_team(&team)),
+            rules_summary(&team.rules()),
             "budget 25.00 USD monthly; rpm 60; models mistral-small-*; max_tokens 512; \
              allow_unmetered"
         );

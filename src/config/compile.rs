@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::error::ConfigError;
 use super::raw::{RawPolicy, RawStatus, RawToken, POLICY_FORMAT_VERSION};
 use super::settings::compile_settings;
-use super::token_rules::{compile_rules, RawTokenRules};
+use super::token_rules::compile_rules;
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
 use crate::policy::{Policy, TokenPolicy, UpstreamKey};
 use crate::secret::SecretBytes;
@@ -235,7 +235,7 @@ pub fn compile_token(
                     .map_err(|m| ConfigError::at(format!("{path}.team"), m))
             })
             .transpose()?,
-        rules: compile_rules(&RawTokenRules::of(t), path)?,
+        rules: compile_rules(&t.rules(), path)?,
     })
 }
 

@@ -160,78 +160,102 @@ pub struct RawUpstreamKey {
     pub sealed: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawToken {
-    pub id: String,
-    /// base64 of HMAC-SHA256 over the secret; see `token_digest.rs`.
-    pub digest: String,
-    pub upstream_key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-    #[serde(default)]
-    pub status: RawStatus,
-    /// RFC 3339.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_before: Option<String>,
-    /// RFC 3339.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget: Option<RawBudget>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<RawRateLimit>,
-    /// Allowed client networks (CIDR, IPv4 or IPv6), checked against Envoy's resolved client address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_cidrs: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub countries: Option<RawCountries>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<RawModels>,
-    /// Which routes of the Mistral API the token reaches: `inference` (default), `read`,
-    /// `manage`, or `all` (every route, including ones ShieldKey does not know).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scopes: Option<Vec<String>>,
-    /// Lets a token with a budget, a tokens-per-minute limit or a `max_tokens` ceiling use routes
-    /// ShieldKey cannot cap or meter (management, batch jobs, audio). Default false: refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_unmetered: Option<bool>,
-    /// The team (`RawTeam::id`) whose rules and limits apply on top of this token's own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub team: Option<String>,
-    /// `false`: dry run of this token's rules: a request they would refuse is let through,
-    /// logged and counted as `would_deny`. Authentication is always enforced. Default true.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enforce: Option<bool>,
+/// Declares a struct with its own fields followed by the rule fields a token and a team share,
+/// and `rules()`, its rule section: the rule fields are written once, so a token, a team and the
+/// shared-data record's rule section (`RawTokenRules`) cannot drift apart.
+macro_rules! with_rule_fields {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($(#[$field_meta])* pub $field: $ty,)*
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub budget: Option<RawBudget>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub rate_limit: Option<RawRateLimit>,
+            /// Allowed client networks (CIDR, IPv4 or IPv6), checked against Envoy's resolved
+            /// client address.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub source_cidrs: Option<Vec<String>>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub countries: Option<RawCountries>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub models: Option<RawModels>,
+            /// Which routes of the Mistral API are reached: `inference` (default), `read`,
+            /// `manage`, or `all` (every route, including ones ShieldKey does not know).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub scopes: Option<Vec<String>>,
+            /// Lets a budget, a tokens-per-minute limit or a `max_tokens` ceiling coexist with
+            /// routes ShieldKey cannot cap or meter (management, batch jobs, audio). Default
+            /// false: refused.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub allow_unmetered: Option<bool>,
+            /// `false`: dry run of these rules: a request they would refuse is let through,
+            /// logged and counted as `would_deny`. Authentication is always enforced. Default
+            /// true.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub enforce: Option<bool>,
+        }
+
+        impl $name {
+            /// The rule section alone.
+            pub fn rules(&self) -> super::token_rules::RawTokenRules {
+                super::token_rules::RawTokenRules {
+                    budget: self.budget.clone(),
+                    rate_limit: self.rate_limit.clone(),
+                    source_cidrs: self.source_cidrs.clone(),
+                    countries: self.countries.clone(),
+                    models: self.models.clone(),
+                    scopes: self.scopes.clone(),
+                    allow_unmetered: self.allow_unmetered,
+                    enforce: self.enforce,
+                }
+            }
+        }
+    };
+}
+pub(crate) use with_rule_fields;
+
+with_rule_fields! {
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawToken {
+        pub id: String,
+        /// base64 of HMAC-SHA256 over the secret; see `token_digest.rs`.
+        pub digest: String,
+        pub upstream_key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub owner: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub description: Option<String>,
+        #[serde(default)]
+        pub status: RawStatus,
+        /// RFC 3339.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub not_before: Option<String>,
+        /// RFC 3339.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub expires_at: Option<String>,
+        /// The team (`RawTeam::id`) whose rules and limits apply on top of this token's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub team: Option<String>,
+    }
 }
 
-/// A team: the same rules a token can have, applied to the team's members together (one budget,
-/// one rate limit shared by all of them), on top of each member's own.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawTeam {
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget: Option<RawBudget>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<RawRateLimit>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_cidrs: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub countries: Option<RawCountries>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<RawModels>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scopes: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_unmetered: Option<bool>,
-    /// `false`: dry run of the team's rules (see `RawToken::enforce`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enforce: Option<bool>,
+with_rule_fields! {
+    /// A team: the same rules a token can have, applied to the team's members together (one
+    /// budget, one rate limit shared by all of them), on top of each member's own.
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawTeam {
+        pub id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub description: Option<String>,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
-use super::raw::{RawBudget, RawCountries, RawModels, RawRateLimit, RawTeam, RawToken};
+use super::raw::{RawBudget, RawCountries, RawModels, RawRateLimit};
 use crate::budget_window::BudgetWindow;
 use crate::ledger::{Budget, Limits};
 use crate::money;
@@ -17,55 +17,15 @@ use crate::rules::country::CountryRule;
 use crate::rules::model_pattern::ModelPatterns;
 use crate::rules::source_ip::SourceNetworks;
 
-/// The rule section of a token, as configured. Field names match `RawToken`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RawTokenRules {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget: Option<RawBudget>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<RawRateLimit>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_cidrs: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub countries: Option<RawCountries>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<RawModels>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scopes: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_unmetered: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enforce: Option<bool>,
+super::raw::with_rule_fields! {
+    /// The rule section of a token or team, as configured (what a shared-data record carries).
+    /// Field names match `RawToken` and `RawTeam`.
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawTokenRules {}
 }
 
 impl RawTokenRules {
-    pub fn of(token: &RawToken) -> Self {
-        RawTokenRules {
-            budget: token.budget.clone(),
-            rate_limit: token.rate_limit.clone(),
-            source_cidrs: token.source_cidrs.clone(),
-            countries: token.countries.clone(),
-            models: token.models.clone(),
-            scopes: token.scopes.clone(),
-            allow_unmetered: token.allow_unmetered,
-            enforce: token.enforce,
-        }
-    }
-
-    pub fn of_team(team: &RawTeam) -> Self {
-        RawTokenRules {
-            budget: team.budget.clone(),
-            rate_limit: team.rate_limit.clone(),
-            source_cidrs: team.source_cidrs.clone(),
-            countries: team.countries.clone(),
-            models: team.models.clone(),
-            scopes: team.scopes.clone(),
-            allow_unmetered: team.allow_unmetered,
-            enforce: team.enforce,
-        }
-    }
-
     fn is_empty(&self) -> bool {
         *self == RawTokenRules::default()
     }

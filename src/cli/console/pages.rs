@@ -12,7 +12,6 @@ use crate::cli::audit::{usd6, Record};
 use crate::cli::commands::enforce_text;
 use crate::cli::teams::rules_summary;
 use crate::config::raw::RawToken;
-use crate::config::token_rules::RawTokenRules;
 use crate::money::{format_usd, NanoUsd};
 use crate::time::format_rfc3339;
 
@@ -560,7 +559,7 @@ pub fn token(
         token.expires_at.as_deref().unwrap_or("never"),
     );
     dl_row(&mut b, "Enforce", enforce_text(token.enforce));
-    dl_row(&mut b, "Rules", &rules_summary(&RawTokenRules::of(token)));
+    dl_row(&mut b, "Rules", &rules_summary(&token.rules()));
     b.raw("</dl></section><section class=\"card\"><h2>Usage</h2>");
     match row {
         Some(row) => {
