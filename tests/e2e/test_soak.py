@@ -2,7 +2,7 @@
 mixed traffic at 2 workers. Envoy's heap in use must stay flat after warm-up, every complete
 response charged exactly, no 5xx from the filter, no panic.
 
-The bound: at most 4 MiB of heap growth after warm-up and 8 KiB per reload by least squares.
+The bound: at most 4 MiB of heap growth after warm-up and 16 KiB per reload by least squares.
 A store that keeps a key per configuration grew about 280 KiB per reload here (about 20 MiB over
 90 reloads), so it fails by a wide margin; the flat store measured +0.1 MiB and +0.4 KiB per
 reload."""
@@ -17,7 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "soak"))
 import soak  # noqa: E402
 
 MAX_GROWTH_MIB = 4
-MAX_SLOPE_KIB = 8
+# Envoy's heap swings by about a MiB with the traffic in flight, so over 150 samples the slope
+# of an unchanged build read 2.9, 6.8 and 8.1 KiB per reload in three runs (the 1000-reload
+# `make soak` reads +1.1). 16 KiB still fails a leak 17 times smaller than the one this test was
+# written for (+279 KiB per reload); the 4 MiB total is the other bound.
+MAX_SLOPE_KIB = 16
 
 
 def test_memory_stays_flat_across_200_policy_changes(tmp_path):
