@@ -20,7 +20,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::{json, Value};
 use shieldkey::access::{self, Judge};
 use shieldkey::authenticate::{authenticate, Credentials};
-use shieldkey::config::raw;
+use shieldkey::config::token_stream;
 use shieldkey::master_key::MasterKey;
 use shieldkey::routes;
 use shieldkey::seal;
@@ -240,9 +240,9 @@ impl Gateway {
                          "tokens": records});
         let bytes = serde_json::to_vec(&doc).unwrap();
         let host = BenchHost::new();
-        let raw = raw::parse(&bytes).unwrap();
+        let head = token_stream::parse_head(&bytes).unwrap();
         let ids = Rc::new(MetricIds::default());
-        let active = Rc::new(Active::load(host, &bytes, &raw, &master, &ids).unwrap());
+        let active = Rc::new(Active::load(host, &bytes, &head, &master, &ids).unwrap());
         Gateway {
             host,
             active,

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use sha2::{Digest, Sha256};
 
 use super::error::ConfigError;
 use super::raw::{RawPolicy, RawStatus, RawToken, POLICY_FORMAT_VERSION};
@@ -32,8 +31,7 @@ pub fn compile_bytes(json: &[u8], opts: &CompileOptions<'_>) -> Result<Policy, C
 
 /// A short, stable identity of the configuration bytes.
 pub fn fingerprint(json: &[u8]) -> String {
-    let hash = Sha256::digest(json);
-    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    super::source::Fingerprint::of(json)
 }
 
 pub fn compile(

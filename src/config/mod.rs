@@ -5,6 +5,7 @@ pub mod compile;
 pub mod error;
 pub mod raw;
 pub mod settings;
+pub mod source;
 pub mod token_rules;
 pub mod token_stream;
 

@@ -1,41 +1,61 @@
 //! Reading a policy document without holding its tokens: the rest of the document first (tokens
 //! skipped), then the tokens one at a time. What the filter loads with: a 100,000-token policy
-//! then costs a VM the document's bytes and one token at a time, not every token parsed and
-//! compiled at once (WebAssembly memory never shrinks, so a VM's peak while loading stays).
+//! then costs a VM one piece of the document (`source`) and one token at a time, not the whole
+//! document nor every token parsed and compiled at once (WebAssembly memory never shrinks, so a
+//! VM's peak while loading stays).
 //!
 //! Two passes because JSON objects are unordered: tokens are compiled against the upstream keys
 //! and teams, which may come after them.
 
 use std::fmt;
+use std::io;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::raw::{RawPolicy, RawToken};
+use super::source::{buffered, Fingerprint, PolicySource};
 use super::ConfigError;
 
-/// The document without its tokens (`tokens` empty), validated as `raw::parse` validates.
-pub fn parse_head(json: &[u8]) -> Result<RawPolicy, ConfigError> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let rest = de
-        .deserialize_map(HeadVisitor)
-        .map_err(|e| ConfigError::at(".", e.to_string()))?;
-    de.end().map_err(|e| ConfigError::at(".", e.to_string()))?;
+/// A document without its tokens, and the fingerprint of all its bytes.
+#[derive(Debug)]
+pub struct Head {
+    /// The document with `tokens` empty, validated as `raw::parse` validates.
+    pub policy: RawPolicy,
+    pub fingerprint: String,
+}
+
+/// Reads the whole document once: everything but its tokens, and its fingerprint.
+pub fn parse_head(source: &dyn PolicySource) -> Result<Head, ConfigError> {
+    let syntax = |e: serde_json::Error| ConfigError::at(".", e.to_string());
+    let mut fingerprint = Fingerprint::default();
+    let rest = {
+        let mut reader = buffered(source, Some(&mut fingerprint));
+        let mut de = serde_json::Deserializer::from_reader(&mut reader);
+        let rest = de.deserialize_map(HeadVisitor).map_err(syntax)?;
+        de.end().map_err(syntax)?;
+        // Whatever the parser did not need still belongs to the fingerprint.
+        io::copy(&mut reader, &mut io::sink()).map_err(|e| ConfigError::at(".", e.to_string()))?;
+        rest
+    };
     let mut head = serde_json::to_vec(&Value::Object(rest))
         .map_err(|e| ConfigError::at(".", e.to_string()))?;
     // The document without `tokens` is small: parsed with the field paths `raw::parse` gives.
     let policy = super::raw::parse(&head)?;
     head.clear();
-    Ok(policy)
+    Ok(Head {
+        policy,
+        fingerprint: fingerprint.finish(),
+    })
 }
 
 /// Calls `each` with every token of the document, in order, with its index; stops at the first
 /// error. Returns how many there were. Field errors name the token (`tokens[3].budget...`).
 pub fn for_each_token(
-    json: &[u8],
+    source: &dyn PolicySource,
     each: &mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
 ) -> Result<usize, ConfigError> {
-    let mut de = serde_json::Deserializer::from_slice(json);
+    let mut de = serde_json::Deserializer::from_reader(buffered(source, None));
     let mut failure = None;
     let count = de
         .deserialize_map(TokensVisitor {
@@ -168,12 +188,14 @@ mod tests {
 
     #[test]
     fn the_head_is_the_document_without_its_tokens() {
-        let head = parse_head(DOC.as_bytes()).unwrap();
+        let head = parse_head(&DOC.as_bytes()).unwrap();
+        assert_eq!(head.fingerprint, Fingerprint::of(DOC.as_bytes()));
+        let head = head.policy;
         let mut whole = raw::parse(DOC.as_bytes()).unwrap();
         let tokens = std::mem::take(&mut whole.tokens);
         assert_eq!(head, whole);
         let mut seen = Vec::new();
-        let n = for_each_token(DOC.as_bytes(), &mut |i, t| {
+        let n = for_each_token(&DOC.as_bytes(), &mut |i, t| {
             seen.push((i, t));
             Ok(())
         })
@@ -188,13 +210,13 @@ mod tests {
             r#""id":"b","digest""#,
             r#""id":"b","colour":"red","digest""#,
         );
-        let err = for_each_token(bad.as_bytes(), &mut |_, _| Ok(()))
+        let err = for_each_token(&bad.as_bytes(), &mut |_, _| Ok(()))
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("tokens[1]"), "{err}");
         assert!(err.contains("colour"), "{err}");
         let mut calls = 0;
-        let err = for_each_token(DOC.as_bytes(), &mut |i, _| {
+        let err = for_each_token(&DOC.as_bytes(), &mut |i, _| {
             calls += 1;
             Err(ConfigError::at(format!("tokens[{i}].team"), "no such team"))
         })
@@ -210,8 +232,8 @@ mod tests {
             r#"[1]"#,
             r#"{"version":1} x"#,
         ] {
-            assert!(parse_head(doc.as_bytes()).is_err(), "{doc}");
+            assert!(parse_head(&doc.as_bytes()).is_err(), "{doc}");
         }
-        assert!(parse_head(br#"{"tokens":[{"anything":1}],"version":1}"#).is_ok());
+        assert!(parse_head(&&br#"{"tokens":[{"anything":1}],"version":1}"#[..]).is_ok());
     }
 }

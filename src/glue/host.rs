@@ -8,6 +8,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType};
 
 use super::host_store::HostStore;
+use crate::config::source::{PolicySource, RangeReader};
 use crate::store::SharedStore;
 use crate::stream::host::{Host, LogLevel, MetricKind};
 use crate::stream::metrics::PendingMetrics;
@@ -64,10 +65,17 @@ pub fn node_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-pub fn plugin_configuration() -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
+/// The plugin configuration, read from Envoy a piece at a time (`config::source`).
+pub struct PluginConfiguration;
+
+impl PolicySource for PluginConfiguration {
+    fn reader(&self) -> Box<dyn std::io::Read + '_> {
+        Box::new(RangeReader::new(|offset, len| {
+            hostcalls::get_buffer(BufferType::PluginConfiguration, offset, len)
+                .ok()
+                .flatten()
+        }))
+    }
 }
 
 /// POSTs `body` through Envoy's HTTP callout; the reply comes to the root context's

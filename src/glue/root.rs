@@ -103,8 +103,8 @@ impl Context for ShieldRoot {
 }
 
 impl RootContext for ShieldRoot {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        match self.configure() {
+    fn on_configure(&mut self, size: usize) -> bool {
+        match self.configure(size) {
             Ok(()) => true,
             Err(e) => {
                 // The message names the field; it never contains a secret (seal/token errors are
@@ -160,13 +160,19 @@ impl ShieldRoot {
         }
     }
 
-    fn configure(&mut self) -> Result<(), ConfigError> {
-        let bytes = host::plugin_configuration()
-            .ok_or_else(|| ConfigError::at(".", "the filter needs a plugin configuration"))?;
+    fn configure(&mut self, size: usize) -> Result<(), ConfigError> {
+        if size == 0 {
+            return Err(ConfigError::at(
+                ".",
+                "the filter needs a plugin configuration",
+            ));
+        }
+        let config = host::PluginConfiguration;
         // The tokens are read later, one at a time (`Active::load`).
-        let raw = crate::config::token_stream::parse_head(&bytes)?;
+        let head = crate::config::token_stream::parse_head(&config)?;
+        let raw = &head.policy;
         if let Some(fleet) = &raw.fleet {
-            let settings = compile_fleet(&raw, fleet)?;
+            let settings = compile_fleet(raw, fleet)?;
             // A few ticks per interval, so a change waits at most a quarter interval for one.
             let tick = (settings.sync_interval_ms / 4).clamp(10, 250);
             // Envoy's node.id names this Envoy's leases in etcd; it is read on the first tick
@@ -175,7 +181,7 @@ impl ShieldRoot {
                 self.mode = Mode::Syncer(Box::new(Syncer::new(settings)));
                 log(LogLevel::Info, "shieldkey: fleet syncer configured");
             } else {
-                let filter = FleetFilter::new(master_key(&raw)?, settings);
+                let filter = FleetFilter::new(master_key(raw)?, settings);
                 // The policy may already be in shared data (a reload): the first tick takes it;
                 // until then requests are refused (503).
                 self.mode = Mode::FleetFilter(filter);
@@ -183,7 +189,7 @@ impl ShieldRoot {
             let _ = hostcalls::set_tick_period(Duration::from_millis(tick));
             return Ok(());
         }
-        let master = master_key(&raw)?;
+        let master = master_key(raw)?;
         let alert_queue = match raw.alerts.as_ref().and_then(|a| a.webhook.as_ref()) {
             Some(_) => Some(hostcalls::register_shared_queue(ALERT_QUEUE).map_err(|_| {
                 ConfigError::at("alerts.webhook", "cannot register the alert queue")
@@ -192,8 +198,8 @@ impl ShieldRoot {
         };
         let active = Active::load(
             &WasmHost { alert_queue },
-            &bytes,
-            &raw,
+            &config,
+            &head,
             &master,
             &metric_ids(),
         )?;

@@ -8,9 +8,9 @@ use std::rc::Rc;
 use super::host::{Host, LogLevel};
 use super::metrics::{MetricIds, Metrics};
 use crate::config::compile::{self, TokenCompiler};
-use crate::config::compile::{compile, fingerprint, CompileOptions};
-use crate::config::raw::RawPolicy;
-use crate::config::token_stream;
+use crate::config::compile::{compile, CompileOptions};
+use crate::config::source::PolicySource;
+use crate::config::token_stream::{self, Head};
 use crate::config::ConfigError;
 use crate::fleet::FleetSettings;
 use crate::ledger::{Ledger, SharedDataLedger};
@@ -74,28 +74,31 @@ impl Active {
         ids: &Rc<MetricIds>,
         context: FleetContext,
     ) -> Result<Active, ConfigError> {
-        let raw = crate::config::raw::parse(base)?;
-        let (policy, verifier) = compile_opened(base, &raw, master)?;
+        let head = Head {
+            policy: crate::config::raw::parse(base)?,
+            fingerprint: crate::config::compile::fingerprint(base),
+        };
+        let (policy, verifier) = compile_opened(&head, master)?;
         let mut active = Active::new(policy, 0, verifier, Metrics::define(host, ids));
         active.fleet_records = Some(RefCell::new(HashMap::new()));
         active.fleet = Some(context);
         Ok(active)
     }
 
-    /// Compiles a configuration (`raw`: `config` without its tokens, `token_stream::parse_head`),
+    /// Compiles a configuration (`head`: `config` without its tokens, `token_stream::parse_head`),
     /// publishes its token records into shared data and creates their counters: what every root
     /// context does in `on_configure`. Tokens are read from `config` one at a time and kept only
     /// as their encoded records until all of them compiled (a configuration with an invalid token
     /// writes nothing); a root context that finds the configuration published already reads none.
     pub fn load(
         host: &dyn Host,
-        config: &[u8],
-        raw: &RawPolicy,
+        config: &dyn PolicySource,
+        head: &Head,
         master: &MasterKey,
         ids: &Rc<MetricIds>,
     ) -> Result<Active, ConfigError> {
         let started_ms = host.now_unix_ms();
-        let (mut policy, verifier) = compile_opened(config, raw, master)?;
+        let (mut policy, verifier) = compile_opened(head, master)?;
         let shared = |e: crate::store::StoreError| {
             ConfigError::at(
                 ".",
@@ -194,7 +197,7 @@ struct Counts {
 /// counters of those with limits.
 fn publish_tokens(
     store: &dyn crate::store::SharedStore,
-    config: &[u8],
+    config: &dyn PolicySource,
     policy: &Policy,
     publisher: &mut Publisher<'_>,
 ) -> Result<Counts, ConfigError> {
@@ -253,14 +256,10 @@ fn publish_tokens(
 
 /// Compiles a configuration with its upstream keys opened, and the token verifier of its
 /// master key.
-fn compile_opened(
-    config: &[u8],
-    raw: &RawPolicy,
-    master: &MasterKey,
-) -> Result<(Policy, TokenVerifier), ConfigError> {
+fn compile_opened(head: &Head, master: &MasterKey) -> Result<(Policy, TokenVerifier), ConfigError> {
     let policy = compile(
-        raw,
-        fingerprint(config),
+        &head.policy,
+        head.fingerprint.clone(),
         &CompileOptions {
             master_key: Some(master),
         },

@@ -254,8 +254,8 @@ impl Gateway {
         let host = FakeHost::default();
         host.now_ms.set(1_790_000_000_000);
         let metric_ids = Rc::new(MetricIds::default());
-        let raw = crate::config::token_stream::parse_head(&bytes).unwrap();
-        let active = Rc::new(Active::load(&host, &bytes, &raw, &master, &metric_ids).unwrap());
+        let head = crate::config::token_stream::parse_head(&bytes).unwrap();
+        let active = Rc::new(Active::load(&host, &bytes, &head, &master, &metric_ids).unwrap());
         Gateway {
             host,
             active,
@@ -280,11 +280,11 @@ impl Gateway {
         let mut doc = self.document();
         change(&mut doc);
         let bytes = serde_json::to_vec(&doc).unwrap();
-        let raw = crate::config::token_stream::parse_head(&bytes)?;
+        let head = crate::config::token_stream::parse_head(&bytes)?;
         self.active = Rc::new(Active::load(
             &self.host,
             &bytes,
-            &raw,
+            &head,
             &self.master,
             &self.metric_ids,
         )?);
