@@ -14,6 +14,7 @@ pub const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters
 pub const TYPED_EXTENSION_CONFIG_TYPE: &str =
     "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+const BYTES_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.BytesValue";
 /// The proxy-wasm root id the filter registers; how a published file is recognised as ShieldKey's.
 pub const ROOT_ID: &str = "shieldkey";
 /// Where the shipped bootstraps watch for the published file (relative to Envoy's working
@@ -62,8 +63,43 @@ impl FilterSettings {
     }
 }
 
-/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message carrying `policy_json`.
-pub fn wasm_filter(settings: &FilterSettings, policy_json: &str) -> Value {
+/// The filter's `configuration`: the policy JSON as it is, readable in a hand-written Envoy
+/// configuration.
+pub fn plain_configuration(policy_json: &str) -> Value {
+    json!({"@type": STRING_VALUE_TYPE, "value": policy_json})
+}
+
+/// The filter's `configuration`: the policy JSON zlib-compressed (`config::source`), what
+/// `shieldkey publish` writes. Envoy keeps several copies of a filter's configuration; a
+/// 100,000-token policy is about 8 times smaller compressed.
+pub fn compressed_configuration(policy_json: &str) -> Value {
+    use base64::Engine;
+    let packed = crate::config::source::compress(policy_json.as_bytes());
+    json!({
+        "@type": BYTES_VALUE_TYPE,
+        "value": base64::engine::general_purpose::STANDARD.encode(packed),
+    })
+}
+
+/// The policy JSON inside a filter `configuration` either function above wrote.
+pub fn policy_of_configuration(configuration: &Value) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let value = configuration
+        .get("value")
+        .and_then(Value::as_str)
+        .ok_or("the configuration has no string value")?;
+    let bytes = match configuration.get("@type").and_then(Value::as_str) {
+        Some(STRING_VALUE_TYPE) => value.as_bytes().to_vec(),
+        Some(BYTES_VALUE_TYPE) => base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .map_err(|e| format!("the configuration is not base64: {e}"))?,
+        _ => return Err("the configuration is neither a StringValue nor a BytesValue".into()),
+    };
+    crate::config::source::decode(&bytes).map_err(|e| e.to_string())
+}
+
+/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message carrying `configuration`.
+pub fn wasm_filter(settings: &FilterSettings, configuration: Value) -> Value {
     json!({
         "@type": WASM_FILTER_TYPE,
         "config": {
@@ -75,24 +111,22 @@ pub fn wasm_filter(settings: &FilterSettings, policy_json: &str) -> Value {
                 "code": {"local": {"filename": settings.wasm_path}},
                 "environment_variables": {"host_env_keys": settings.host_env_keys()},
             },
-            "configuration": {
-                "@type": STRING_VALUE_TYPE,
-                "value": policy_json,
-            },
+            "configuration": configuration,
             // Fail closed: if the VM cannot run, requests get an error, never the upstream.
             "fail_open": false,
         }
     })
 }
 
-/// A `DiscoveryResponse` with the one `TypedExtensionConfig`, for `path_config_source`.
+/// A `DiscoveryResponse` with the one `TypedExtensionConfig`, for `path_config_source`; the
+/// policy compressed.
 pub fn ecds_file(settings: &FilterSettings, policy_json: &str, revision: u64) -> Value {
     json!({
         "version_info": revision.to_string(),
         "resources": [{
             "@type": TYPED_EXTENSION_CONFIG_TYPE,
             "name": settings.filter_name,
-            "typed_config": wasm_filter(settings, policy_json),
+            "typed_config": wasm_filter(settings, compressed_configuration(policy_json)),
         }]
     })
 }
@@ -149,12 +183,15 @@ pub fn read_published(doc: &Value) -> Result<PublishedFilter, String> {
             "the Wasm filter's root_id is not '{ROOT_ID}': not a ShieldKey filter"
         ));
     }
-    if config
-        .pointer("/configuration/@type")
-        .and_then(Value::as_str)
-        != Some(STRING_VALUE_TYPE)
-    {
-        return Err("the Wasm filter's configuration is not a StringValue policy".into());
+    if !matches!(
+        config
+            .pointer("/configuration/@type")
+            .and_then(Value::as_str),
+        Some(STRING_VALUE_TYPE | BYTES_VALUE_TYPE)
+    ) {
+        return Err(
+            "the Wasm filter's configuration is not a policy (StringValue or BytesValue)".into(),
+        );
     }
     let vm = config
         .get("vm_config")
@@ -484,14 +521,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ecds_file_carries_the_policy_verbatim() {
+    fn ecds_file_carries_the_policy_compressed() {
         let s = FilterSettings::default();
-        let v = ecds_file(&s, r#"{"version":1}"#, 7);
+        let policy = format!(r#"{{"version":1,"tokens":[{}]}}"#, "{},".repeat(999) + "{}");
+        let v = ecds_file(&s, &policy, 7);
         assert_eq!(v["version_info"], "7");
         let r = &v["resources"][0];
         assert_eq!(r["name"], "shieldkey");
         let cfg = &r["typed_config"]["config"];
-        assert_eq!(cfg["configuration"]["value"], r#"{"version":1}"#);
+        assert_eq!(cfg["configuration"]["@type"], BYTES_VALUE_TYPE);
+        assert!(cfg["configuration"]["value"].as_str().unwrap().len() < policy.len() / 4);
+        assert_eq!(
+            policy_of_configuration(&cfg["configuration"]).unwrap(),
+            policy.as_bytes()
+        );
+        let plain = plain_configuration(&policy);
+        assert_eq!(plain["value"], policy.as_str());
+        assert_eq!(policy_of_configuration(&plain).unwrap(), policy.as_bytes());
+        assert!(
+            policy_of_configuration(&json!({"@type": BYTES_VALUE_TYPE, "value": "%%"})).is_err()
+        );
         assert_eq!(
             cfg["vm_config"]["environment_variables"]["host_env_keys"][0],
             "SHIELDKEY_MASTER_KEY"

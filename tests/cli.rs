@@ -160,8 +160,10 @@ fn mint_seal_revoke_publish_round_trip() {
         cfg["vm_config"]["code"]["local"]["filename"],
         "/opt/shieldkey.wasm"
     );
-    let inner: serde_json::Value =
-        serde_json::from_str(cfg["configuration"]["value"].as_str().unwrap()).unwrap();
+    let inner: serde_json::Value = serde_json::from_slice(
+        &shieldkey::envoy_render::policy_of_configuration(&cfg["configuration"]).unwrap(),
+    )
+    .unwrap();
     assert_eq!(inner["tokens"][0]["status"], "revoked");
     assert!(ws.ok(&["list"], None).contains("revoked"));
 
@@ -900,10 +902,11 @@ fn revoke_by_owner_changes_every_token_of_that_owner_in_one_revision() {
     );
     let ecds = read_json(&ws.dir.join("filter/shieldkey.json"));
     assert_eq!(ecds["version_info"], (rev + 3).to_string());
-    let inner: serde_json::Value = serde_json::from_str(
-        ecds["resources"][0]["typed_config"]["config"]["configuration"]["value"]
-            .as_str()
-            .unwrap(),
+    let inner: serde_json::Value = serde_json::from_slice(
+        &shieldkey::envoy_render::policy_of_configuration(
+            &ecds["resources"][0]["typed_config"]["config"]["configuration"],
+        )
+        .unwrap(),
     )
     .unwrap();
     let b1 = inner["tokens"]

@@ -1,11 +1,13 @@
 //! Policy parsing and compilation: never panics, an error never echoes a sealed upstream key, a
 //! parsed policy survives a serialize/parse round trip, and a policy that compiles with the
-//! master key (keys opened) also compiles without it (format only).
+//! master key (keys opened) also compiles without it (format only). The filter's streamed reading
+//! (`token_stream`, plain or zlib-compressed) agrees with `raw::parse`, and decoding any bytes as
+//! a compressed configuration never panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use shieldkey::config::compile::{compile_bytes, CompileOptions};
-use shieldkey::config::raw;
+use shieldkey::config::{raw, source, token_stream};
 use shieldkey::master_key::MasterKey;
 use shieldkey_fuzz::J;
 
@@ -93,6 +95,25 @@ fuzz_target!(|data: &[u8]| {
         (Ok(_), Err(e)) => panic!("opens with the master key but fails the format check: {e}"),
         _ => {}
     }
+
+    let head = token_stream::parse_head(&data);
+    if let Ok(whole) = &parsed {
+        let mut without_tokens = whole.clone();
+        without_tokens.tokens.clear();
+        match &head {
+            Ok(h) => assert_eq!(h.policy, without_tokens),
+            Err(e) => panic!("parses whole but not streamed: {e}"),
+        }
+    }
+    let packed = source::compress(data);
+    let packed_head = token_stream::parse_head(&packed);
+    match (&head, &packed_head) {
+        (Ok(a), Ok(b)) => assert_eq!(a.policy, b.policy),
+        (Err(_), Err(_)) => {}
+        _ => panic!("the compressed document reads differently"),
+    }
+    let _ = source::decode(data);
+    let _ = token_stream::parse_head(&data.get(..data.len() / 2).unwrap_or_default());
 
     let secrets = sealed_values(data);
     for err in [offline.err(), online.err(), parsed.err()]

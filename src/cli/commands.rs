@@ -21,8 +21,8 @@ use crate::config::raw::{
     self, RawPolicy, RawStatus, RawTeam, RawToken, RawUpstreamKey, POLICY_FORMAT_VERSION,
 };
 use crate::envoy_render::{
-    ecds_file, http_filters, http_filters_yaml, read_published, wasm_filter, ChainOptions,
-    FilterSettings, PublishedFilter,
+    ecds_file, http_filters, http_filters_yaml, plain_configuration, read_published, wasm_filter,
+    ChainOptions, FilterSettings, PublishedFilter,
 };
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV, MASTER_KEY_LEN};
 use crate::seal::{self, NONCE_LEN};
@@ -1304,7 +1304,10 @@ pub fn render(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
         "plugin-config" => json,
         "wasm-filter" => format!(
             "{:#}",
-            wasm_filter(&rendered_settings(&policy, flags), &json)
+            wasm_filter(
+                &rendered_settings(&policy, flags),
+                plain_configuration(&json)
+            )
         ),
         "ecds" => format!(
             "{:#}",

@@ -205,6 +205,23 @@ mod tests {
     }
 
     #[test]
+    fn a_compressed_document_reads_as_its_json() {
+        let packed = crate::config::source::compress(DOC.as_bytes());
+        let head = parse_head(&packed).unwrap();
+        assert_eq!(head.policy, parse_head(&DOC.as_bytes()).unwrap().policy);
+        assert_eq!(head.fingerprint, Fingerprint::of(&packed));
+        let mut ids = Vec::new();
+        let n = for_each_token(&packed, &mut |_, t| {
+            ids.push(t.id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((n, ids), (2, vec!["a".to_string(), "b".to_string()]));
+        let err = parse_head(&packed[..packed.len() - 3].to_vec()).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_token_and_stop() {
         let bad = DOC.replace(
             r#""id":"b","digest""#,

@@ -4,12 +4,14 @@ upstream plays api.mistral.ai."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import harness
@@ -120,14 +122,31 @@ class Deployment:
         the seconds until Envoy reported the new revision applied."""
         ecds = json.loads(self.ecds.read_text())
         ecds["version_info"] = str(policy["revision"])
-        ecds["resources"][0]["typed_config"]["config"]["configuration"]["value"] = \
-            json.dumps(policy, separators=(",", ":"))
+        set_published_policy(ecds, policy)
         tmp = self.ecds.with_suffix(".tmp")
         tmp.write_text(json.dumps(ecds))
         started = time.monotonic()
         os.replace(tmp, self.ecds)
         self.wait_for_config_version(policy["revision"], timeout)
         return time.monotonic() - started
+
+
+def published_policy(ecds: dict) -> dict:
+    """The policy inside an ECDS file `shieldkey publish` wrote: zlib-compressed JSON in a
+    BytesValue (or plain JSON in a StringValue, as hand-written configurations carry it)."""
+    cfg = ecds["resources"][0]["typed_config"]["config"]["configuration"]
+    if cfg["@type"].endswith("BytesValue"):
+        return json.loads(zlib.decompress(base64.b64decode(cfg["value"])))
+    return json.loads(cfg["value"])
+
+
+def set_published_policy(ecds: dict, policy: dict) -> None:
+    """Puts `policy` into an ECDS file as `shieldkey publish` does (compressed)."""
+    packed = zlib.compress(json.dumps(policy, separators=(",", ":")).encode())
+    ecds["resources"][0]["typed_config"]["config"]["configuration"] = {
+        "@type": "type.googleapis.com/google.protobuf.BytesValue",
+        "value": base64.b64encode(packed).decode(),
+    }
 
 
 def token_stat(dep: Deployment, token: str, name: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 import harness
-from deployment import Deployment, request, error_code
+from deployment import Deployment, error_code, published_policy, request, set_published_policy
 
 
 class Load:
@@ -133,10 +134,10 @@ def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps
 
     # An operator bypasses the CLI and publishes a broken configuration by hand.
     ecds = json.loads(dep.ecds.read_text())
-    cfg = ecds["resources"][0]["typed_config"]["config"]["configuration"]
-    policy = json.loads(cfg["value"])
+    good = published_policy(ecds)
+    policy = published_policy(ecds)
     policy["tokens"][0]["digest"] = "not base64!"
-    cfg["value"] = json.dumps(policy)
+    set_published_policy(ecds, policy)
     ecds["version_info"] = "broken"
     rejected_before = dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected")
     tmp = dep.ecds.with_suffix(".tmp")
@@ -152,6 +153,38 @@ def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps
     assert "tokens[0].digest" in dep.envoy.log_text()
     for name in ("alice", "bob", "carol"):
         assert request(dep.url, token=dep.tokens[name])[0] == 200
+
+    # A compressed configuration cut short is refused, never read as a shorter policy.
+    set_published_policy(ecds, good)
+    cfg = ecds["resources"][0]["typed_config"]["config"]["configuration"]
+    cfg["value"] = base64.b64encode(base64.b64decode(cfg["value"])[:-40]).decode()
+    ecds["version_info"] = "truncated"
+    rejected_before = dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected")
+    tmp.write_text(json.dumps(ecds))
+    tmp.replace(dep.ecds)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected") > rejected_before:
+            break
+        time.sleep(0.02)
+    assert dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected") > rejected_before
+    assert "compressed configuration is truncated" in dep.envoy.log_text()
+    assert request(dep.url, token=dep.tokens["carol"])[0] == 200
+
+    # Plain JSON in a StringValue, as a hand-written configuration carries it, is read as well.
+    carol = next(t for t in good["tokens"] if t["id"] == "carol")
+    carol["status"] = "revoked"
+    ecds["resources"][0]["typed_config"]["config"]["configuration"] = {
+        "@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(good)}
+    ecds["version_info"] = "plain"
+    tmp.write_text(json.dumps(ecds))
+    tmp.replace(dep.ecds)
+    deadline = time.monotonic() + 5
+    while request(dep.url, token=dep.tokens["carol"])[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, _, body = request(dep.url, token=dep.tokens["carol"])
+    assert (status, error_code(body)) == (401, "shield_token_revoked")
+    assert request(dep.url, token=dep.tokens["bob"])[0] == 200
 
 
 def test_rotating_the_upstream_key_switches_without_a_failed_request(tmp_path):
