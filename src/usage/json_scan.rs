@@ -9,8 +9,8 @@
 //!
 //! Constant memory: the container stack is a 64-bit set (deeper documents stop being scanned),
 //! keys are compared through a 24-byte buffer, and only the `model` string (up to 128 bytes) is
-//! kept. Field order does not matter; strings (including `delta.content`, padding fields and
-//! escapes) are skipped byte by byte. It is tolerant, not a validator: on garbage it simply finds
+//! kept. Field order does not matter; string values (including `delta.content`, padding fields
+//! and escapes) are skipped a run at a time, up to the next quote or backslash. It is tolerant, not a validator: on garbage it simply finds
 //! nothing, and it never panics.
 
 const MAX_DEPTH: u32 = 64;
@@ -139,12 +139,40 @@ impl JsonScanner {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        let mut rest = bytes;
+        while let Some((&b, tail)) = rest.split_first() {
             if self.given_up {
                 return;
             }
+            if self.skips_string_bytes() {
+                // Most of a response is string content the scanner only counts: skip to the
+                // next quote or backslash in one pass instead of byte by byte.
+                let run = rest
+                    .iter()
+                    .position(|&c| c == b'"' || c == b'\\')
+                    .unwrap_or(rest.len());
+                if run > 0 {
+                    if self.slot == Slot::Generated {
+                        self.facts.generated_bytes =
+                            self.facts.generated_bytes.saturating_add(run as u64);
+                    }
+                    rest = rest.get(run..).unwrap_or_default();
+                    continue;
+                }
+            }
             self.byte(b);
+            rest = tail;
         }
+    }
+
+    /// Inside a string value whose bytes are not kept (only counted, or not even that).
+    fn skips_string_bytes(&self) -> bool {
+        self.state
+            == State::Str {
+                key: false,
+                escaped: false,
+            }
+            && !matches!(self.slot, Slot::Model | Slot::Tier)
     }
 
     fn in_object(&self) -> bool {
