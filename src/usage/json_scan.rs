@@ -144,35 +144,28 @@ impl JsonScanner {
             if self.given_up {
                 return;
             }
-            if self.skips_string_bytes() {
-                // Most of a response is string content the scanner only counts: skip to the
-                // next quote or backslash in one pass instead of byte by byte.
+            if let State::Str {
+                key,
+                escaped: false,
+            } = self.state
+            {
+                // Inside a string only a quote or a backslash changes the state: the bytes up to
+                // the next one are taken as one run, not fed through the state machine one by
+                // one (most of a response is string content).
                 let run = rest
                     .iter()
                     .position(|&c| c == b'"' || c == b'\\')
                     .unwrap_or(rest.len());
                 if run > 0 {
-                    if self.slot == Slot::Generated {
-                        self.facts.generated_bytes =
-                            self.facts.generated_bytes.saturating_add(run as u64);
-                    }
-                    rest = rest.get(run..).unwrap_or_default();
+                    let (text, after) = rest.split_at(run);
+                    self.string_run(text, key);
+                    rest = after;
                     continue;
                 }
             }
             self.byte(b);
             rest = tail;
         }
-    }
-
-    /// Inside a string value whose bytes are not kept (only counted, or not even that).
-    fn skips_string_bytes(&self) -> bool {
-        self.state
-            == State::Str {
-                key: false,
-                escaped: false,
-            }
-            && !matches!(self.slot, Slot::Model | Slot::Tier)
     }
 
     fn in_object(&self) -> bool {
@@ -293,6 +286,29 @@ impl JsonScanner {
                 }
             }
             _ => self.push_string_byte(b, key),
+        }
+    }
+
+    /// String bytes with no quote or backslash among them: what `push_string_byte` does with
+    /// each, at once.
+    fn string_run(&mut self, run: &[u8], key: bool) {
+        if key {
+            match self.key_buf.get_mut(self.key_len..self.key_len + run.len()) {
+                Some(slots) => {
+                    slots.copy_from_slice(run);
+                    self.key_len += run.len();
+                }
+                None => self.key_overflow = true,
+            }
+        } else if self.slot == Slot::Generated {
+            self.facts.generated_bytes =
+                self.facts.generated_bytes.saturating_add(run.len() as u64);
+        } else if matches!(self.slot, Slot::Model | Slot::Tier) {
+            if self.text.len() + run.len() <= MAX_MODEL_LEN {
+                self.text.extend_from_slice(run);
+            } else {
+                self.text_overflow = true;
+            }
         }
     }
 
