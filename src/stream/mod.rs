@@ -71,6 +71,8 @@ struct Exchange {
     request_bytes: u64,
     status: u32,
     scanner: Option<UsageScanner>,
+    /// The last response chunk, already on its way to the client, not yet scanned.
+    unscanned: Vec<u8>,
     /// The response came in an encoding the scanner cannot read.
     unreadable: bool,
     response_ended: bool,
@@ -180,10 +182,12 @@ impl Stream {
         end_of_stream: bool,
     ) -> Flow {
         if let Some(exchange) = &mut self.exchange {
-            if let (Some(scanner), Some(chunk)) =
-                (exchange.scanner.as_mut(), host.response_chunk(body_size))
-            {
-                scanner.feed(&chunk);
+            if let Some(scanner) = exchange.scanner.as_mut() {
+                // A chunk is scanned when the next one comes (or when the stream is over), after
+                // it went on to the client: the client never waits for the scan of what it is
+                // about to receive. Nothing is charged before the last chunk was scanned.
+                scanner.feed(&exchange.unscanned);
+                exchange.unscanned = host.response_chunk(body_size).unwrap_or_default();
             }
             exchange.response_ended |= end_of_stream;
         }
@@ -566,6 +570,7 @@ impl Stream {
             request_bytes: request.request_bytes,
             status: 0,
             scanner: None,
+            unscanned: Vec::new(),
             unreadable: false,
             response_ended: false,
         };
@@ -646,6 +651,10 @@ impl Stream {
         ) else {
             return;
         };
+        let mut exchange = exchange;
+        if let Some(scanner) = exchange.scanner.as_mut() {
+            scanner.feed(&std::mem::take(&mut exchange.unscanned));
+        }
         let scan = exchange
             .scanner
             .as_ref()
