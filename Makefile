@@ -1,5 +1,5 @@
 # The two commands: `make run` (ShieldKey with a demo policy) and `make test` (everything).
-.PHONY: run test setup build soak fuzz fleet bench
+.PHONY: run test setup build soak fuzz fleet bench profile
 
 run:
 	scripts/run.sh
@@ -29,3 +29,8 @@ fuzz:
 # for a smoke test.
 bench: build
 	scripts/bench.sh $(BENCH_ARGS)
+
+# Where the front Envoy's CPU goes per request (kernel, Envoy, the filter's wasm code, the host
+# functions it calls), sampled with perf (installed if missing); README "Benchmarks".
+profile: build
+	scripts/profile.sh $(PROFILE_ARGS)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by setup.sh and bench.sh.
+# Sourced by setup.sh, bench.sh and profile.sh.
 # Installs Debian packages with apt-get (sudo only when not root) when `command` is missing.
 apt_install() {
   local command=$1 what=$2
