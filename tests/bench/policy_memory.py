@@ -2,9 +2,10 @@
 
 One Envoy (envoy/demo.yaml through ECDS, --concurrency 2) per policy size; after it loaded the
 policy and served a few requests, its resident memory (VmRSS and VmHWM from /proc) is read. The
-difference between the two sizes is what the policy costs: the filter copies the plugin
-configuration into each VM (main thread + one per worker), and WebAssembly memory never shrinks,
-so whatever a VM held at its peak while loading stays resident.
+difference between the two sizes is what the policy costs: Envoy's own copies of the plugin
+configuration (compressed, as `shieldkey publish` writes it), the records in shared data, and
+whatever a VM held at its peak while loading (WebAssembly memory never shrinks; the filter reads
+the configuration 64 KiB at a time, so that peak is small).
 
     .venv/bin/python tests/bench/policy_memory.py [largest_policy]
 """

@@ -125,6 +125,25 @@ def test_changing_a_limit_applies_live(dep):
     assert request(dep.url, token=dep.tokens["bob"], body=large)[0] == 200
 
 
+def write_ecds(dep: Deployment, ecds: dict, version: str) -> None:
+    """Publishes an ECDS file by hand (atomically, as `shieldkey publish` does)."""
+    ecds["version_info"] = version
+    tmp = dep.ecds.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ecds))
+    tmp.replace(dep.ecds)
+
+
+def publish_refused(dep: Deployment, ecds: dict, version: str) -> None:
+    """Publishes `ecds` by hand and waits for Envoy to refuse it."""
+    stat = "extension_config_discovery.http_filter.shieldkey.update_rejected"
+    rejected_before = dep.envoy.stat(stat)
+    write_ecds(dep, ecds, version)
+    deadline = time.monotonic() + 5
+    while dep.envoy.stat(stat) <= rejected_before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dep.envoy.stat(stat) > rejected_before
+
+
 def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps_serving(dep):
     before = dep.policy.read_text()
     dep.cli("mint", "--id", "x", "--upstream-key", "nope", check=False)
@@ -138,18 +157,7 @@ def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps
     policy = published_policy(ecds)
     policy["tokens"][0]["digest"] = "not base64!"
     set_published_policy(ecds, policy)
-    ecds["version_info"] = "broken"
-    rejected_before = dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected")
-    tmp = dep.ecds.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ecds))
-    tmp.replace(dep.ecds)
-
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected") > rejected_before:
-            break
-        time.sleep(0.02)
-    assert dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected") > rejected_before
+    publish_refused(dep, ecds, "broken")
     assert "tokens[0].digest" in dep.envoy.log_text()
     for name in ("alice", "bob", "carol"):
         assert request(dep.url, token=dep.tokens[name])[0] == 200
@@ -158,16 +166,7 @@ def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps
     set_published_policy(ecds, good)
     cfg = ecds["resources"][0]["typed_config"]["config"]["configuration"]
     cfg["value"] = base64.b64encode(base64.b64decode(cfg["value"])[:-40]).decode()
-    ecds["version_info"] = "truncated"
-    rejected_before = dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected")
-    tmp.write_text(json.dumps(ecds))
-    tmp.replace(dep.ecds)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected") > rejected_before:
-            break
-        time.sleep(0.02)
-    assert dep.envoy.stat("extension_config_discovery.http_filter.shieldkey.update_rejected") > rejected_before
+    publish_refused(dep, ecds, "truncated")
     assert "compressed configuration is truncated" in dep.envoy.log_text()
     assert request(dep.url, token=dep.tokens["carol"])[0] == 200
 
@@ -176,9 +175,7 @@ def test_invalid_policy_is_refused_by_the_cli_and_by_envoy_and_the_old_one_keeps
     carol["status"] = "revoked"
     ecds["resources"][0]["typed_config"]["config"]["configuration"] = {
         "@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(good)}
-    ecds["version_info"] = "plain"
-    tmp.write_text(json.dumps(ecds))
-    tmp.replace(dep.ecds)
+    write_ecds(dep, ecds, "plain")
     deadline = time.monotonic() + 5
     while request(dep.url, token=dep.tokens["carol"])[0] == 200 and time.monotonic() < deadline:
         time.sleep(0.02)
