@@ -242,7 +242,7 @@ impl Gateway {
         let host = BenchHost::new();
         let head = token_stream::parse_head(&bytes).unwrap();
         let ids = Rc::new(MetricIds::default());
-        let active = Rc::new(Active::load(host, &bytes, &head, &master, &ids).unwrap());
+        let active = Rc::new(Active::load(host, &bytes, &head, &master, &ids, None).unwrap());
         Gateway {
             host,
             active,

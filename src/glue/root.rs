@@ -19,6 +19,7 @@ use crate::config::ConfigError;
 use crate::fleet::compile_fleet;
 use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
 use crate::stream::active::Active;
+use crate::stream::host::Host;
 use crate::stream::host::LogLevel;
 use crate::stream::metrics::MetricIds;
 use crate::stream::Stream;
@@ -167,6 +168,7 @@ impl ShieldRoot {
                 "the filter needs a plugin configuration",
             ));
         }
+        let started_ms = WasmHost { alert_queue: None }.now_unix_ms();
         let config = host::PluginConfiguration;
         // The tokens are read later, one at a time (`Active::load`).
         let head = crate::config::token_stream::parse_head(&config)?;
@@ -202,6 +204,7 @@ impl ShieldRoot {
             &head,
             &master,
             &metric_ids(),
+            started_ms,
         )?;
         // The timer sends the stats buffered in this VM (`host::flush_metrics`) and the budget
         // alerts: stats reach Envoy at most this late.

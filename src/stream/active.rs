@@ -96,8 +96,11 @@ impl Active {
         head: &Head,
         master: &MasterKey,
         ids: &Rc<MetricIds>,
+        started_ms: Option<i64>,
     ) -> Result<Active, ConfigError> {
-        let started_ms = host.now_unix_ms();
+        // The load time logged includes reading the document's head when the caller says when
+        // that began.
+        let started_ms = started_ms.or_else(|| host.now_unix_ms());
         let (mut policy, verifier) = compile_opened(head, master)?;
         let shared = |e: crate::store::StoreError| {
             ConfigError::at(

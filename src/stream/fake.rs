@@ -255,7 +255,8 @@ impl Gateway {
         host.now_ms.set(1_790_000_000_000);
         let metric_ids = Rc::new(MetricIds::default());
         let head = crate::config::token_stream::parse_head(&bytes).unwrap();
-        let active = Rc::new(Active::load(&host, &bytes, &head, &master, &metric_ids).unwrap());
+        let active =
+            Rc::new(Active::load(&host, &bytes, &head, &master, &metric_ids, None).unwrap());
         Gateway {
             host,
             active,
@@ -287,6 +288,7 @@ impl Gateway {
             &head,
             &self.master,
             &self.metric_ids,
+            None,
         )?);
         *self.document.borrow_mut() = doc;
         Ok(())

@@ -598,9 +598,9 @@ fn a_configuration_with_an_invalid_token_writes_nothing() {
     let bytes = serde_json::to_vec(&doc).unwrap();
     let head = crate::config::token_stream::parse_head(&bytes).unwrap();
     // The failed configuration was the newest: this one is published again, once.
-    Active::load(&gw.host, &bytes, &head, &gw.master, &gw.metric_ids).unwrap();
+    Active::load(&gw.host, &bytes, &head, &gw.master, &gw.metric_ids, None).unwrap();
     let (reads, writes) = (gw.host.store.reads.get(), gw.host.store.writes.get());
-    Active::load(&gw.host, &bytes, &head, &gw.master, &gw.metric_ids).unwrap();
+    Active::load(&gw.host, &bytes, &head, &gw.master, &gw.metric_ids, None).unwrap();
     assert_eq!(gw.host.store.writes.get(), writes);
     assert!(
         gw.host.store.reads.get() - reads <= 2,
