@@ -1,8 +1,8 @@
 //! Policy parsing and compilation: never panics, an error never echoes a sealed upstream key, a
 //! parsed policy survives a serialize/parse round trip, and a policy that compiles with the
 //! master key (keys opened) also compiles without it (format only). The filter's streamed reading
-//! (`token_stream`, plain or zlib-compressed) agrees with `raw::parse`, and decoding any bytes as
-//! a compressed configuration never panics.
+//! (`token_stream`, plain or zlib-compressed, its tokens split out one at a time) agrees with
+//! `raw::parse`, and decoding any bytes as a compressed configuration never panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -104,6 +104,18 @@ fuzz_target!(|data: &[u8]| {
             Ok(h) => assert_eq!(h.policy, without_tokens),
             Err(e) => panic!("parses whole but not streamed: {e}"),
         }
+        let mut tokens = Vec::new();
+        let count = token_stream::for_each_token(&data, &mut |_, t| {
+            tokens.push(t);
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("parses whole but its tokens do not stream: {e}"));
+        assert_eq!(count, tokens.len());
+        assert_eq!(tokens, whole.tokens);
+    }
+    if head.is_ok() {
+        // Whatever the tokens are, reading them never panics.
+        let _ = token_stream::for_each_token(&data, &mut |_, _| Ok(()));
     }
     let packed = source::compress(data);
     let packed_head = token_stream::parse_head(&packed);

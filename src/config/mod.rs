@@ -7,6 +7,7 @@ pub mod raw;
 pub mod settings;
 pub mod source;
 pub mod token_rules;
+pub mod token_split;
 pub mod token_stream;
 
 pub use compile::{compile, CompileOptions};

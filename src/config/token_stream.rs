@@ -8,13 +8,14 @@
 //! and teams, which may come after them.
 
 use std::fmt;
-use std::io;
+use std::io::{self, BufRead};
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::raw::{RawPolicy, RawToken};
 use super::source::{buffered, Fingerprint, PolicySource};
+use super::token_split::TokenSplitter;
 use super::ConfigError;
 
 /// A document without its tokens, and the fingerprint of all its bytes.
@@ -51,23 +52,41 @@ pub fn parse_head(source: &dyn PolicySource) -> Result<Head, ConfigError> {
 
 /// Calls `each` with every token of the document, in order, with its index; stops at the first
 /// error. Returns how many there were. Field errors name the token (`tokens[3].budget...`).
+/// Expects a document `parse_head` accepted (well-formed JSON).
 pub fn for_each_token(
     source: &dyn PolicySource,
     each: &mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
 ) -> Result<usize, ConfigError> {
-    let mut de = serde_json::Deserializer::from_reader(buffered(source, None));
-    let mut failure = None;
-    let count = de
-        .deserialize_map(TokensVisitor {
-            each,
-            failure: &mut failure,
-        })
-        .map_err(|e| {
-            failure
-                .take()
-                .unwrap_or_else(|| ConfigError::at("tokens", e.to_string()))
+    let mut reader = buffered(source, None);
+    let mut splitter = TokenSplitter::default();
+    let mut index = 0;
+    let mut on_element = |bytes: &[u8]| -> Result<(), ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let token = serde_path_to_error::deserialize::<_, RawToken>(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let at = if path == "." {
+                format!("tokens[{index}]")
+            } else {
+                format!("tokens[{index}].{path}")
+            };
+            ConfigError::at(at, e.into_inner().to_string())
         })?;
-    Ok(count)
+        each(index, token)?;
+        index += 1;
+        Ok(())
+    };
+    loop {
+        let piece = reader
+            .fill_buf()
+            .map_err(|e| ConfigError::at(".", e.to_string()))?;
+        if piece.is_empty() {
+            break;
+        }
+        let n = piece.len();
+        splitter.feed(piece, &mut on_element)?;
+        reader.consume(n);
+    }
+    splitter.finish()
 }
 
 /// Collects every top-level field but `tokens` (skipped, its syntax still checked).
@@ -98,81 +117,6 @@ impl<'de> Visitor<'de> for HeadVisitor {
             }
         }
         Ok(out)
-    }
-}
-
-/// Skips every top-level field but `tokens`, whose elements go to `each`.
-struct TokensVisitor<'a> {
-    each: &'a mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
-    failure: &'a mut Option<ConfigError>,
-}
-
-impl<'de> Visitor<'de> for TokensVisitor<'_> {
-    type Value = usize;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a policy document (a JSON object)")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
-        let mut count = 0;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "tokens" {
-                count = map.next_value_seed(TokenSeq {
-                    each: &mut *self.each,
-                    failure: &mut *self.failure,
-                })?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(count)
-    }
-}
-
-struct TokenSeq<'a> {
-    each: &'a mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
-    failure: &'a mut Option<ConfigError>,
-}
-
-impl<'de> DeserializeSeed<'de> for TokenSeq<'_> {
-    type Value = usize;
-
-    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<usize, D::Error> {
-        de.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TokenSeq<'_> {
-    type Value = usize;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of tokens")
-    }
-
-    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
-        let mut index = 0;
-        // Each element as a JSON value first (one token's worth of memory), then typed with
-        // the field path of its errors.
-        while let Some(value) = seq.next_element::<Value>()? {
-            let token = serde_path_to_error::deserialize::<_, RawToken>(value).map_err(|e| {
-                let path = e.path().to_string();
-                let at = if path == "." {
-                    format!("tokens[{index}]")
-                } else {
-                    format!("tokens[{index}].{path}")
-                };
-                ConfigError::at(at, e.into_inner().to_string())
-            });
-            let outcome = token.and_then(|t| (self.each)(index, t));
-            if let Err(e) = outcome {
-                let message = e.to_string();
-                *self.failure = Some(e);
-                return Err(serde::de::Error::custom(message));
-            }
-            index += 1;
-        }
-        Ok(index)
     }
 }
 

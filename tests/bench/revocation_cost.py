@@ -30,8 +30,10 @@ import harness  # noqa: E402
 from deployment import Deployment  # noqa: E402
 from policy_scale import add_filler_tokens  # noqa: E402
 
-LOADED = re.compile(r"policy revision (\d+) loaded .*generation \d+, (\d+) records written\): "
-                    r"(\d+) tokens .* in (-?\d+) ms")
+# The VM that publishes logs the records it wrote; the others that another root context did.
+LOADED = re.compile(r"policy revision (\d+) loaded \(.*?generation \d+, "
+                    r"(?:(\d+) records written|records published by another root context)\)"
+                    r".* in (-?\d+) ms")
 
 
 def loads_of(envoy, revision: int, vms: int = 3, timeout: float = 60) -> list[tuple[int, int]]:
@@ -39,7 +41,7 @@ def loads_of(envoy, revision: int, vms: int = 3, timeout: float = 60) -> list[tu
     deadline = time.monotonic() + timeout
     found: list[tuple[int, int]] = []
     while time.monotonic() < deadline:
-        found = [(int(w), int(ms)) for rev, w, _, ms in LOADED.findall(envoy.log_text())
+        found = [(int(w or 0), int(ms)) for rev, w, ms in LOADED.findall(envoy.log_text())
                  if int(rev) == revision]
         if len(found) >= vms:
             break

@@ -131,13 +131,17 @@ class Deployment:
         return time.monotonic() - started
 
 
-def published_policy(ecds: dict) -> dict:
-    """The policy inside an ECDS file `shieldkey publish` wrote: zlib-compressed JSON in a
-    BytesValue (or plain JSON in a StringValue, as hand-written configurations carry it)."""
-    cfg = ecds["resources"][0]["typed_config"]["config"]["configuration"]
+def policy_of_configuration(cfg: dict) -> dict:
+    """The policy in a Wasm filter `configuration`: zlib-compressed JSON in a BytesValue (what
+    `shieldkey publish` writes) or plain JSON in a StringValue (hand-written configurations)."""
     if cfg["@type"].endswith("BytesValue"):
         return json.loads(zlib.decompress(base64.b64decode(cfg["value"])))
     return json.loads(cfg["value"])
+
+
+def published_policy(ecds: dict) -> dict:
+    """The policy inside an ECDS file."""
+    return policy_of_configuration(ecds["resources"][0]["typed_config"]["config"]["configuration"])
 
 
 def set_published_policy(ecds: dict, policy: dict) -> None:

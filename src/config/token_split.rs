@@ -1,0 +1,272 @@
+//! Finds the elements of a policy document's top-level `tokens` list, one at a time, as bytes.
+//!
+//! Why not serde over a reader: serde_json reads an `io::Read` a byte at a time through the
+//! reader, several times slower than over a slice, and the publishing VM reads every token of
+//! every configuration (a revocation included). This walks the document's structure, which
+//! `token_stream::parse_head` has already checked is well-formed JSON, and hands each element's
+//! bytes to serde as a slice. Memory: one element at a time.
+
+use super::ConfigError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before the document's opening brace.
+    Start,
+    /// In the top-level object, outside the `tokens` list.
+    TopLevel,
+    /// After `"tokens":`, before its value.
+    TokensValue,
+    /// Inside the `tokens` list (depth 2), between elements.
+    Tokens,
+    /// After the `tokens` list.
+    Done,
+}
+
+pub struct TokenSplitter {
+    stage: Stage,
+    /// Containers open, the top-level object included.
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    /// At depth 1, the next string is a key.
+    expect_key: bool,
+    /// The top-level key being read (only kept while it could still be `tokens`).
+    key: Vec<u8>,
+    reading_key: bool,
+    /// The last top-level key was `tokens`.
+    key_is_tokens: bool,
+    /// The bytes of the element being read; `None` between elements.
+    element: Option<Vec<u8>>,
+    count: usize,
+}
+
+/// Longest top-level key kept to compare with `tokens` (escapes included).
+const KEY_MAX: usize = 64;
+
+impl Default for TokenSplitter {
+    fn default() -> Self {
+        TokenSplitter {
+            stage: Stage::Start,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            expect_key: false,
+            key: Vec::new(),
+            reading_key: false,
+            key_is_tokens: false,
+            element: None,
+            count: 0,
+        }
+    }
+}
+
+fn not_a_list() -> ConfigError {
+    ConfigError::at("tokens", "invalid type: expected a list of tokens")
+}
+
+impl TokenSplitter {
+    /// Reads `bytes`, calling `each` with every element completed in them, in order.
+    pub fn feed(
+        &mut self,
+        bytes: &[u8],
+        each: &mut dyn FnMut(&[u8]) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        for &b in bytes {
+            if self.stage == Stage::Done {
+                return Ok(());
+            }
+            if self.in_string {
+                self.string_byte(b);
+                continue;
+            }
+            self.structural(b, each)?;
+        }
+        Ok(())
+    }
+
+    /// The document ended: how many elements there were.
+    pub fn finish(self) -> Result<usize, ConfigError> {
+        match self.stage {
+            Stage::Done | Stage::TopLevel if self.element.is_none() => Ok(self.count),
+            _ => Err(ConfigError::at(
+                "tokens",
+                "the document ended inside the list",
+            )),
+        }
+    }
+
+    fn string_byte(&mut self, b: u8) {
+        if let Some(element) = self.element.as_mut() {
+            element.push(b);
+        }
+        if self.escaped {
+            self.escaped = false;
+        } else if b == b'\\' {
+            self.escaped = true;
+        } else if b == b'"' {
+            self.in_string = false;
+            if self.reading_key {
+                self.reading_key = false;
+                self.key_is_tokens = key_is_tokens(&self.key);
+            }
+            return;
+        }
+        if self.reading_key && self.key.len() < KEY_MAX {
+            self.key.push(b);
+        }
+    }
+
+    fn structural(
+        &mut self,
+        b: u8,
+        each: &mut dyn FnMut(&[u8]) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
+        if b.is_ascii_whitespace() {
+            if let Some(element) = self.element.as_mut() {
+                element.push(b);
+            }
+            return Ok(());
+        }
+        // An element of the list ends at a comma or at the list's end, at the list's depth.
+        if self.stage == Stage::Tokens && self.depth == 2 && matches!(b, b',' | b']') {
+            if let Some(element) = self.element.take() {
+                each(&element)?;
+                self.count += 1;
+            }
+            if b == b']' {
+                self.depth = 1;
+                self.stage = Stage::Done;
+            }
+            return Ok(());
+        }
+        if self.stage == Stage::Tokens && self.depth == 2 && self.element.is_none() {
+            self.element = Some(Vec::with_capacity(512));
+        }
+        if let Some(element) = self.element.as_mut() {
+            element.push(b);
+        }
+        match b {
+            b'"' if self.stage == Stage::TokensValue => return Err(not_a_list()),
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.expect_key {
+                    self.reading_key = true;
+                    self.key.clear();
+                }
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                match self.stage {
+                    Stage::Start if b == b'{' => {
+                        self.stage = Stage::TopLevel;
+                        self.expect_key = true;
+                    }
+                    Stage::Start => return Err(not_a_list_document()),
+                    Stage::TokensValue if b == b'[' => self.stage = Stage::Tokens,
+                    Stage::TokensValue => return Err(not_a_list()),
+                    _ => {}
+                }
+            }
+            b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+            b':' if self.depth == 1 => {
+                self.expect_key = false;
+                if self.key_is_tokens && self.stage == Stage::TopLevel {
+                    self.stage = Stage::TokensValue;
+                }
+            }
+            b',' if self.depth == 1 => {
+                self.expect_key = true;
+                self.key_is_tokens = false;
+            }
+            // A scalar where the list should be (`"tokens": null`).
+            _ if self.stage == Stage::TokensValue => return Err(not_a_list()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn not_a_list_document() -> ConfigError {
+    ConfigError::at(".", "a policy document is a JSON object")
+}
+
+/// The key's raw bytes (between the quotes) name `tokens`, escapes decoded as JSON does.
+fn key_is_tokens(raw: &[u8]) -> bool {
+    if !raw.contains(&b'\\') {
+        return raw == b"tokens";
+    }
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    serde_json::from_slice::<String>(&quoted).is_ok_and(|k| k == "tokens")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(doc: &str, piece: usize) -> Result<Vec<String>, ConfigError> {
+        let mut splitter = TokenSplitter::default();
+        let mut out = Vec::new();
+        for chunk in doc.as_bytes().chunks(piece.max(1)) {
+            splitter.feed(chunk, &mut |e| {
+                out.push(String::from_utf8_lossy(e).trim().to_string());
+                Ok(())
+            })?;
+        }
+        let n = splitter.finish()?;
+        assert_eq!(n, out.len());
+        Ok(out)
+    }
+
+    #[test]
+    fn elements_come_out_whole_whatever_the_pieces() {
+        let doc = r#" {"version":1, "teams":[{"id":"t","tokens":[9]}], "tokens" : [
+            {"id":"a","owner":"x, \"y\" ]}","rules":{"models":{"allow":["m-*"]}}},
+            {"id":"b"} ,{}], "upstream_keys":[{"id":"k","sealed":"s"}]} "#;
+        for piece in [1, 2, 3, 7, 64, 4096] {
+            assert_eq!(
+                split(doc, piece).unwrap(),
+                vec![
+                    r#"{"id":"a","owner":"x, \"y\" ]}","rules":{"models":{"allow":["m-*"]}}}"#,
+                    r#"{"id":"b"}"#,
+                    "{}"
+                ],
+                "pieces of {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_top_level_tokens_list_counts() {
+        assert_eq!(split(r#"{"tokens":[]}"#, 5).unwrap(), Vec::<String>::new());
+        assert_eq!(split(r#"{"version":1}"#, 5).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            split(r#"{"x":{"tokens":[1]},"y":"tokens","tokens":[2]}"#, 3).unwrap(),
+            vec!["2"]
+        );
+        // An escaped key is the same key.
+        assert_eq!(
+            split(r#"{"tok\u0065ns":[{"id":"e"}]}"#, 4).unwrap(),
+            vec![r#"{"id":"e"}"#]
+        );
+        assert_eq!(
+            split(r#"{"tokens2":[1],"xtokens":[2]}"#, 4).unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_tokens_value_that_is_not_a_list_is_an_error() {
+        for doc in [
+            r#"{"tokens":null}"#,
+            r#"{"tokens":{"a":1}}"#,
+            r#"{"tokens":"x"}"#,
+            r#"[1]"#,
+            r#"{"tokens":[{"id":"a"}"#,
+        ] {
+            assert!(split(doc, 3).is_err(), "{doc}");
+        }
+    }
+}
