@@ -1,10 +1,11 @@
-//! Finds the elements of a policy document's top-level `tokens` list, one at a time, as bytes.
+//! Finds the elements of a policy document's top-level `tokens` list, one at a time, as bytes;
+//! and the document without them (its "head": everything else, with `"tokens":[]`).
 //!
 //! Why not serde over a reader: serde_json reads an `io::Read` a byte at a time through the
-//! reader, several times slower than over a slice, and the publishing VM reads every token of
-//! every configuration (a revocation included). This walks the document's structure, which
-//! `token_stream::parse_head` has already checked is well-formed JSON, and hands each element's
-//! bytes to serde as a slice. Memory: one element at a time.
+//! reader, several times slower than over a slice, and every VM reads the whole document on every
+//! configuration (a revocation included). This walks the document's structure only (strings,
+//! nesting, the list's commas) and leaves the JSON itself to serde over slices: the head, and each
+//! element (`token_stream`). Memory: the head and one element at a time.
 
 use super::ConfigError;
 
@@ -37,7 +38,11 @@ pub struct TokenSplitter {
     key_is_tokens: bool,
     /// The bytes of the element being read; `None` between elements.
     element: Option<Vec<u8>>,
+    /// In the list, a comma was the last thing read (an element must follow).
+    after_comma: bool,
     count: usize,
+    /// The document without the list's elements, when asked for.
+    head: Option<Vec<u8>>,
 }
 
 /// Longest top-level key kept to compare with `tokens` (escapes included).
@@ -55,9 +60,16 @@ impl Default for TokenSplitter {
             reading_key: false,
             key_is_tokens: false,
             element: None,
+            after_comma: false,
             count: 0,
+            head: None,
         }
     }
+}
+
+/// JSON's whitespace (not form feed or the other bytes `is_ascii_whitespace` accepts).
+fn is_json_whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 fn not_a_list() -> ConfigError {
@@ -65,6 +77,14 @@ fn not_a_list() -> ConfigError {
 }
 
 impl TokenSplitter {
+    /// A splitter that also keeps the document without the list's elements (`into_head`).
+    pub fn keeping_head() -> Self {
+        TokenSplitter {
+            head: Some(Vec::new()),
+            ..TokenSplitter::default()
+        }
+    }
+
     /// Reads `bytes`, calling `each` with every element completed in them, in order.
     pub fn feed(
         &mut self,
@@ -72,22 +92,41 @@ impl TokenSplitter {
         each: &mut dyn FnMut(&[u8]) -> Result<(), ConfigError>,
     ) -> Result<(), ConfigError> {
         for &b in bytes {
-            if self.stage == Stage::Done {
+            if self.stage == Stage::Done && self.head.is_none() {
                 return Ok(());
             }
+            let in_list = self.stage == Stage::Tokens;
             if self.in_string {
                 self.string_byte(b);
-                continue;
+            } else {
+                self.structural(b, each)?;
             }
-            self.structural(b, each)?;
+            // The head: every byte outside the list, its brackets included.
+            if let Some(head) = self.head.as_mut() {
+                if !in_list || self.stage == Stage::Done {
+                    head.push(b);
+                }
+            }
         }
         Ok(())
     }
 
     /// The document ended: how many elements there were.
     pub fn finish(self) -> Result<usize, ConfigError> {
+        self.check_end()?;
+        Ok(self.count)
+    }
+
+    /// The document ended: the document without the list's elements.
+    pub fn into_head(self) -> Result<Vec<u8>, ConfigError> {
+        self.check_end()?;
+        Ok(self.head.unwrap_or_default())
+    }
+
+    fn check_end(&self) -> Result<(), ConfigError> {
         match self.stage {
-            Stage::Done | Stage::TopLevel if self.element.is_none() => Ok(self.count),
+            Stage::Done | Stage::TopLevel if self.element.is_none() => Ok(()),
+            Stage::Start => Err(not_a_list_document()),
             _ => Err(ConfigError::at(
                 "tokens",
                 "the document ended inside the list",
@@ -121,7 +160,7 @@ impl TokenSplitter {
         b: u8,
         each: &mut dyn FnMut(&[u8]) -> Result<(), ConfigError>,
     ) -> Result<(), ConfigError> {
-        if b.is_ascii_whitespace() {
+        if is_json_whitespace(b) {
             if let Some(element) = self.element.as_mut() {
                 element.push(b);
             }
@@ -129,10 +168,21 @@ impl TokenSplitter {
         }
         // An element of the list ends at a comma or at the list's end, at the list's depth.
         if self.stage == Stage::Tokens && self.depth == 2 && matches!(b, b',' | b']') {
-            if let Some(element) = self.element.take() {
-                each(&element)?;
-                self.count += 1;
+            match self.element.take() {
+                Some(element) => {
+                    each(&element)?;
+                    self.count += 1;
+                }
+                // `[,`, `,,` or `,]`: a missing element.
+                None if b == b',' || self.after_comma => {
+                    return Err(ConfigError::at(
+                        format!("tokens[{}]", self.count),
+                        "expected a token, found a comma or the end of the list",
+                    ))
+                }
+                None => {}
             }
+            self.after_comma = b == b',';
             if b == b']' {
                 self.depth = 1;
                 self.stage = Stage::Done;
@@ -141,6 +191,7 @@ impl TokenSplitter {
         }
         if self.stage == Stage::Tokens && self.depth == 2 && self.element.is_none() {
             self.element = Some(Vec::with_capacity(512));
+            self.after_comma = false;
         }
         if let Some(element) = self.element.as_mut() {
             element.push(b);
@@ -255,6 +306,29 @@ mod tests {
             split(r#"{"tokens2":[1],"xtokens":[2]}"#, 4).unwrap(),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn the_head_is_the_document_with_an_empty_list() {
+        let doc = r#" {"version":1, "tokens" : [ {"id":"a","x":"]"} , {"id":"b"} ], "teams":[]} "#;
+        for piece in [1, 5, 4096] {
+            let mut splitter = TokenSplitter::keeping_head();
+            for chunk in doc.as_bytes().chunks(piece) {
+                splitter.feed(chunk, &mut |_| Ok(())).unwrap();
+            }
+            let head = String::from_utf8(splitter.into_head().unwrap()).unwrap();
+            assert_eq!(head, r#" {"version":1, "tokens" : [], "teams":[]} "#);
+        }
+        // Missing elements are errors, as in JSON.
+        for doc in [
+            r#"{"tokens":[,{"id":"a"}]}"#,
+            r#"{"tokens":[{"id":"a"},]}"#,
+            r#"{"tokens":[{"id":"a"},,{"id":"b"}]}"#,
+        ] {
+            let mut splitter = TokenSplitter::keeping_head();
+            let fed = splitter.feed(doc.as_bytes(), &mut |_| Ok(()));
+            assert!(fed.is_err() || splitter.into_head().is_err(), "{doc}");
+        }
     }
 
     #[test]

@@ -7,11 +7,7 @@
 //! Two passes because JSON objects are unordered: tokens are compiled against the upstream keys
 //! and teams, which may come after them.
 
-use std::fmt;
-use std::io::{self, BufRead};
-
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde_json::{Map, Value};
+use std::io::BufRead;
 
 use super::raw::{RawPolicy, RawToken};
 use super::source::{buffered, Fingerprint, PolicySource};
@@ -26,33 +22,44 @@ pub struct Head {
     pub fingerprint: String,
 }
 
-/// Reads the whole document once: everything but its tokens, and its fingerprint.
+/// Reads the whole document once: everything but its tokens, and its fingerprint. The tokens
+/// list's elements are skipped, not parsed (`for_each_token` parses each).
 pub fn parse_head(source: &dyn PolicySource) -> Result<Head, ConfigError> {
-    let syntax = |e: serde_json::Error| ConfigError::at(".", e.to_string());
     let mut fingerprint = Fingerprint::default();
-    let rest = {
+    let mut splitter = TokenSplitter::keeping_head();
+    {
         let mut reader = buffered(source, Some(&mut fingerprint));
-        let mut de = serde_json::Deserializer::from_reader(&mut reader);
-        let rest = de.deserialize_map(HeadVisitor).map_err(syntax)?;
-        de.end().map_err(syntax)?;
-        // Whatever the parser did not need still belongs to the fingerprint.
-        io::copy(&mut reader, &mut io::sink()).map_err(|e| ConfigError::at(".", e.to_string()))?;
-        rest
-    };
-    let mut head = serde_json::to_vec(&Value::Object(rest))
-        .map_err(|e| ConfigError::at(".", e.to_string()))?;
-    // The document without `tokens` is small: parsed with the field paths `raw::parse` gives.
-    let policy = super::raw::parse(&head)?;
-    head.clear();
+        feed_all(&mut reader, &mut splitter, &mut |_| Ok(()))?;
+    }
+    // The document without its tokens is small: parsed with the field paths `raw::parse` gives.
+    let policy = super::raw::parse(&splitter.into_head()?)?;
     Ok(Head {
         policy,
         fingerprint: fingerprint.finish(),
     })
 }
 
+/// Feeds a whole document to `splitter`, a piece at a time.
+fn feed_all(
+    reader: &mut dyn BufRead,
+    splitter: &mut TokenSplitter,
+    each: &mut dyn FnMut(&[u8]) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    loop {
+        let piece = reader
+            .fill_buf()
+            .map_err(|e| ConfigError::at(".", e.to_string()))?;
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let n = piece.len();
+        splitter.feed(piece, each)?;
+        reader.consume(n);
+    }
+}
+
 /// Calls `each` with every token of the document, in order, with its index; stops at the first
 /// error. Returns how many there were. Field errors name the token (`tokens[3].budget...`).
-/// Expects a document `parse_head` accepted (well-formed JSON).
 pub fn for_each_token(
     source: &dyn PolicySource,
     each: &mut dyn FnMut(usize, RawToken) -> Result<(), ConfigError>,
@@ -71,53 +78,15 @@ pub fn for_each_token(
             };
             ConfigError::at(at, e.into_inner().to_string())
         })?;
+        // Nothing may follow the token before the next comma.
+        de.end()
+            .map_err(|e| ConfigError::at(format!("tokens[{index}]"), e.to_string()))?;
         each(index, token)?;
         index += 1;
         Ok(())
     };
-    loop {
-        let piece = reader
-            .fill_buf()
-            .map_err(|e| ConfigError::at(".", e.to_string()))?;
-        if piece.is_empty() {
-            break;
-        }
-        let n = piece.len();
-        splitter.feed(piece, &mut on_element)?;
-        reader.consume(n);
-    }
+    feed_all(&mut reader, &mut splitter, &mut on_element)?;
     splitter.finish()
-}
-
-/// Collects every top-level field but `tokens` (skipped, its syntax still checked).
-struct HeadVisitor;
-
-impl<'de> Visitor<'de> for HeadVisitor {
-    type Value = Map<String, Value>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a policy document (a JSON object)")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = Map::new();
-        let mut tokens_seen = false;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "tokens" {
-                if tokens_seen {
-                    return Err(serde::de::Error::duplicate_field("tokens"));
-                }
-                tokens_seen = true;
-                map.next_value::<IgnoredAny>()?;
-            } else if out.contains_key(&key) {
-                return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
-            } else {
-                let value = map.next_value::<Value>()?;
-                out.insert(key, value);
-            }
-        }
-        Ok(out)
-    }
 }
 
 #[cfg(test)]
@@ -196,5 +165,9 @@ mod tests {
             assert!(parse_head(&doc.as_bytes()).is_err(), "{doc}");
         }
         assert!(parse_head(&&br#"{"tokens":[{"anything":1}],"version":1}"#[..]).is_ok());
+        // Anything after a token but a comma is an error naming it (the fuzzer found this).
+        let trailing = DOC.replace(r#""k"},"#, r#""k"} x,"#);
+        let err = for_each_token(&trailing.as_bytes(), &mut |_, _| Ok(())).unwrap_err();
+        assert!(err.to_string().starts_with("tokens[0]"), "{err}");
     }
 }
