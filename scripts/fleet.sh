@@ -226,21 +226,25 @@ PY
   pids+=($!)
 done
 
-# Ready: both Envoys live, and each one's syncer has loaded the policy from etcd.
+# Ready: both Envoys live, each one's syncer has loaded the policy from etcd, and every filter
+# root context (the main thread's and one per worker: 3 at --concurrency 2) has taken it from
+# shared data on its next tick; before that, a worker answers 503 shield_policy_unavailable.
 for i in 0 1; do
   n=$((i + 1))
   admin=http://127.0.0.1:${ADMIN_PORTS[$i]}
   for _ in $(seq 1 300); do
     check_interrupted
     revision=$(curl -fsg --max-time 1 "$admin/stats?filter=shieldkey[.]fleet[.]revision$" 2>/dev/null | awk '{print $2}' || true)
-    if [ "${revision:-0}" -gt 0 ] 2>/dev/null && curl -fs --max-time 1 "$admin/ready" 2>/dev/null | grep -q LIVE; then break; fi
+    applied=$(grep -c 'fleet policy revision [0-9]* applied' "$STATE/envoy-$n.log" 2>/dev/null || true)
+    if [ "${revision:-0}" -gt 0 ] 2>/dev/null && [ "${applied:-0}" -ge 3 ] \
+       && curl -fs --max-time 1 "$admin/ready" 2>/dev/null | grep -q LIVE; then break; fi
     kill -0 "${pids[$n]}" 2>/dev/null || fail "envoy-$n exited" "$STATE/envoy-$n.log"
     sleep 0.1
   done
   if ! curl -fs --max-time 1 "$admin/ready" 2>/dev/null | grep -q LIVE; then
     fail "envoy-$n did not become ready" "$STATE/envoy-$n.log"
   fi
-  if ! [ "${revision:-0}" -gt 0 ] 2>/dev/null; then
+  if ! [ "${revision:-0}" -gt 0 ] 2>/dev/null || ! [ "${applied:-0}" -ge 3 ]; then
     fail "envoy-$n did not load the policy from etcd" "$STATE/envoy-$n.log"
   fi
 done
