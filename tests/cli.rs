@@ -661,6 +661,47 @@ fn publish_with_admin_waits_for_envoys_verdict() {
         before
     );
 
+    // A mint whose publish is rejected: the token is written to the policy file, so it is
+    // printed all the same (exit 1 says it is not served yet), never lost.
+    let s = revision(&ws).to_string();
+    let url = fake_admin(move |i| match i {
+        0 => ecds_stats(&s, 2, 1),
+        _ => ecds_stats(&s, 2, 2),
+    });
+    let out = ws.run(
+        &[
+            "mint",
+            "--id",
+            "dave",
+            "--upstream-key",
+            "prod",
+            "--publish",
+            "filter/shieldkey.json",
+            "--admin",
+            &url,
+            "--wasm",
+            "/nonexistent.wasm",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Envoy rejected revision"), "{err}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let printed = printed.trim();
+    assert!(printed.starts_with("sk_shield_t_dave_"), "{printed:?}");
+    let policy = read_json(&ws.policy());
+    let dave = token_of(&policy, "dave");
+    let master = MasterKey::from_base64(&ws.master).unwrap();
+    let digest: [u8; 32] = STANDARD
+        .decode(dave["digest"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let verifier = TokenVerifier::new(master.digest_key()).unwrap();
+    let presented = token::parse(printed.as_bytes()).unwrap();
+    assert!(verifier.verify("dave", presented.secret_text(), &digest));
+
     // No verdict in time: exit 1, saying so.
     let s = revision(&ws).to_string();
     let url = fake_admin(move |_| ecds_stats(&s, 2, 1));

@@ -669,9 +669,11 @@ pub fn mint(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     let publish = publish_options(&mut args, "publish")?;
     args.finish()?;
     let (changed, full) = mint_token(ctx, &publish, spec)?;
-    report_changed(changed, |_| {})?;
-    println!("{}", String::from_utf8_lossy(full.expose()));
-    Ok(())
+    // The token is in the written policy whether or not publishing worked: it is printed either
+    // way, or a failed publish would leave a token whose secret nobody ever saw.
+    report_changed(changed, |_| {
+        println!("{}", String::from_utf8_lossy(full.expose()));
+    })
 }
 
 /// A token may only name a team the policy has (the filter's validation refuses it too; this says
