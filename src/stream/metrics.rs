@@ -17,7 +17,7 @@
 //! (a stat is only defined for a token that authenticated), and model names only from the price
 //! table (anything else is reported as `unpriced`), never from raw client input.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -94,6 +94,10 @@ pub struct TokenMetrics {
     budget_remaining: Option<u32>,
     budget_spent: Option<u32>,
     budget_window_start: Option<u32>,
+    /// The limit and window start this worker last set: both change rarely (a new policy, a new
+    /// window), and every worker sets the same value, so they are only sent when they changed.
+    reported_limit: Cell<Option<u64>>,
+    reported_window_start: Cell<Option<u64>>,
     alerts: Option<u32>,
     denied: RefCell<HashMap<&'static str, Option<u32>>>,
     would_deny: RefCell<HashMap<&'static str, Option<u32>>>,
@@ -140,6 +144,15 @@ fn bump(host: &dyn Host, id: Option<u32>, by: u64) {
 fn set(host: &dyn Host, id: Option<u32>, value: u64) {
     if let Some(id) = id {
         host.record_metric(id, value);
+    }
+}
+
+/// `set`, skipped when this worker already set `value`. Only for gauges every worker sets to the
+/// same value at the same time (never for one a worker's older value could overwrite).
+fn set_if_changed(host: &dyn Host, id: Option<u32>, reported: &Cell<Option<u64>>, value: u64) {
+    if reported.get() != Some(value) {
+        set(host, id, value);
+        reported.set(Some(value));
     }
 }
 
@@ -273,6 +286,8 @@ impl TokenMetrics {
             budget_remaining: gauge(host, ids, &format!("{prefix}.budget_remaining_nano_usd")),
             budget_spent: gauge(host, ids, &format!("{prefix}.budget_spent_nano_usd")),
             budget_window_start: gauge(host, ids, &format!("{prefix}.budget_window_start_seconds")),
+            reported_limit: Cell::new(None),
+            reported_window_start: Cell::new(None),
             alerts: counter(host, ids, &format!("{prefix}.budget_alerts")),
             denied: RefCell::new(HashMap::new()),
             would_deny: RefCell::new(HashMap::new()),
@@ -323,12 +338,13 @@ impl TokenMetrics {
     /// lifetime budget). Set only when a request settles: nothing resets them when a window
     /// ends, so `shieldkey status` compares the window start with the current one.
     pub fn budget(&self, host: &dyn Host, budget: &BudgetReport) {
-        set(host, self.budget_limit, budget.limit);
+        set_if_changed(host, self.budget_limit, &self.reported_limit, budget.limit);
         set(host, self.budget_remaining, budget.remaining);
         set(host, self.budget_spent, budget.spent);
-        set(
+        set_if_changed(
             host,
             self.budget_window_start,
+            &self.reported_window_start,
             u64::try_from(budget.window_start).unwrap_or(0),
         );
     }
