@@ -80,6 +80,26 @@ impl Workspace {
     }
 }
 
+/// `printed` is token `id`'s, as `mint` printed it: its secret verifies against the digest the
+/// policy file stores, under the workspace's master key.
+fn assert_token_verifies(ws: &Workspace, id: &str, printed: &str) {
+    assert!(
+        printed.starts_with(&format!("sk_shield_t_{id}_")),
+        "{printed:?}"
+    );
+    let policy = read_json(&ws.policy());
+    let record = token_of(&policy, id);
+    let digest: [u8; 32] = STANDARD
+        .decode(record["digest"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let master = MasterKey::from_base64(&ws.master).unwrap();
+    let verifier = TokenVerifier::new(master.digest_key()).unwrap();
+    let presented = token::parse(printed.as_bytes()).unwrap();
+    assert!(verifier.verify(id, presented.secret_text(), &digest));
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
 }
@@ -112,15 +132,8 @@ fn mint_seal_revoke_publish_round_trip() {
     let policy = read_json(&ws.policy());
     let stored = policy.to_string();
     assert!(!stored.contains(token) && !stored.contains(REAL_KEY));
+    assert_token_verifies(&ws, "alice", token);
     let master = MasterKey::from_base64(&ws.master).unwrap();
-    let presented = token::parse(token.as_bytes()).unwrap();
-    let digest: [u8; 32] = STANDARD
-        .decode(policy["tokens"][0]["digest"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let verifier = TokenVerifier::new(master.digest_key()).unwrap();
-    assert!(verifier.verify("alice", presented.secret_text(), &digest));
 
     // The sealed key opens to the real key with the filter's own compiler.
     let compiled = compile_bytes(
@@ -562,6 +575,28 @@ fn ecds_stats(version: &str, success: u64, rejected: u64) -> String {
 }
 
 /// A stand-in for Envoy's admin API: answers the n-th request (0-based) with `answer(n)`.
+/// An admin whose Envoy serves `serving` and rejects the next update (`rejected` updates were
+/// rejected before).
+fn rejecting_admin(serving: u64, rejected: u64) -> String {
+    let s = serving.to_string();
+    fake_admin(move |i| match i {
+        0 => ecds_stats(&s, 2, rejected),
+        _ => ecds_stats(&s, 2, rejected + 1),
+    })
+}
+
+/// Publish flags whose wasm path Envoy cannot load, waiting for the verdict at `admin`.
+fn rejected_publish(admin: &str) -> [&str; 6] {
+    [
+        "--publish",
+        "filter/shieldkey.json",
+        "--admin",
+        admin,
+        "--wasm",
+        "/nonexistent.wasm",
+    ]
+}
+
 fn fake_admin(answer: impl Fn(usize) -> String + Send + 'static) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -628,22 +663,9 @@ fn publish_with_admin_waits_for_envoys_verdict() {
     // Rejected: exit 1 with the reason; the file is put back to what Envoy serves.
     let serving = revision(&ws);
     let before = fs::read(ws.dir.join("filter/shieldkey.json")).unwrap();
-    let s = serving.to_string();
-    let url = fake_admin(move |i| match i {
-        0 => ecds_stats(&s, 2, 0),
-        _ => ecds_stats(&s, 2, 1),
-    });
+    let url = rejecting_admin(serving, 0);
     let err = ws.fails(
-        &[
-            "unrevoke",
-            "carol",
-            "--publish",
-            "filter/shieldkey.json",
-            "--admin",
-            &url,
-            "--wasm",
-            "/nonexistent.wasm",
-        ],
+        &[&["unrevoke", "carol"], &rejected_publish(&url)[..]].concat(),
         None,
         1,
     );
@@ -663,44 +685,13 @@ fn publish_with_admin_waits_for_envoys_verdict() {
 
     // A mint whose publish is rejected: the token is written to the policy file, so it is
     // printed all the same (exit 1 says it is not served yet), never lost.
-    let s = revision(&ws).to_string();
-    let url = fake_admin(move |i| match i {
-        0 => ecds_stats(&s, 2, 1),
-        _ => ecds_stats(&s, 2, 2),
-    });
-    let out = ws.run(
-        &[
-            "mint",
-            "--id",
-            "dave",
-            "--upstream-key",
-            "prod",
-            "--publish",
-            "filter/shieldkey.json",
-            "--admin",
-            &url,
-            "--wasm",
-            "/nonexistent.wasm",
-        ],
-        None,
-    );
+    let url = rejecting_admin(revision(&ws), 1);
+    let mint = ["mint", "--id", "dave", "--upstream-key", "prod"];
+    let out = ws.run(&[&mint[..], &rejected_publish(&url)[..]].concat(), None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("Envoy rejected revision"), "{err}");
-    let printed = String::from_utf8_lossy(&out.stdout);
-    let printed = printed.trim();
-    assert!(printed.starts_with("sk_shield_t_dave_"), "{printed:?}");
-    let policy = read_json(&ws.policy());
-    let dave = token_of(&policy, "dave");
-    let master = MasterKey::from_base64(&ws.master).unwrap();
-    let digest: [u8; 32] = STANDARD
-        .decode(dave["digest"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let verifier = TokenVerifier::new(master.digest_key()).unwrap();
-    let presented = token::parse(printed.as_bytes()).unwrap();
-    assert!(verifier.verify("dave", presented.secret_text(), &digest));
+    assert_token_verifies(&ws, "dave", String::from_utf8_lossy(&out.stdout).trim());
 
     // No verdict in time: exit 1, saying so.
     let s = revision(&ws).to_string();

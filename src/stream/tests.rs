@@ -42,6 +42,20 @@ fn code(gw: &Gateway) -> Option<(u32, String)> {
 const SMALL: &[u8] = br#"{"model":"mistral-small-latest","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
 const USAGE: &[u8] = br#"{"id":"x","model":"mistral-small-latest","choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#;
 
+/// One small chat request of `token` through every phase, answered with `USAGE` unless the
+/// filter replied: the status of the filter's reply, if any.
+fn serve(gw: &Gateway, token: &str) -> Option<u32> {
+    let mut s = gw.request("POST", CHAT, token);
+    s.on_request_headers(&gw.host, false);
+    gw.body(&mut s, SMALL, true);
+    if gw.host.replied().is_none() {
+        gw.respond(&mut s, 200, &[("content-type", "application/json")]);
+        gw.response_chunk(&mut s, USAGE, true);
+    }
+    s.on_log(&gw.host);
+    gw.host.replied().map(|(status, _)| status)
+}
+
 #[test]
 fn an_allowed_request_goes_upstream_with_the_real_key_uncompressed_and_is_charged_exactly() {
     let gw = gateway();
@@ -74,20 +88,12 @@ fn an_allowed_request_goes_upstream_with_the_real_key_uncompressed_and_is_charge
 #[test]
 fn a_settlement_reports_its_budget_and_the_window_it_was_charged_to() {
     let gw = gateway();
-    let serve = |gw: &Gateway| {
-        let mut s = gw.request("POST", CHAT, "alice");
-        s.on_request_headers(&gw.host, false);
-        gw.body(&mut s, SMALL, true);
-        gw.respond(&mut s, 200, &[("content-type", "application/json")]);
-        gw.response_chunk(&mut s, USAGE, true);
-        s.on_log(&gw.host);
-    };
     let gauge =
         |gw: &Gateway, name: &str| gw.host.stat(&format!("shieldkey.token_id.alice.{name}"));
     let day = |ms: i64| ms.div_euclid(1000) - ms.div_euclid(1000).rem_euclid(86_400);
     let start = gw.host.now_ms.get();
-    serve(&gw);
-    serve(&gw);
+    assert_eq!(serve(&gw, "alice"), None);
+    assert_eq!(serve(&gw, "alice"), None);
     let report = |gw: &Gateway| {
         [
             "budget_limit_nano_usd",
@@ -104,7 +110,7 @@ fn a_settlement_reports_its_budget_and_the_window_it_was_charged_to() {
     // The next day: nothing changes the gauges until a request settles there.
     gw.host.now_ms.set(start + 86_400_000);
     assert_eq!(report(&gw)[3], day(start));
-    serve(&gw);
+    assert_eq!(serve(&gw, "alice"), None);
     assert_eq!(
         report(&gw),
         [
@@ -126,26 +132,18 @@ fn a_settlement_reports_its_budget_and_the_window_it_was_charged_to() {
 #[test]
 fn budget_gauges_that_rarely_change_are_sent_when_they_change() {
     let mut gw = gateway();
-    let serve = |gw: &Gateway| {
-        let mut s = gw.request("POST", CHAT, "alice");
-        s.on_request_headers(&gw.host, false);
-        gw.body(&mut s, SMALL, true);
-        gw.respond(&mut s, 200, &[("content-type", "application/json")]);
-        gw.response_chunk(&mut s, USAGE, true);
-        s.on_log(&gw.host);
-    };
     let limit = |gw: &Gateway| {
         gw.host
             .stat("shieldkey.token_id.alice.budget_limit_nano_usd")
     };
-    serve(&gw);
+    assert_eq!(serve(&gw, "alice"), None);
     let calls = gw.host.host_calls.get();
-    serve(&gw);
+    assert_eq!(serve(&gw, "alice"), None);
     let second = gw.host.host_calls.get() - calls;
     assert_eq!(limit(&gw), 1_000_000_000);
     gw.reload(|doc| doc["tokens"][0]["budget"]["limit_usd"] = json!("2"));
     let calls = gw.host.host_calls.get();
-    serve(&gw);
+    assert_eq!(serve(&gw, "alice"), None);
     assert_eq!(limit(&gw), 2_000_000_000);
     // The first settlement under the new policy sends the limit and the window start again.
     assert_eq!(gw.host.host_calls.get() - calls, second + 2);
@@ -416,17 +414,6 @@ fn a_request_without_a_token_is_refused_and_nothing_is_swapped() {
 #[test]
 fn reloads_define_each_stat_once_and_keep_the_shared_data_key_set_flat() {
     let mut gw = gateway();
-    let serve = |gw: &Gateway, token: &str| {
-        let mut s = gw.request("POST", CHAT, token);
-        s.on_request_headers(&gw.host, false);
-        gw.body(&mut s, SMALL, true);
-        if gw.host.replied().is_none() {
-            gw.respond(&mut s, 200, &[("content-type", "application/json")]);
-            gw.response_chunk(&mut s, USAGE, true);
-        }
-        s.on_log(&gw.host);
-        gw.host.replied().map(|(status, _)| status)
-    };
     assert_eq!(serve(&gw, "alice"), None);
     let keys = gw.host.store.key_count();
     for reload in 0..50 {
