@@ -107,12 +107,25 @@ impl<'s> Publisher<'s> {
 
     /// Writes a record already encoded (`token_record::encode`) for `id`.
     pub fn put_record(&mut self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.put_record_then(id, record, &mut || Ok(()))
+    }
+
+    /// `put_record`, calling `before_write` first when the record is new or changed, and only
+    /// then: what a record's readers need must exist before the record does (its counters), and
+    /// an unchanged record had that done when it was first written.
+    pub fn put_record_then(
+        &mut self,
+        id: &str,
+        record: &[u8],
+        before_write: &mut dyn FnMut() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         if put_entry(
             self.store,
             id,
             self.generation,
             record,
             self.oldest_readable,
+            before_write,
         )? {
             self.written += 1;
         }
@@ -133,7 +146,14 @@ impl<'s> Publisher<'s> {
             if self.ids[..current].binary_search(&old).is_ok() {
                 continue;
             }
-            if put_entry(store, &old, generation, &[], oldest_readable)? {
+            if put_entry(
+                store,
+                &old,
+                generation,
+                &[],
+                oldest_readable,
+                &mut || Ok(()),
+            )? {
                 self.written += 1;
             }
             if store.get(&record_key(&old)).is_some() {
@@ -176,6 +196,7 @@ pub fn put_newest(
         generation,
         record.unwrap_or_default(),
         generation,
+        &mut || Ok(()),
     )
 }
 
@@ -253,15 +274,18 @@ fn mark_complete(store: &dyn SharedStore, generation: u64) -> Result<(), StoreEr
 }
 
 /// Adds `(generation, record)` to a token's history unless the history already says exactly
-/// that at this generation. Returns whether it wrote.
+/// that at this generation. Returns whether it wrote; `before_write` runs once, before the first
+/// write.
 fn put_entry(
     store: &dyn SharedStore,
     id: &str,
     generation: u64,
     record: &[u8],
     oldest_readable: u64,
+    before_write: &mut dyn FnMut() -> Result<(), StoreError>,
 ) -> Result<bool, StoreError> {
     let key = record_key(id);
+    let mut prepared = false;
     for _ in 0..CAS_RETRIES {
         let current = store.get(&key);
         let mut history = current
@@ -290,6 +314,10 @@ fn put_entry(
             .map_or(value.is_empty(), |(v, _)| *v == value)
         {
             return Ok(false);
+        }
+        if !prepared {
+            before_write()?;
+            prepared = true;
         }
         match store.set(&key, &value, current.map(|(_, cas)| cas)) {
             Ok(()) => return Ok(true),

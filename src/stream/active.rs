@@ -211,43 +211,38 @@ fn publish_tokens(
     let counters = |e: crate::store::StoreError| {
         ConfigError::at(".", format!("cannot create counters in shared data: {e:?}"))
     };
-    // Encoded records only: a few dozen bytes a token, instead of the parsed and compiled forms.
-    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut tracked: Vec<String> = Vec::new();
+    // Encoded records only: a few dozen bytes a token, instead of the parsed and compiled forms;
+    // and whether the token (or team) has counters.
+    let mut records: Vec<(String, Vec<u8>, bool)> = Vec::new();
     let mut revoked = 0;
     let tokens = token_stream::for_each_token(config, &mut |i, raw| {
         let token = compiler.compile(i, &raw)?;
         revoked += usize::from(token.revoked);
-        if token.rules.limits.is_tracked() {
-            tracked.push(token.id.clone());
-        }
-        records.push((token.id.clone(), token_record::encode(&token)));
+        let tracked = token.rules.limits.is_tracked();
+        records.push((token.id.clone(), token_record::encode(&token), tracked));
         Ok(())
     })?;
-    tracked.extend(
-        policy
-            .teams
-            .iter()
-            .filter(|t| t.rules.limits.is_tracked())
-            .map(|t| t.id.clone()),
-    );
-    records.extend(
-        policy
-            .teams
-            .iter()
-            .map(|t| (t.id.clone(), token_record::encode(t))),
-    );
-    // Counters are keyed by token id, not by configuration: they survive reloads. Creating
-    // them here lets every request-time update be a compare-and-swap.
-    for id in &tracked {
-        ledger.ensure(id).map_err(counters)?;
-    }
-    for (id, record) in records {
-        publisher.put_record(&id, &record).map_err(|e| {
-            ConfigError::at(
+    records.extend(policy.teams.iter().map(|t| {
+        let tracked = t.rules.limits.is_tracked();
+        (t.id.clone(), token_record::encode(t), tracked)
+    }));
+    for (id, record, tracked) in records {
+        // Counters are keyed by token id, not by configuration: they survive reloads. Creating
+        // them before the record lets every request-time update be a compare-and-swap. Only a
+        // new or changed record needs it (counters are never removed): a revocation at 100,000
+        // tokens reads each record once, not each record and each token's counters.
+        let mut counters_failed = false;
+        let mut ensure_counters = || match tracked {
+            true => ledger.ensure(&id).inspect_err(|_| counters_failed = true),
+            false => Ok(()),
+        };
+        let published = publisher.put_record_then(&id, &record, &mut ensure_counters);
+        published.map_err(|e| match counters_failed {
+            true => counters(e),
+            false => ConfigError::at(
                 ".",
                 format!("cannot publish the policy into shared data: {e:?}"),
-            )
+            ),
         })?;
     }
     Ok(Counts {

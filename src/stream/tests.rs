@@ -149,6 +149,25 @@ fn budget_gauges_that_rarely_change_are_sent_when_they_change() {
     assert_eq!(gw.host.host_calls.get() - calls, second + 2);
 }
 
+/// A token's counters are created before its new or changed record is written, and not read
+/// again while the record stays the same (counters are never removed): a reload reads each
+/// record once, however many tokens have limits.
+#[test]
+fn counters_come_with_a_changed_record_and_cost_no_read_after() {
+    let mut gw = gateway();
+    let reads_of_a_reload = |gw: &mut Gateway, owner: &str| {
+        let before = gw.host.store.reads.get();
+        gw.reload(|doc| doc["tokens"][2]["owner"] = json!(owner));
+        gw.host.store.reads.get() - before
+    };
+    let counters = |gw: &Gateway, id: &str| SharedDataLedger::new(&gw.host.store).balance(id);
+    let one_with_limits = reads_of_a_reload(&mut gw, "a@example.com");
+    assert_eq!(counters(&gw, "open"), None);
+    gw.reload(|doc| doc["tokens"][1]["budget"] = json!({"limit_usd": "1", "window": "daily"}));
+    assert_eq!(counters(&gw, "open"), Some((0, 0)), "before any request");
+    assert_eq!(reads_of_a_reload(&mut gw, "b@example.com"), one_with_limits);
+}
+
 #[test]
 fn a_body_ended_by_trailers_is_judged_before_anything_goes_upstream() {
     let gw = gateway();
