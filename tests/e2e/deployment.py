@@ -126,6 +126,8 @@ class Deployment:
         tmp = self.ecds.with_suffix(".tmp")
         tmp.write_text(json.dumps(ecds))
         started = time.monotonic()
+        # Wall clock too: Envoy's log lines are stamped with it (revocation_cost.py).
+        self.moved_at = time.time()
         os.replace(tmp, self.ecds)
         self.wait_for_config_version(policy["revision"], timeout)
         return time.monotonic() - started
