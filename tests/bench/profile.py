@@ -2,7 +2,7 @@
 wasm filter and ShieldKey, sampled with `perf` (not a test: it prints numbers).
 
 Each setup of `make bench` (tests/bench/bench.py: the same front Envoy, upstream and wrk load at
-32 connections) runs while `perf record -g` samples the front Envoy. Envoy's binary is stripped and
+32 connections, or `--connections N`) runs while `perf record -g` samples the front Envoy. Envoy's binary is stripped and
 V8 writes no symbol map, so the samples are split by where they fall, from their call chains:
 
   kernel                 system calls and the network stack
@@ -15,7 +15,8 @@ V8 writes no symbol map, so the samples are split by where they fall, from their
 Each share times the setup's measured Envoy CPU per request gives microseconds per request.
 
     make profile                       (builds, installs wrk and perf if missing)
-    .venv/bin/python tests/bench/profile.py [--seconds S] [--setups a,b]
+    make profile PROFILE_ARGS="--connections 1"   (where the latency at one connection goes)
+    .venv/bin/python tests/bench/profile.py [--seconds S] [--setups a,b] [--connections N]
 """
 
 from __future__ import annotations
@@ -64,14 +65,14 @@ def classify(perf_data: Path) -> collections.Counter:
     return parts
 
 
-def profile(front: bench.Front, upstream: bench.Upstream, script: Path, seconds: float,
-            out: Path) -> tuple[bench.Run, collections.Counter]:
+def profile(front: bench.Front, upstream: bench.Upstream, script: Path, connections: int,
+            seconds: float, out: Path) -> tuple[bench.Run, collections.Counter]:
     perf = subprocess.Popen(["perf", "record", "-F", str(SAMPLE_HZ), "-g", "-p",
                              str(front.envoy.pid), "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
     try:
-        run = bench.wrk_run(front, upstream, script, CONNECTIONS, seconds)
+        run = bench.wrk_run(front, upstream, script, connections, seconds)
     finally:
         perf.send_signal(signal.SIGINT)
         _, err = perf.communicate(timeout=60)
@@ -84,6 +85,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--setups", default=",".join(SETUPS))
+    p.add_argument("--connections", type=int, default=CONNECTIONS)
     args = p.parse_args()
     for tool in ("wrk", "perf"):
         if not shutil.which(tool):
@@ -101,8 +103,9 @@ def main() -> int:
             try:
                 bench.check_once(front)
                 script = bench.wrk_script(tmp, front)
-                bench.wrk_run(front, upstream, script, CONNECTIONS, 3)  # warm up
-                run, parts = profile(front, upstream, script, args.seconds, tmp / f"{name}.data")
+                bench.wrk_run(front, upstream, script, args.connections, 3)  # warm up
+                run, parts = profile(front, upstream, script, args.connections, args.seconds,
+                                     tmp / f"{name}.data")
                 rows.append((name, run, parts))
             finally:
                 front.stop()
@@ -110,7 +113,7 @@ def main() -> int:
         upstream.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"Envoy CPU per request by part, us (wrk {CONNECTIONS} connections, {args.seconds:g} s, "
+    print(f"Envoy CPU per request by part, us (wrk {args.connections} connections, {args.seconds:g} s, "
           f"perf at {SAMPLE_HZ} Hz; shares of the samples times the measured CPU per request)")
     print(f"{'setup':<20} {'req/s':>7} {'CPU/req':>8}" + "".join(f" {p:>17}" for p in PARTS))
     for name, run, parts in rows:
