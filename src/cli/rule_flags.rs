@@ -85,9 +85,20 @@ pub struct RuleFlags {
 
 impl RuleFlags {
     pub fn take(args: &mut Args) -> Result<RuleFlags, CliError> {
+        // Checked as the policy checks them, so a bad value is a usage error naming the flag,
+        // not a rejected policy naming a field.
+        let budget_usd = text(args, "budget-usd")?;
+        if let Some(Some(usd)) = &budget_usd {
+            crate::money::parse_usd(usd).map_err(|e| usage(format!("--budget-usd: {e}")))?;
+        }
+        let budget_window = args.option("budget-window")?;
+        if let Some(window) = &budget_window {
+            crate::budget_window::BudgetWindow::parse(window)
+                .map_err(|e| usage(format!("--budget-window: {e}")))?;
+        }
         Ok(RuleFlags {
-            budget_usd: text(args, "budget-usd")?,
-            budget_window: args.option("budget-window")?,
+            budget_usd,
+            budget_window,
             rpm: number(args, "rpm")?,
             tpm: number(args, "tpm")?,
             cidrs: list(args, "cidrs")?,
@@ -345,5 +356,23 @@ mod tests {
         let mut args = Args::new(vec!["--rpm".into(), "lots".into()]);
         assert!(RuleFlags::take(&mut args).is_err());
         assert!(flags(&[]).is_empty());
+        // A budget the policy would refuse is refused at the flag, which the message names.
+        for (flag, named) in [
+            (
+                "--budget-window=weekly",
+                "--budget-window: must be lifetime",
+            ),
+            (
+                "--budget-usd=ten",
+                "--budget-usd: 'ten' is not a decimal USD amount",
+            ),
+        ] {
+            let mut args = Args::new(vec![flag.into()]);
+            let err = RuleFlags::take(&mut args).err().map(|e| e.to_string());
+            assert!(err.as_deref().is_some_and(|e| e.contains(named)), "{err:?}");
+        }
+        assert!(flags(&["--budget-usd=none", "--budget-window=3600s"])
+            .budget_window
+            .is_some());
     }
 }
