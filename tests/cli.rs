@@ -352,13 +352,13 @@ fn rules_are_set_at_mint_and_changed_with_limit() {
     let json = ws.ok(&["list", "--json"], None);
     assert!(json.contains("mistral-small-*"));
 
-    // Invalid values are refused by the filter's own validation, naming the field; the policy
-    // file is left as it was.
+    // Invalid values are refused by the filter's own validation, naming the field, or (budget
+    // values, numbers) at the flag, naming it; the policy file is left as it was.
     let before = fs::read(ws.policy()).unwrap();
     let err = ws.fails(&["limit", "bot", "--cidrs", "10.0.0.0/33"], None, 1);
     assert!(err.contains("tokens[0].source_cidrs"), "{err}");
-    let err = ws.fails(&["limit", "bot", "--budget-window", "weekly"], None, 1);
-    assert!(err.contains("tokens[0].budget.window"), "{err}");
+    let err = ws.fails(&["limit", "bot", "--budget-window", "weekly"], None, 2);
+    assert!(err.contains("--budget-window: must be lifetime"), "{err}");
     assert!(ws
         .fails(&["limit", "bot", "--rpm", "many"], None, 2)
         .contains("--rpm"));
