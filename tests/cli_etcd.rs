@@ -713,22 +713,14 @@ fn a_change_that_fails_validation_writes_nothing() {
         err.contains(".source_cidrs (etcd key shieldkey/policy/tokens/bob)"),
         "{err}"
     );
-    let err = cli.fails(
-        &[
-            "limit",
-            "alice",
-            "--budget-usd",
-            "5",
-            "--budget-window",
-            "weekly",
-        ],
-        None,
-        1,
-    );
+    let err = cli.fails(&["limit", "alice", "--countries-allow", "FRA"], None, 1);
     assert!(
-        err.contains("tokens[0].budget.window (etcd key shieldkey/policy/tokens/alice)"),
+        err.contains("tokens[0].countries (etcd key shieldkey/policy/tokens/alice)"),
         "{err}"
     );
+    // A malformed budget is refused at the flag, before etcd is read.
+    let err = cli.fails(&["limit", "alice", "--budget-window", "weekly"], None, 2);
+    assert!(err.contains("--budget-window: must be lifetime"), "{err}");
     assert!(cli
         .fails(
             &["mint", "--id", "carol", "--upstream-key", "nope"],
