@@ -10,6 +10,7 @@ pub mod alert;
 pub mod audit;
 pub mod authenticate;
 pub mod budget_window;
+pub mod byte_search;
 pub mod codec;
 pub mod config;
 pub mod denial;

@@ -8,6 +8,7 @@
 //! element (`token_stream`). Memory: the head and one element at a time.
 
 use super::ConfigError;
+use crate::byte_search::find_either;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -101,7 +102,7 @@ impl TokenSplitter {
             // plain bytes are taken a run at a time, up to the next quote or backslash, instead
             // of one at a time through the state machine. Keys go byte by byte (`string_byte`).
             if self.in_string && !self.escaped && !self.reading_key {
-                let run = string_run(&bytes[at..]);
+                let run = find_either(&bytes[at..], b'"', b'\\');
                 if run > 0 {
                     let plain = &bytes[at..at + run];
                     if let Some(element) = self.element.as_mut() {
@@ -254,14 +255,6 @@ impl TokenSplitter {
         }
         Ok(())
     }
-}
-
-/// How many bytes of `bytes` are plain string content: up to the first quote or backslash.
-fn string_run(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\')
-        .unwrap_or(bytes.len())
 }
 
 fn not_a_list_document() -> ConfigError {

@@ -13,6 +13,8 @@
 //! and escapes) are skipped a run at a time, up to the next quote or backslash. It is tolerant, not a validator: on garbage it simply finds
 //! nothing, and it never panics.
 
+use crate::byte_search::find_either;
+
 const MAX_DEPTH: u32 = 64;
 const KEY_BUF: usize = 24;
 pub const MAX_MODEL_LEN: usize = 128;
@@ -152,10 +154,7 @@ impl JsonScanner {
                 // Inside a string only a quote or a backslash changes the state: the bytes up to
                 // the next one are taken as one run, not fed through the state machine one by
                 // one (most of a response is string content).
-                let run = rest
-                    .iter()
-                    .position(|&c| c == b'"' || c == b'\\')
-                    .unwrap_or(rest.len());
+                let run = find_either(rest, b'"', b'\\');
                 if run > 0 {
                     let (text, after) = rest.split_at(run);
                     self.string_run(text, key);

@@ -4,6 +4,7 @@
 //! Memory per stream is constant: a few bytes of the current field name and data prefix.
 
 use super::json_scan::{JsonFacts, JsonScanner};
+use crate::byte_search::find_either;
 
 const FIELD_BUF: usize = 8;
 const DONE: &[u8] = b"[DONE]";
@@ -62,10 +63,7 @@ impl SseScanner {
             if self.line == Line::Data {
                 // The rest of a data line goes to the event's JSON scanner in one piece: most
                 // of a stream is data lines.
-                let run = bytes
-                    .iter()
-                    .position(|b| *b == b'\n' || *b == b'\r')
-                    .unwrap_or(bytes.len());
+                let run = find_either(bytes, b'\n', b'\r');
                 if run > 0 {
                     let (data, after) = bytes.split_at(run);
                     self.data_run(data);
