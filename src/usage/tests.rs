@@ -338,3 +338,38 @@ fn responses_ocr_and_conversation_shapes() {
     let r = scan(BodyKind::Json, &[ocr.as_bytes()]).result();
     assert_eq!(r.usage.map(|u| u.pages), Some(4));
 }
+
+/// The model is the one named last, by any event (the one still open at the end included);
+/// events that name none, or a name that is not UTF-8, leave it as it was.
+#[test]
+fn the_model_of_a_stream_is_the_last_one_named() {
+    let event = |model: Option<&[u8]>| -> Vec<u8> {
+        let mut e = b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]".to_vec();
+        if let Some(m) = model {
+            e.extend_from_slice(b",\"model\":\"");
+            e.extend_from_slice(m);
+            e.extend_from_slice(b"\"");
+        }
+        e.extend_from_slice(b"}\n\n");
+        e
+    };
+    let stream = [
+        event(Some(b"mistral-small-latest")),
+        event(Some(b"codestral-latest")),
+        event(None),
+        event(Some(b"bad\xff")),
+    ]
+    .concat();
+    let model = |chunks: &[&[u8]]| scan(BodyKind::EventStream, chunks).result().model;
+    assert_eq!(model(&[&stream]).as_deref(), Some("codestral-latest"));
+    // Cut off inside an event that names another model: that event counts.
+    let open = b"data: {\"model\":\"mistral-large-latest\",\"choices\":[";
+    assert_eq!(
+        model(&[&stream, open]).as_deref(),
+        Some("mistral-large-latest")
+    );
+    let generated = scan(BodyKind::EventStream, &[&stream])
+        .result()
+        .generated_bytes;
+    assert_eq!(generated, 4);
+}
