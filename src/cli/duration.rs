@@ -1,7 +1,7 @@
 //! `--ttl` values: a positive integer with a unit: `s`, `m`, `h` or `d` (e.g. `90d`, `12h`).
 
 pub fn parse_ttl(text: &str) -> Result<i64, String> {
-    let bad = || format!("'{text}' is not a duration like 3600s, 30m, 12h or 90d");
+    let bad = || format!("'{text}' is not a positive duration like 3600s, 30m, 12h or 90d");
     let split = text.len().checked_sub(1).ok_or_else(bad)?;
     let (number, unit) = (
         text.get(..split).ok_or_else(bad)?,
