@@ -14,6 +14,7 @@ fn zero_bytes(word: u64) -> u64 {
 
 /// The index of the first byte of `bytes` equal to `a` or `b`, or `bytes.len()` when there is
 /// none.
+#[inline]
 pub fn find_either(bytes: &[u8], a: u8, b: u8) -> usize {
     let (spread_a, spread_b) = (ONES * u64::from(a), ONES * u64::from(b));
     let mut words = bytes.chunks_exact(8);
