@@ -249,3 +249,13 @@ def test_shipped_chains_are_the_rendered_chain(name, tmp_path):
     out = subprocess.run([str(deployment.CLI), *args], capture_output=True, text=True, check=True,
                          cwd=tmp_path, env={**os.environ, "SHIELDKEY_POLICY": str(tmp_path / "none.json")})
     assert hcm["http_filters"] == json.loads(out.stdout)["http_filters"]
+
+
+@pytest.mark.parametrize("name", [*SHIPPED, "fleet.yaml"])
+def test_shipped_configs_read_the_upstream_a_slice_at_a_time(name):
+    """A response that arrives in one burst must reach the client before the filter has scanned
+    all of it: Envoy reads the upstream until its buffer limit per event-loop pass and writes to the
+    client in between (README "Envoy configuration"; `make bench` measures the first event)."""
+    doc = yaml.safe_load((harness.PROJECT / "envoy" / name).read_text())
+    mistral = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "mistral")
+    assert mistral.get("per_connection_buffer_limit_bytes") == 32768
