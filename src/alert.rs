@@ -5,6 +5,31 @@ use crate::budget_window::BudgetWindow;
 use crate::money::{format_usd, NanoUsd};
 use crate::time::format_rfc3339;
 
+/// The thresholds (ascending percentages, at most 8) that `spent` of `limit` reaches and that are
+/// not in `fired` (bit i: `thresholds[i]` already alerted), and `fired` with them added.
+pub fn newly_crossed(
+    spent: NanoUsd,
+    limit: NanoUsd,
+    thresholds: &[u8],
+    fired: u8,
+) -> (Vec<u8>, u8) {
+    let percent = if limit == 0 {
+        100
+    } else {
+        u128::from(spent) * 100 / u128::from(limit)
+    };
+    let mut crossed = Vec::new();
+    let mut now_fired = fired;
+    for (i, threshold) in thresholds.iter().enumerate().take(8) {
+        let bit = 1u8 << i;
+        if fired & bit == 0 && percent >= u128::from(*threshold) {
+            now_fired |= bit;
+            crossed.push(*threshold);
+        }
+    }
+    (crossed, now_fired)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetAlert {
     /// Whose budget: a token's id, or a team's subject id (`team.<id>`).

@@ -499,14 +499,12 @@ impl Ledger for SharedDataLedger<'_> {
                 let mut remaining = None;
                 if let Some(budget) = limits.budget {
                     remaining = Some(budget.limit.saturating_sub(c.spent));
-                    let percent = percent_of(c.spent, budget.limit);
-                    for (i, threshold) in thresholds.iter().enumerate().take(8) {
-                        let bit = 1u8 << i;
-                        if c.alerts_fired & bit == 0 && percent >= u128::from(*threshold) {
-                            c.alerts_fired |= bit;
-                            crossed.push(*threshold);
-                        }
-                    }
+                    (crossed, c.alerts_fired) = crate::alert::newly_crossed(
+                        c.spent,
+                        budget.limit,
+                        thresholds,
+                        c.alerts_fired,
+                    );
                 }
                 Ok(Settlement {
                     spent: c.spent,
@@ -572,13 +570,6 @@ impl Ledger for SharedDataLedger<'_> {
 
 fn rpm_limit(limits: &Limits) -> u64 {
     limits.requests_per_minute.unwrap_or(0)
-}
-
-fn percent_of(spent: NanoUsd, limit: NanoUsd) -> u128 {
-    if limit == 0 {
-        return 100;
-    }
-    u128::from(spent) * 100 / u128::from(limit)
 }
 
 #[cfg(test)]

@@ -706,6 +706,15 @@ mod tests {
             kv("sk/ledger/node/e3/bob/0/spent", "garbage"),
             kv("sk/ledger/node/e3/carol/0/spent", r#"{"spent":5}"#),
             kv("sk/ledger/node/e3/gone/0/spent", r#"{"spent":5}"#),
+            // The fleet-wide alerts' index and claims repeat spend: never counted twice.
+            kv(
+                &format!("sk/ledger/spent/alice/{month}/e1"),
+                r#"{"spent":1200}"#,
+            ),
+            kv(
+                &format!("sk/ledger/alerts/alice/{month}/50"),
+                r#"{"node":"e1","spent":1200,"at":0}"#,
+            ),
         ];
         let warnings = tally(plan.rows_mut(), "sk/ledger/", &kvs);
         assert_eq!(warnings.len(), 1, "{warnings:?}");

@@ -13,6 +13,10 @@
 //! - `<prefix>ledger/node/<node>/<token>/<window start>/claimed`
 //! - `<prefix>ledger/node/<node>/<token>/<window start>/spent` (written by the node's syncer
 //!   only, as an absolute value: flushing twice counts nothing twice)
+//! - `<prefix>ledger/spent/<token>/<window start>/<node>`: the same spend again, filed by token so
+//!   that one range reads the fleet's (for fleet-wide budget alerts, `fleet::alerts`)
+//! - `<prefix>ledger/alerts/<token>/<window start>/<threshold>`: created by the one node that
+//!   sends that alert (`{"node": .., "spent": N}`)
 //! - `<prefix>rate/<unix minute>/<token>/<node>`: `{"requests": N, "tokens": N}`, what this node
 //!   admitted and settled in that minute, for fleet-wide rate limits; minutes older than the
 //!   previous one are deleted.
@@ -43,6 +47,19 @@ pub fn claimed_key(prefix: &str, node: &str, token: &str, window: i64) -> String
 
 pub fn spent_key(prefix: &str, node: &str, token: &str, window: i64) -> String {
     format!("{}{token}/{window}/spent", node_prefix(prefix, node))
+}
+
+/// Every node's spend of one token's budget window: `fleet_spent_key`s share this prefix.
+pub fn fleet_spent_prefix(prefix: &str, token: &str, window: i64) -> String {
+    format!("{prefix}ledger/spent/{token}/{window}/")
+}
+
+pub fn fleet_spent_key(prefix: &str, node: &str, token: &str, window: i64) -> String {
+    format!("{}{node}", fleet_spent_prefix(prefix, token, window))
+}
+
+pub fn alert_key(prefix: &str, token: &str, window: i64, threshold: u8) -> String {
+    format!("{prefix}ledger/alerts/{token}/{window}/{threshold}")
 }
 
 pub fn rate_prefix(prefix: &str, minute: i64) -> String {
@@ -192,6 +209,66 @@ pub fn flush_body(entries: &[(String, String)]) -> Vec<u8> {
     serde_json::json!({ "success": puts })
         .to_string()
         .into_bytes()
+}
+
+/// Reads every key under each prefix, in one txn with no compare (one `response_range` each, in
+/// order).
+pub fn ranges_body(prefixes: &[String]) -> Vec<u8> {
+    let ranges: Vec<serde_json::Value> = prefixes
+        .iter()
+        .map(|p| {
+            serde_json::json!({"request_range": {
+                "key": b64(p),
+                "range_end": STANDARD.encode(super::etcd::prefix_end(p.as_bytes())),
+            }})
+        })
+        .collect();
+    serde_json::json!({ "success": ranges })
+        .to_string()
+        .into_bytes()
+}
+
+/// The reply to `ranges_body` over `fleet_spent_prefix`es: the sum of the `spent` values under
+/// each prefix, in order. `None` unless it is a txn reply with one range per prefix; a value that
+/// does not parse counts 0.
+pub fn parse_spent_sums(body: &[u8], prefixes: usize) -> Option<Vec<NanoUsd>> {
+    let txn: Txn = serde_json::from_slice(body).ok()?;
+    txn.header?;
+    if txn.responses.len() != prefixes {
+        return None;
+    }
+    txn.responses
+        .iter()
+        .map(|response| {
+            let range = response.get("response_range")?;
+            let mut sum: NanoUsd = 0;
+            for kv in range
+                .get("kvs")
+                .and_then(|k| k.as_array())
+                .into_iter()
+                .flatten()
+            {
+                let value = STANDARD.decode(kv.get("value")?.as_str()?).ok()?;
+                let amount: Amount = serde_json::from_slice(&value).unwrap_or_default();
+                sum = sum.saturating_add(amount.spent);
+            }
+            Some(sum)
+        })
+        .collect()
+}
+
+/// Creates `key` only if it does not exist: the node whose txn succeeds sends the alert.
+pub fn create_body(key: &str, value: &str) -> Vec<u8> {
+    serde_json::json!({
+        "compare": [
+            {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"},
+        ],
+        "success": [
+            {"request_put": {"key": b64(key), "value": b64(value)}},
+        ]
+    })
+    .to_string()
+    .into_bytes()
 }
 
 #[derive(Deserialize)]

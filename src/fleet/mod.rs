@@ -19,6 +19,7 @@
 //! Budget leases, flushed spend and per-minute counts (`lease`) are keyed by subject id, a token's
 //! or a team's alike.
 
+pub mod alerts;
 pub mod etcd;
 pub mod lease;
 pub mod sync;

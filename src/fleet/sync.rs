@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::alerts::{AlertStep, FleetAlerts};
 use super::etcd::{parse_range, prefix_end, Kv, Range, RANGE_PATH};
 use super::lease;
 use super::{FleetSettings, BASE_KEY};
@@ -116,7 +117,7 @@ pub struct PolicySync {
     restored: bool,
     /// Tokens whose spend changed since the last flush, and the ones being flushed.
     dirty: BTreeSet<String>,
-    flushing: Option<Vec<String>>,
+    flushing: Option<Flushing>,
     next_flush_ms: i64,
     /// Budgeted tokens this Envoy spent on (and so may hold a lease of), the leases being given
     /// back, and the return in progress.
@@ -124,6 +125,8 @@ pub struct PolicySync {
     to_return: std::collections::VecDeque<(String, i64, NanoUsd)>,
     returning: Option<Return>,
     next_return_scan_ms: i64,
+    /// Fleet-wide budget alerts, judged on the fleet's spend after each flush.
+    alerts: FleetAlerts,
     /// Fleet-wide rate limits: the read of the other Envoys' counts.
     rates_in_flight: bool,
     next_rates_ms: i64,
@@ -177,6 +180,7 @@ impl PolicySync {
             to_return: std::collections::VecDeque::new(),
             returning: None,
             next_return_scan_ms: 0,
+            alerts: FleetAlerts::default(),
             rates_in_flight: false,
             next_rates_ms: 0,
             rates_minute: 0,
@@ -482,7 +486,12 @@ impl PolicySync {
         base.upstream_keys = keys;
         // The same validation as a plugin configuration (keys are opened by the HTTP filter,
         // which has the master key).
-        compile(&base, String::new(), &CompileOptions::default()).map_err(|e| e.to_string())?;
+        let compiled =
+            compile(&base, String::new(), &CompileOptions::default()).map_err(|e| e.to_string())?;
+        self.alerts.configure(
+            &compiled.settings.alert_thresholds,
+            compiled.settings.webhook.is_some(),
+        );
         let base_json = serde_json::to_vec(&base).map_err(|e| e.to_string())?;
         if !self.restored {
             // First load: the policy is served once this Envoy's spend is back.
@@ -718,7 +727,7 @@ impl PolicySync {
         self.dirty.insert(token_id);
     }
 
-    /// The next flush of this Envoy's spend to etcd, when one is due: at most 100 tokens, each
+    /// The next flush of this Envoy's spend to etcd, when one is due: at most 40 tokens, each
     /// as an absolute value (idempotent), every `sync_interval_ms`.
     pub fn poll_flush(&mut self, store: &dyn SharedStore, now_ms: i64) -> Option<Call> {
         if !self.restored
@@ -729,9 +738,10 @@ impl PolicySync {
             return None;
         }
         let ledger = SharedDataLedger::fleet(store);
-        // Two puts per token at most: 100 operations per transaction.
-        let batch: Vec<String> = self.dirty.iter().take(50).cloned().collect();
-        let mut entries = Vec::with_capacity(batch.len() * 2);
+        // Three puts per token at most, 120 operations per transaction (etcd allows 128).
+        let batch: Vec<String> = self.dirty.iter().take(40).cloned().collect();
+        let mut entries = Vec::with_capacity(batch.len() * 3);
+        let mut budgets = Vec::new();
         let prefix = &self.settings.prefix;
         for id in &batch {
             self.dirty.remove(id);
@@ -743,6 +753,11 @@ impl PolicySync {
                         lease::spent_key(prefix, &self.node, id, window_start),
                         lease::spent_value(spent),
                     ));
+                    entries.push((
+                        lease::fleet_spent_key(prefix, &self.node, id, window_start),
+                        lease::spent_value(spent),
+                    ));
+                    budgets.push((id.clone(), window_start));
                 }
             }
             let rated = limits
@@ -758,7 +773,7 @@ impl PolicySync {
         if entries.is_empty() {
             return None;
         }
-        self.flushing = Some(batch);
+        self.flushing = Some(Flushing { batch, budgets });
         Some(Call {
             path: lease::TXN_PATH,
             body: lease::flush_body(&entries),
@@ -766,16 +781,44 @@ impl PolicySync {
     }
 
     /// The reply to a flush: on failure the tokens stay dirty and are flushed again (nothing is
-    /// lost, and an absolute value cannot be counted twice).
+    /// lost, and an absolute value cannot be counted twice). On success the fleet's spend of the
+    /// budgets flushed is read next, for alerts.
     pub fn on_flush_reply(&mut self, now_ms: i64, status: u32, body: &[u8]) -> bool {
-        let batch = self.flushing.take().unwrap_or_default();
+        let flushing = self.flushing.take().unwrap_or_default();
         let ok = status == 200 && lease::parse_write(body) == Some(true);
-        if !ok {
+        if ok {
+            for (subject, window_start) in &flushing.budgets {
+                self.alerts.flushed(subject, *window_start);
+            }
+        } else {
             self.failures += 1;
-            self.dirty.extend(batch);
+            self.dirty.extend(flushing.batch);
         }
         self.next_flush_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
         ok
+    }
+
+    /// The next call of the fleet-wide budget alerts (`fleet::alerts`).
+    pub fn poll_alerts(&mut self, now_ms: i64) -> Option<Call> {
+        if !self.restored {
+            return None;
+        }
+        self.alerts.poll(&self.settings.prefix, &self.node, now_ms)
+    }
+
+    /// The reply to `poll_alerts`' call.
+    pub fn on_alerts_reply(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        status: u32,
+        body: &[u8],
+    ) -> AlertStep {
+        let step = self.alerts.on_reply(store, now_ms, status, body);
+        if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
+            self.failures += 1;
+        }
+        step
     }
 
     /// The next read of the other Envoys' counts of this minute (every `sync_interval_ms`), or
@@ -931,8 +974,15 @@ impl PolicySync {
 
     /// Tokens whose spend is not in etcd yet.
     pub fn unflushed(&self) -> usize {
-        self.dirty.len() + self.flushing.as_ref().map_or(0, Vec::len)
+        self.dirty.len() + self.flushing.as_ref().map_or(0, |f| f.batch.len())
     }
+}
+
+/// A flush in flight: its tokens, and the budget windows whose spend it writes.
+#[derive(Debug, Default)]
+struct Flushing {
+    batch: Vec<String>,
+    budgets: Vec<(String, i64)>,
 }
 
 /// A lease being given back.

@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 
-use super::host::{dispatch_post, log, now_unix_ms, WasmHost, SPENT_QUEUE};
+use super::host::{dispatch_post, log, now_unix_ms, WasmHost, ALERT_QUEUE, SPENT_QUEUE};
 use super::host_store::HostStore;
 use super::root::metric_ids;
+use crate::fleet::alerts::AlertStep;
 use crate::fleet::sync::{Call, Outcome, PolicySync};
 use crate::fleet::{FleetSettings, BASE_KEY};
 use crate::master_key::MasterKey;
 use crate::stream::active::{Active, FleetContext};
 use crate::stream::host::{Host, LogLevel, MetricKind};
+use crate::stream::metrics::Metrics;
 
 /// Retries a call that never reached a member (safe for any call: it was not sent); an
 /// active health check in the cluster takes dead members out.
@@ -103,6 +105,12 @@ pub struct Syncer {
     rates_in_flight: Option<u32>,
     /// A lease being given back to the pool (a fourth slot).
     return_in_flight: Option<u32>,
+    /// The fleet-wide budget alerts' read or claim (a fifth slot).
+    alerts_in_flight: Option<u32>,
+    /// Where an alert this Envoy won goes for the webhook (registered at the first one), and
+    /// the alert counters (defined at the first one).
+    alert_queue: Option<u32>,
+    metrics: Option<Metrics>,
     /// Where the HTTP filter says which tokens' spend changed.
     spent_queue: Option<u32>,
     stats: SyncStats,
@@ -121,6 +129,9 @@ impl Syncer {
             flush_in_flight: None,
             rates_in_flight: None,
             return_in_flight: None,
+            alerts_in_flight: None,
+            alert_queue: None,
+            metrics: None,
             spent_queue: hostcalls::register_shared_queue(SPENT_QUEUE).ok(),
             stats: SyncStats {
                 revision: define(MetricKind::Gauge, "shieldkey.fleet.revision"),
@@ -153,6 +164,15 @@ impl Syncer {
                 self.return_in_flight = self.dispatch(&call);
                 if self.return_in_flight.is_none() {
                     self.sync.on_return_reply(0, b"");
+                }
+            }
+        }
+        if self.alerts_in_flight.is_none() {
+            if let Some(call) = self.sync.poll_alerts(now) {
+                self.alerts_in_flight = self.dispatch(&call);
+                if self.alerts_in_flight.is_none() {
+                    let step = self.sync.on_alerts_reply(&HostStore, now, 0, b"");
+                    self.alert(step);
                 }
             }
         }
@@ -221,6 +241,13 @@ impl Syncer {
     }
 
     pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        if self.alerts_in_flight == Some(token) {
+            self.alerts_in_flight = None;
+            let now = now_unix_ms().unwrap_or(0);
+            let step = self.sync.on_alerts_reply(&HostStore, now, status, body);
+            self.alert(step);
+            return;
+        }
         if self.return_in_flight == Some(token) {
             self.return_in_flight = None;
             if !self.sync.on_return_reply(status, body) {
@@ -259,6 +286,50 @@ impl Syncer {
         self.report(&outcome);
         if outcome == Outcome::Paging {
             self.send(now);
+        }
+    }
+
+    /// Reports a fleet-wide budget alert this Envoy won: the log line and counters of a
+    /// single-Envoy alert, and the webhook body on the queue the workers send from.
+    fn alert(&mut self, step: AlertStep) {
+        let host = WasmHost { alert_queue: None };
+        match step {
+            AlertStep::Done => {}
+            AlertStep::Failed => {
+                if let Some(id) = self.stats.failures {
+                    host.increment_metric(id, 1);
+                }
+            }
+            AlertStep::GaveUp { subject, threshold } => {
+                if let Some(id) = self.stats.failures {
+                    host.increment_metric(id, 1);
+                }
+                log(
+                    LogLevel::Error,
+                    &format!("shieldkey: budget alert for {subject} at {threshold}% not sent: etcd did not take its claim"),
+                );
+            }
+            AlertStep::Send { alert, webhook } => {
+                log(LogLevel::Warn, &alert.log_line());
+                let metrics = self
+                    .metrics
+                    .get_or_insert_with(|| Metrics::define(&host, &metric_ids()));
+                metrics.alert(&host);
+                let subject = if crate::team::team_of_subject(&alert.token_id).is_some() {
+                    metrics.team(&host, &alert.token_id)
+                } else {
+                    metrics.token(&host, &alert.token_id)
+                };
+                subject.alert(&host);
+                if webhook {
+                    if self.alert_queue.is_none() {
+                        self.alert_queue = hostcalls::register_shared_queue(ALERT_QUEUE).ok();
+                    }
+                    if let Some(queue) = self.alert_queue {
+                        let _ = hostcalls::enqueue_shared_queue(queue, Some(&alert.webhook_body()));
+                    }
+                }
+            }
         }
     }
 

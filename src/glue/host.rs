@@ -34,6 +34,9 @@ pub struct WasmHost {
     pub alert_queue: Option<u32>,
 }
 
+/// The shared queue budget alerts' webhook bodies go to: enqueued by a stream (single-Envoy mode)
+/// or the syncer (fleet mode), sent by the worker root contexts on their tick.
+pub const ALERT_QUEUE: &str = "shieldkey.alerts";
 /// The shared queue token ids whose spend changed go to (fleet mode; the syncer drains it).
 pub const SPENT_QUEUE: &str = "shieldkey.fleet.spent";
 /// The filter's `vm_id`: the namespace of shared data and queues.

@@ -12,7 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, MapType};
 
 use super::fleet::{FleetFilter, Syncer};
-use super::host::{self, log, WasmHost};
+use super::host::{self, log, WasmHost, ALERT_QUEUE};
 use super::http::ShieldHttp;
 use crate::config::raw::RawPolicy;
 use crate::config::ConfigError;
@@ -24,7 +24,6 @@ use crate::stream::host::LogLevel;
 use crate::stream::metrics::MetricIds;
 use crate::stream::Stream;
 
-const ALERT_QUEUE: &str = "shieldkey.alerts";
 /// How often a worker sends its buffered stats to Envoy (and budget alerts to the webhook).
 const STATS_FLUSH_MS: u64 = 100;
 /// Alerts sent per tick and worker: a flood of alerts must not starve the worker.

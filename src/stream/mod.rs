@@ -762,10 +762,17 @@ fn settle(
     now_ms: i64,
 ) {
     let limits = subject.limits();
+    // In fleet mode this Envoy's spend is part of the fleet's: the syncer judges thresholds on
+    // the fleet's sum and one Envoy sends each alert (`fleet::alerts`).
+    let thresholds: &[u8] = if active.fleet_context().is_some() {
+        &[]
+    } else {
+        &active.policy.settings.alert_thresholds
+    };
     let settled = active.ledger(host).settle(
         subject.id(),
         limits,
-        &active.policy.settings.alert_thresholds,
+        thresholds,
         admission,
         cost,
         tokens,

@@ -7,6 +7,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::alert::BudgetAlert;
 use crate::config::raw::{RawFleet, RawPolicy, RawTeam};
 use crate::fleet::compile_fleet;
 use crate::master_key::MasterKey;
@@ -73,6 +74,58 @@ impl FakeEtcd {
         if more {
             reply["more"] = true.into();
         }
+        (200, reply.to_string().into_bytes())
+    }
+}
+
+impl FakeEtcd {
+    /// A `kv/txn` as etcd applies it: compares on MOD or CREATE revision (0: absent), then the
+    /// success ops (puts and ranges, in order) or nothing.
+    fn answer_txn(&mut self, body: &[u8]) -> (u32, Vec<u8>) {
+        if self.down {
+            return (503, b"upstream connect error".to_vec());
+        }
+        let req: Value = serde_json::from_slice(body).unwrap();
+        let b64 = |v: &Value| STANDARD.decode(v.as_str().unwrap_or("")).unwrap();
+        let revision_of = |v: &Value| v.as_str().map_or(0, |r| r.parse::<u64>().unwrap());
+        let holds = req["compare"].as_array().into_iter().flatten().all(|c| {
+            let current = self.kvs.get(&b64(&c["key"]));
+            match c["target"].as_str().unwrap() {
+                "MOD" => current.map_or(0, |(_, m)| *m) == revision_of(&c["mod_revision"]),
+                "CREATE" => current.is_none() == (revision_of(&c["create_revision"]) == 0),
+                other => panic!("compare target {other}"),
+            }
+        });
+        let mut reply = json!({"header": {"revision": self.revision.to_string()}});
+        if !holds {
+            return (200, reply.to_string().into_bytes());
+        }
+        let mut responses = Vec::new();
+        for op in req["success"].as_array().unwrap() {
+            if let Some(put) = op.get("request_put") {
+                self.revision += 1;
+                self.kvs
+                    .insert(b64(&put["key"]), (b64(&put["value"]), self.revision));
+                responses.push(json!({"response_put": {}}));
+            } else {
+                let range = &op["request_range"];
+                let from = b64(&range["key"]);
+                let kvs: Vec<Value> = match range.get("range_end") {
+                    Some(end) => self.kvs.range(from..b64(end)).collect::<Vec<_>>(),
+                    None => self.kvs.get_key_value(&from).into_iter().collect(),
+                }
+                .into_iter()
+                .map(|(k, (v, m))| {
+                    json!({"key": STANDARD.encode(k), "value": STANDARD.encode(v),
+                           "mod_revision": m.to_string()})
+                })
+                .collect();
+                responses.push(json!({"response_range": {"kvs": kvs}}));
+            }
+        }
+        reply["header"]["revision"] = self.revision.to_string().into();
+        reply["succeeded"] = true.into();
+        reply["responses"] = responses.into();
         (200, reply.to_string().into_bytes())
     }
 }
@@ -1020,4 +1073,168 @@ fn a_team_created_while_a_long_listing_pages_is_not_taken_for_deleted() {
     );
     assert_eq!(team_limit(&store, "eng"), Some(1_000_000_000));
     assert_eq!(revoked(&store, "new"), Some(false));
+}
+
+/// One Envoy of a test fleet: its syncer and its shared data.
+struct Node {
+    sync: PolicySync,
+    store: MemoryStore,
+    /// Moves a sync interval on at every flush (a flush is due once per interval).
+    now: i64,
+}
+
+impl Node {
+    fn start(name: &str, etcd: &FakeEtcd, now: i64) -> Node {
+        let mut node = Node {
+            sync: PolicySync::new(settings(), name.into()),
+            store: MemoryStore::new(),
+            now,
+        };
+        run(&mut node.sync, etcd, &node.store, now);
+        node
+    }
+
+    /// This Envoy has spent `spent` of `id`'s lifetime budget: flushed, then the alert calls run
+    /// to the end. Returns the alerts this node sends.
+    fn spend(&mut self, etcd: &mut FakeEtcd, id: &str, spent: NanoUsd) -> Vec<BudgetAlert> {
+        self.now += 100;
+        let now = self.now;
+        let ledger = crate::ledger::SharedDataLedger::fleet(&self.store);
+        ledger.restore(id, None, 0, spent, now).unwrap();
+        self.sync.mark_dirty(id.into());
+        let flush = self.sync.poll_flush(&self.store, now).unwrap();
+        let (status, body) = etcd.answer_txn(&flush.body);
+        assert!(self.sync.on_flush_reply(now, status, &body));
+        self.alert_calls(etcd)
+    }
+
+    fn alert_calls(&mut self, etcd: &mut FakeEtcd) -> Vec<BudgetAlert> {
+        let now = self.now;
+        let mut sent = Vec::new();
+        while let Some(call) = self.sync.poll_alerts(now) {
+            assert_eq!(call.path, lease::TXN_PATH);
+            let (status, body) = etcd.answer_txn(&call.body);
+            match self.sync.on_alerts_reply(&self.store, now, status, &body) {
+                AlertStep::Send { alert, webhook } => {
+                    assert!(!webhook, "no webhook in this policy");
+                    sent.push(alert);
+                }
+                AlertStep::Done => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(sent.len() < 100);
+        }
+        sent
+    }
+}
+
+#[test]
+fn budget_alerts_are_judged_on_the_fleets_spend_and_sent_by_one_node() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let now = 1_790_000_000_000;
+    let mut e1 = Node::start("e1", &etcd, now);
+    let mut e2 = Node::start("e2", &etcd, now);
+    let dollars = |cents: u64| cents * 10_000_000;
+
+    // 30% here and 30% there: neither Envoy alone reaches 50%, the fleet does, and the node whose
+    // flush carried it over sends the alert with the fleet's spend.
+    assert!(e1.spend(&mut etcd, "b", dollars(30)).is_empty());
+    let sent = e2.spend(&mut etcd, "b", dollars(30));
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].threshold_percent, 50);
+    assert_eq!(sent[0].spent, dollars(60));
+    assert_eq!(sent[0].limit, dollars(100));
+    assert_eq!(sent[0].token_id, "b");
+    // The other node sees 50% crossed too, and finds the alert already claimed.
+    assert!(e1.spend(&mut etcd, "b", dollars(40)).is_empty());
+    let key = |t: u8| format!("shieldkey/ledger/alerts/b/0/{t}").into_bytes();
+    let (claim, _) = etcd.kvs.get(&key(50)).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(claim).unwrap()["node"],
+        "e2"
+    );
+    // 70% is under 80: nothing; then 80% and 100% at once from one flush: both, once.
+    assert!(e2.spend(&mut etcd, "b", dollars(30)).is_empty());
+    let sent = e2.spend(&mut etcd, "b", dollars(60));
+    let thresholds: Vec<u8> = sent.iter().map(|a| a.threshold_percent).collect();
+    assert_eq!(thresholds, vec![80, 100]);
+    assert!(e1.spend(&mut etcd, "b", dollars(40)).is_empty());
+    assert!(
+        e2.spend(&mut etcd, "b", dollars(60)).is_empty(),
+        "never twice"
+    );
+
+    // A restarted Envoy reads its spend back and sends nothing already sent.
+    let mut e1 = Node::start("e1", &etcd, now);
+    assert!(e1.spend(&mut etcd, "b", dollars(41)).is_empty());
+    assert_eq!(
+        etcd.kvs
+            .keys()
+            .filter(|k| k.starts_with(b"shieldkey/ledger/alerts/"))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let now = 1_790_000_000_000;
+    let mut e1 = Node::start("e1", &etcd, now);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
+    ledger.restore("b", None, 0, 600_000_000, now).unwrap();
+    e1.sync.mark_dirty("b".into());
+    let flush = e1.sync.poll_flush(&e1.store, now).unwrap();
+    let (status, body) = etcd.answer_txn(&flush.body);
+    assert!(e1.sync.on_flush_reply(now, status, &body));
+    // The check fails: it is made again on the next poll.
+    let check = e1.sync.poll_alerts(now).unwrap();
+    assert_eq!(
+        e1.sync
+            .on_alerts_reply(&e1.store, now, 503, b"no healthy upstream"),
+        AlertStep::Failed
+    );
+    assert_eq!(e1.sync.poll_alerts(now).unwrap().body, check.body);
+    let (status, body) = etcd.answer_txn(&check.body);
+    assert_eq!(
+        e1.sync.on_alerts_reply(&e1.store, now, status, &body),
+        AlertStep::Done
+    );
+    // The claim fails twice, then goes through: sent once.
+    for _ in 0..2 {
+        assert!(e1.sync.poll_alerts(now).is_some());
+        assert_eq!(
+            e1.sync.on_alerts_reply(&e1.store, now, 0, b""),
+            AlertStep::Failed
+        );
+    }
+    let sent = e1.alert_calls(&mut etcd);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].threshold_percent, 50);
+}
+
+#[test]
+fn a_teams_fleet_alert_names_the_team_and_no_owner() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/teams/eng", team("eng", "1"));
+    etcd.put("shieldkey/policy/tokens/alice", member("alice", "eng"));
+    let now = 1_790_000_000_000;
+    let mut e1 = Node::start("e1", &etcd, now);
+    let mut e2 = Node::start("e2", &etcd, now);
+    assert!(e1.spend(&mut etcd, "team.eng", 300_000_000).is_empty());
+    let sent = e2.spend(&mut etcd, "team.eng", 250_000_000);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let alert = &sent[0];
+    assert_eq!(
+        (
+            alert.token_id.as_str(),
+            alert.owner.as_str(),
+            alert.team.as_deref()
+        ),
+        ("team.eng", "", Some("eng"))
+    );
+    assert_eq!((alert.threshold_percent, alert.spent), (50, 550_000_000));
+    assert!(alert.log_line().contains("team eng reached 50%"));
 }

@@ -1,0 +1,229 @@
+//! Budget threshold alerts across the fleet.
+//!
+//! An Envoy knows only its own spend; the fleet's spend of a budget window is the sum of every
+//! node's `ledger/spent/<subject>/<window>/<node>` key (`lease::fleet_spent_key`), which each
+//! flush writes. That sum grows only by some node's flush, and a node reads the sum after each
+//! successful flush of a budget: so the node whose flush carries the fleet over a threshold sees
+//! it crossed. Other nodes may see it too (their reads can overlap); the alert key
+//! `ledger/alerts/<subject>/<window>/<threshold>`, created only if absent, elects the one that
+//! sends it. A restarted node finds the alerts already sent in etcd and sends none again.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::lease;
+use super::sync::Call;
+use crate::alert::{newly_crossed, BudgetAlert};
+use crate::money::NanoUsd;
+use crate::policy_store;
+use crate::store::SharedStore;
+use crate::team::team_of_subject;
+
+/// Budgets read per check: one range each (etcd allows 128 operations in a txn).
+const CHECK_BATCH: usize = 64;
+/// Tries of one alert's claim before it is given up (logged: the alert is lost).
+const CLAIM_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Default)]
+pub struct FleetAlerts {
+    thresholds: Vec<u8>,
+    webhook: bool,
+    /// Budgets flushed since the last check: subject -> window start.
+    to_check: BTreeMap<String, i64>,
+    /// Thresholds this node claimed or saw claimed: subject -> (window start, bits of
+    /// `thresholds`), so one crossing is claimed once, not after every flush.
+    claimed: BTreeMap<String, (i64, u8)>,
+    claims: VecDeque<Claim>,
+    in_flight: Option<InFlight>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Claim {
+    subject: String,
+    window_start: i64,
+    threshold: u8,
+    /// The fleet's spend when the crossing was seen.
+    spent: NanoUsd,
+    attempts: u32,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    Check(Vec<(String, i64)>),
+    Claim(Claim),
+}
+
+/// What a reply leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlertStep {
+    /// Nothing to report (a check read, or an alert another node sent).
+    Done,
+    /// This node won the alert: log it, count it, and queue it for the webhook if `webhook`.
+    Send { alert: BudgetAlert, webhook: bool },
+    /// The call failed; what it was for is tried again.
+    Failed,
+    /// A claim failed `CLAIM_ATTEMPTS` times: this alert is not sent.
+    GaveUp { subject: String, threshold: u8 },
+}
+
+impl FleetAlerts {
+    /// The policy's `alerts` section (set at every load of the settings).
+    pub fn configure(&mut self, thresholds: &[u8], webhook: bool) {
+        if self.thresholds != thresholds {
+            // The bits index the thresholds; etcd's alert keys name the percentages, so nothing
+            // already sent is sent again.
+            self.claimed.clear();
+            self.thresholds = thresholds.to_vec();
+        }
+        self.webhook = webhook;
+    }
+
+    /// This node's spend of `subject`'s budget window was written to etcd.
+    pub fn flushed(&mut self, subject: &str, window_start: i64) {
+        if !self.thresholds.is_empty() {
+            self.to_check.insert(subject.to_string(), window_start);
+        }
+    }
+
+    /// The next call: a pending claim first, then a read of the fleet's spend of the budgets
+    /// flushed since the last one.
+    pub fn poll(&mut self, prefix: &str, node: &str, now_ms: i64) -> Option<Call> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        if let Some(claim) = self.claims.pop_front() {
+            let key = lease::alert_key(prefix, &claim.subject, claim.window_start, claim.threshold);
+            let value = serde_json::json!({
+                "node": node,
+                "spent": claim.spent,
+                "at": now_ms.div_euclid(1000),
+            })
+            .to_string();
+            self.in_flight = Some(InFlight::Claim(claim));
+            return Some(Call {
+                path: lease::TXN_PATH,
+                body: lease::create_body(&key, &value),
+            });
+        }
+        if self.to_check.is_empty() {
+            return None;
+        }
+        let mut batch = Vec::with_capacity(self.to_check.len().min(CHECK_BATCH));
+        while batch.len() < CHECK_BATCH {
+            let Some(entry) = self.to_check.pop_first() else {
+                break;
+            };
+            batch.push(entry);
+        }
+        let prefixes: Vec<String> = batch
+            .iter()
+            .map(|(subject, window)| lease::fleet_spent_prefix(prefix, subject, *window))
+            .collect();
+        self.in_flight = Some(InFlight::Check(batch));
+        Some(Call {
+            path: lease::TXN_PATH,
+            body: lease::ranges_body(&prefixes),
+        })
+    }
+
+    /// The reply to the call `poll` made (`status` 0: it could not be sent).
+    pub fn on_reply(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        status: u32,
+        body: &[u8],
+    ) -> AlertStep {
+        match self.in_flight.take() {
+            None => AlertStep::Done,
+            Some(InFlight::Check(batch)) => {
+                let sums = (status == 200)
+                    .then(|| lease::parse_spent_sums(body, batch.len()))
+                    .flatten();
+                let Some(sums) = sums else {
+                    for (subject, window) in batch {
+                        // A newer flush of the same budget may be waiting already.
+                        self.to_check.entry(subject).or_insert(window);
+                    }
+                    return AlertStep::Failed;
+                };
+                for ((subject, window), spent) in batch.into_iter().zip(sums) {
+                    self.judge(store, subject, window, spent);
+                }
+                AlertStep::Done
+            }
+            Some(InFlight::Claim(mut claim)) => {
+                match (status == 200).then(|| lease::parse_write(body)).flatten() {
+                    Some(true) => match self.alert(store, &claim, now_ms) {
+                        Some(alert) => AlertStep::Send {
+                            alert,
+                            webhook: self.webhook,
+                        },
+                        None => AlertStep::Done,
+                    },
+                    // Another node created it first: that one sends it.
+                    Some(false) => AlertStep::Done,
+                    None => {
+                        claim.attempts += 1;
+                        if claim.attempts >= CLAIM_ATTEMPTS {
+                            return AlertStep::GaveUp {
+                                subject: claim.subject,
+                                threshold: claim.threshold,
+                            };
+                        }
+                        self.claims.push_front(claim);
+                        AlertStep::Failed
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a claim for each threshold the fleet's `spent` reached that is not claimed yet.
+    fn judge(&mut self, store: &dyn SharedStore, subject: String, window: i64, spent: NanoUsd) {
+        let Some(budget) =
+            policy_store::lookup_newest(store, &subject).and_then(|(t, _)| t.rules.limits.budget)
+        else {
+            return;
+        };
+        let fired = match self.claimed.get(&subject) {
+            Some((w, bits)) if *w == window => *bits,
+            _ => 0,
+        };
+        let (crossed, fired) = newly_crossed(spent, budget.limit, &self.thresholds, fired);
+        for threshold in crossed {
+            self.claims.push_back(Claim {
+                subject: subject.clone(),
+                window_start: window,
+                threshold,
+                spent,
+                attempts: 0,
+            });
+        }
+        self.claimed.insert(subject, (window, fired));
+    }
+
+    /// The alert of a claim this node won, named as the single-Envoy alert is.
+    fn alert(&self, store: &dyn SharedStore, claim: &Claim, now_ms: i64) -> Option<BudgetAlert> {
+        let (record, _) = policy_store::lookup_newest(store, &claim.subject)?;
+        let budget = record.rules.limits.budget?;
+        let team_budget = team_of_subject(&claim.subject);
+        Some(BudgetAlert {
+            token_id: claim.subject.clone(),
+            // A team's alert names no owner: it is the team's budget, shared by its members.
+            owner: if team_budget.is_some() {
+                String::new()
+            } else {
+                record.owner.clone()
+            },
+            team: team_budget
+                .or_else(|| record.team.as_deref().and_then(team_of_subject))
+                .map(str::to_string),
+            threshold_percent: claim.threshold,
+            spent: claim.spent,
+            limit: budget.limit,
+            window: budget.window,
+            reset_at: budget.window.reset_at(claim.window_start),
+            at: now_ms.div_euclid(1000),
+        })
+    }
+}
