@@ -20,6 +20,8 @@
 //! - `<prefix>rate/<unix minute>/<token>/<node>`: `{"requests": N, "tokens": N}`, what this node
 //!   admitted and settled in that minute, for fleet-wide rate limits; minutes older than the
 //!   previous one are deleted.
+//!
+//! A budget window's keys are deleted once the window after it has ended too (`fleet::sweep`).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -58,8 +60,23 @@ pub fn fleet_spent_key(prefix: &str, node: &str, token: &str, window: i64) -> St
     format!("{}{node}", fleet_spent_prefix(prefix, token, window))
 }
 
+pub fn alerts_prefix(prefix: &str, token: &str, window: i64) -> String {
+    format!("{prefix}ledger/alerts/{token}/{window}/")
+}
+
 pub fn alert_key(prefix: &str, token: &str, window: i64, threshold: u8) -> String {
-    format!("{prefix}ledger/alerts/{token}/{window}/{threshold}")
+    format!("{}{threshold}", alerts_prefix(prefix, token, window))
+}
+
+/// `(subject, window start, "claimed" | "spent")` of a key under `node_prefix`. Subjects and
+/// window starts have no '/'.
+pub fn parse_node_key<'k>(key: &'k str, node_prefix: &str) -> Option<(&'k str, i64, &'k str)> {
+    let (rest, kind) = key.strip_prefix(node_prefix)?.rsplit_once('/')?;
+    let (subject, window) = rest.rsplit_once('/')?;
+    if subject.is_empty() || subject.contains('/') {
+        return None;
+    }
+    Some((subject, window.parse().ok()?, kind))
 }
 
 pub fn rate_prefix(prefix: &str, minute: i64) -> String {
@@ -257,6 +274,25 @@ pub fn parse_spent_sums(body: &[u8], prefixes: usize) -> Option<Vec<NanoUsd>> {
         .collect()
 }
 
+/// Deletes, in one txn, each of `targets`: every key under it when it ends in '/', else that key.
+pub fn delete_ranges_body(targets: &[String]) -> Vec<u8> {
+    let ops: Vec<serde_json::Value> = targets
+        .iter()
+        .map(|t| {
+            let mut op = serde_json::json!({"key": b64(t)});
+            if t.ends_with('/') {
+                op["range_end"] = STANDARD
+                    .encode(super::etcd::prefix_end(t.as_bytes()))
+                    .into();
+            }
+            serde_json::json!({ "request_delete_range": op })
+        })
+        .collect();
+    serde_json::json!({ "success": ops })
+        .to_string()
+        .into_bytes()
+}
+
 /// Creates `key` only if it does not exist: the node whose txn succeeds sends the alert.
 pub fn create_body(key: &str, value: &str) -> Vec<u8> {
     serde_json::json!({
@@ -335,10 +371,12 @@ pub fn parse_spent(kvs: &[super::etcd::Kv], node_prefix: &str) -> Vec<(String, i
     kvs.iter()
         .filter_map(|kv| {
             let key = std::str::from_utf8(&kv.key).ok()?;
-            let rest = key.strip_prefix(node_prefix)?.strip_suffix("/spent")?;
-            let (token, window) = rest.rsplit_once('/')?;
+            let (token, window, kind) = parse_node_key(key, node_prefix)?;
+            if kind != "spent" {
+                return None;
+            }
             let amount: Amount = serde_json::from_slice(&kv.value).ok()?;
-            Some((token.to_string(), window.parse().ok()?, amount.spent))
+            Some((token.to_string(), window, amount.spent))
         })
         .collect()
 }

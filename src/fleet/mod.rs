@@ -22,6 +22,7 @@
 pub mod alerts;
 pub mod etcd;
 pub mod lease;
+pub mod sweep;
 pub mod sync;
 
 use crate::config::raw::{RawFleet, RawPolicy};

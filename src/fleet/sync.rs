@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::alerts::{AlertStep, FleetAlerts};
 use super::etcd::{parse_range, prefix_end, Kv, Range, RANGE_PATH};
 use super::lease;
+use super::sweep::{LedgerSweep, SweepStep};
 use super::{FleetSettings, BASE_KEY};
 use crate::config::compile::{compile, compile_token, CompileOptions};
 use crate::config::raw::{RawPolicy, RawTeam, RawToken, RawUpstreamKey};
@@ -127,6 +128,8 @@ pub struct PolicySync {
     next_return_scan_ms: i64,
     /// Fleet-wide budget alerts, judged on the fleet's spend after each flush.
     alerts: FleetAlerts,
+    /// Ended budget windows' keys leaving etcd.
+    sweep: LedgerSweep,
     /// Fleet-wide rate limits: the read of the other Envoys' counts.
     rates_in_flight: bool,
     next_rates_ms: i64,
@@ -181,6 +184,7 @@ impl PolicySync {
             returning: None,
             next_return_scan_ms: 0,
             alerts: FleetAlerts::default(),
+            sweep: LedgerSweep::default(),
             rates_in_flight: false,
             next_rates_ms: 0,
             rates_minute: 0,
@@ -719,6 +723,8 @@ impl PolicySync {
             let _ = store.set(BASE_KEY, &base, None);
         }
         self.restored = true;
+        self.sweep
+            .start_after(now_ms, self.settings.reconcile_interval_ms as i64);
         Outcome::Restored { tokens: restored }
     }
 
@@ -816,6 +822,40 @@ impl PolicySync {
     ) -> AlertStep {
         let step = self.alerts.on_reply(store, now_ms, status, body);
         if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
+            self.failures += 1;
+        }
+        step
+    }
+
+    /// The next call of the sweep of ended budget windows (`fleet::sweep`): a listing of this
+    /// node's ledger keys every 60 reconcile intervals (10 minutes by default), the first one a
+    /// reconcile interval after the restore, then the deletions.
+    pub fn poll_sweep(&mut self, now_ms: i64) -> Option<Call> {
+        if !self.restored {
+            return None;
+        }
+        let interval = (self.settings.reconcile_interval_ms as i64).saturating_mul(60);
+        self.sweep
+            .poll(&self.settings.prefix, &self.node, interval, now_ms)
+    }
+
+    /// The reply to `poll_sweep`'s call.
+    pub fn on_sweep_reply(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        status: u32,
+        body: &[u8],
+    ) -> SweepStep {
+        let step = self.sweep.on_reply(
+            store,
+            &self.settings.prefix,
+            &self.node,
+            now_ms,
+            status,
+            body,
+        );
+        if step == SweepStep::Failed {
             self.failures += 1;
         }
         step

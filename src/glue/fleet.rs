@@ -12,6 +12,7 @@ use super::host::{dispatch_post, log, now_unix_ms, WasmHost, ALERT_QUEUE, SPENT_
 use super::host_store::HostStore;
 use super::root::metric_ids;
 use crate::fleet::alerts::AlertStep;
+use crate::fleet::sweep::SweepStep;
 use crate::fleet::sync::{Call, Outcome, PolicySync};
 use crate::fleet::{FleetSettings, BASE_KEY};
 use crate::master_key::MasterKey;
@@ -107,6 +108,8 @@ pub struct Syncer {
     return_in_flight: Option<u32>,
     /// The fleet-wide budget alerts' read or claim (a fifth slot).
     alerts_in_flight: Option<u32>,
+    /// The sweep of ended budget windows (a sixth slot).
+    sweep_in_flight: Option<u32>,
     /// Where an alert this Envoy won goes for the webhook (registered at the first one), and
     /// the alert counters (defined at the first one).
     alert_queue: Option<u32>,
@@ -130,6 +133,7 @@ impl Syncer {
             rates_in_flight: None,
             return_in_flight: None,
             alerts_in_flight: None,
+            sweep_in_flight: None,
             alert_queue: None,
             metrics: None,
             spent_queue: hostcalls::register_shared_queue(SPENT_QUEUE).ok(),
@@ -173,6 +177,15 @@ impl Syncer {
                 if self.alerts_in_flight.is_none() {
                     let step = self.sync.on_alerts_reply(&HostStore, now, 0, b"");
                     self.alert(step);
+                }
+            }
+        }
+        if self.sweep_in_flight.is_none() {
+            if let Some(call) = self.sync.poll_sweep(now) {
+                self.sweep_in_flight = self.dispatch(&call);
+                if self.sweep_in_flight.is_none() {
+                    let step = self.sync.on_sweep_reply(&HostStore, now, 0, b"");
+                    self.swept(step);
                 }
             }
         }
@@ -241,6 +254,13 @@ impl Syncer {
     }
 
     pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        if self.sweep_in_flight == Some(token) {
+            self.sweep_in_flight = None;
+            let now = now_unix_ms().unwrap_or(0);
+            let step = self.sync.on_sweep_reply(&HostStore, now, status, body);
+            self.swept(step);
+            return;
+        }
         if self.alerts_in_flight == Some(token) {
             self.alerts_in_flight = None;
             let now = now_unix_ms().unwrap_or(0);
@@ -286,6 +306,21 @@ impl Syncer {
         self.report(&outcome);
         if outcome == Outcome::Paging {
             self.send(now);
+        }
+    }
+
+    fn swept(&self, step: SweepStep) {
+        match step {
+            SweepStep::Listed => {}
+            SweepStep::Deleted(windows) => log(
+                LogLevel::Info,
+                &format!("shieldkey: fleet ledger: the keys of {windows} ended budget windows removed from etcd"),
+            ),
+            SweepStep::Failed => {
+                if let Some(id) = self.stats.failures {
+                    WasmHost { alert_queue: None }.increment_metric(id, 1);
+                }
+            }
         }
     }
 

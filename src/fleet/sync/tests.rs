@@ -1,6 +1,6 @@
 //! The syncer against an in-memory etcd that answers the JSON gateway's range calls.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -102,7 +102,28 @@ impl FakeEtcd {
         }
         let mut responses = Vec::new();
         for op in req["success"].as_array().unwrap() {
-            if let Some(put) = op.get("request_put") {
+            if let Some(delete) = op.get("request_delete_range") {
+                let from = b64(&delete["key"]);
+                let doomed: Vec<Vec<u8>> = match delete.get("range_end") {
+                    Some(end) => self
+                        .kvs
+                        .range(from..b64(end))
+                        .map(|(k, _)| k.clone())
+                        .collect(),
+                    None => self
+                        .kvs
+                        .get_key_value(&from)
+                        .map(|(k, _)| k.clone())
+                        .into_iter()
+                        .collect(),
+                };
+                self.revision += 1;
+                for key in &doomed {
+                    self.kvs.remove(key);
+                }
+                responses
+                    .push(json!({"response_delete_range": {"deleted": doomed.len().to_string()}}));
+            } else if let Some(put) = op.get("request_put") {
                 self.revision += 1;
                 self.kvs
                     .insert(b64(&put["key"]), (b64(&put["value"]), self.revision));
@@ -1237,4 +1258,90 @@ fn a_teams_fleet_alert_names_the_team_and_no_owner() {
     );
     assert_eq!((alert.threshold_percent, alert.spent), (50, 550_000_000));
     assert!(alert.log_line().contains("team eng reached 50%"));
+}
+
+#[test]
+fn ended_budget_windows_leave_etcd_and_the_current_and_previous_stay() {
+    let mut etcd = etcd_with(0);
+    let hourly = |id: &str| {
+        json!({"id": id, "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
+               "budget": {"limit_usd": "1", "window": "hourly"}})
+    };
+    etcd.put("shieldkey/policy/tokens/h", hourly("h"));
+    etcd.put("shieldkey/policy/tokens/l", budgeted("l", "1"));
+    let now = 1_790_000_123_000;
+    let hour = now / 1000 / 3600 * 3600;
+    let windows = [hour, hour - 3600, hour - 7200, hour - 10_800];
+    let spent = json!({"spent": 5});
+    for w in windows {
+        for node in ["e1", "e2"] {
+            etcd.put(
+                &format!("shieldkey/ledger/node/{node}/h/{w}/claimed"),
+                json!({"claimed": 9}),
+            );
+            etcd.put(
+                &format!("shieldkey/ledger/node/{node}/h/{w}/spent"),
+                spent.clone(),
+            );
+            etcd.put(
+                &format!("shieldkey/ledger/spent/h/{w}/{node}"),
+                spent.clone(),
+            );
+        }
+        etcd.put(
+            &format!("shieldkey/ledger/pool/h/{w}"),
+            json!({"claimed": 18}),
+        );
+        etcd.put(
+            &format!("shieldkey/ledger/alerts/h/{w}/50"),
+            json!({"node": "e2"}),
+        );
+    }
+    // A lifetime budget never ends; a token no longer in the policy keeps its keys.
+    etcd.put("shieldkey/ledger/node/e1/l/0/spent", spent.clone());
+    etcd.put(
+        &format!("shieldkey/ledger/node/e1/gone/{}/spent", hour - 7200),
+        spent.clone(),
+    );
+    let keys_before: BTreeSet<Vec<u8>> = etcd.kvs.keys().cloned().collect();
+
+    let mut e1 = Node::start("e1", &etcd, now);
+    assert!(
+        e1.sync.poll_sweep(now).is_none(),
+        "the first sweep waits a reconcile interval"
+    );
+    let later = now + 1_000;
+    let mut steps = Vec::new();
+    while let Some(call) = e1.sync.poll_sweep(later) {
+        let (status, body) = if call.path == RANGE_PATH {
+            etcd.answer(&call.body)
+        } else {
+            etcd.answer_txn(&call.body)
+        };
+        steps.push(e1.sync.on_sweep_reply(&e1.store, later, status, &body));
+        assert!(steps.len() < 10);
+    }
+    assert_eq!(steps, vec![SweepStep::Listed, SweepStep::Deleted(2)]);
+
+    let gone: BTreeSet<String> = keys_before
+        .iter()
+        .filter(|k| !etcd.kvs.contains_key(*k))
+        .map(|k| String::from_utf8(k.clone()).unwrap())
+        .collect();
+    let mut expected = BTreeSet::new();
+    for w in &windows[2..] {
+        expected.insert(format!("shieldkey/ledger/node/e1/h/{w}/claimed"));
+        expected.insert(format!("shieldkey/ledger/node/e1/h/{w}/spent"));
+        expected.insert(format!("shieldkey/ledger/spent/h/{w}/e1"));
+        expected.insert(format!("shieldkey/ledger/spent/h/{w}/e2"));
+        expected.insert(format!("shieldkey/ledger/pool/h/{w}"));
+        expected.insert(format!("shieldkey/ledger/alerts/h/{w}/50"));
+    }
+    // e2's own keys of those windows are e2's to delete.
+    assert_eq!(gone, expected);
+    assert!(
+        e1.sync.poll_sweep(later + 1_000).is_none(),
+        "next one in 60 intervals"
+    );
+    assert!(e1.sync.poll_sweep(later + 60_000).is_some());
 }

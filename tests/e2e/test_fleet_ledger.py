@@ -1,5 +1,6 @@
-"""Fleet mode, budget alerts: thresholds are judged on the fleet's spend (every Envoy's, summed in
-etcd), and each alert is sent once, by one Envoy, even when no Envoy alone reaches the threshold."""
+"""Fleet mode, the ledger over time: budget alerts are judged on the fleet's spend (every Envoy's,
+summed in etcd) and each is sent once, by one Envoy, even when no Envoy alone reaches the
+threshold; the keys of ended budget windows leave etcd."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ BODY = {"model": "mistral-small-latest", "max_tokens": 10,
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, mock_mistral, mock_keys):
-    f = Fleet(tmp_path_factory.mktemp("fleet-alerts"), mock_mistral, {"prod": mock_keys["prod"]},
-              etcd_members=1, concurrency=1)
+    # Reconciling every second: the first sweep of ended windows comes a second after start.
+    f = Fleet(tmp_path_factory.mktemp("fleet-ledger"), mock_mistral, {"prod": mock_keys["prod"]},
+              etcd_members=1, concurrency=1, fleet_options={"reconcile_interval_ms": 1000})
     # No CLI command edits `alerts` in etcd yet (README): the settings key is written by hand.
     key = "shieldkey/policy/settings"
     settings = json.loads(f.etcd.get(key))
@@ -31,9 +33,45 @@ def fleet(tmp_path_factory, mock_mistral, mock_keys):
     f.etcd.put(key, json.dumps(settings))
     f.cli("check")
     f.mint("shared", "--owner", "ml-team", "--budget-usd", "0.00225", "--budget-window", "lifetime")
+    f.mint("hourly", "--budget-usd", "1", "--budget-window", "hourly")
+    for key, value in old_window_keys().items():
+        f.etcd.put(key, value)
     f.start()
     yield f
     f.close()
+
+
+HOUR = int(time.time()) // 3600 * 3600
+KEPT_WINDOWS, ENDED_WINDOWS = (HOUR, HOUR - 3600), (HOUR - 7200, HOUR - 30 * 24 * 3600)
+
+
+def old_window_keys() -> dict[str, str]:
+    """What the hourly token's budget windows left in etcd, as the Envoys write it."""
+    keys = {}
+    for w in (*KEPT_WINDOWS, *ENDED_WINDOWS):
+        for node in ("envoy-0", "envoy-1"):
+            keys[f"shieldkey/ledger/node/{node}/hourly/{w}/claimed"] = '{"claimed":100000000}'
+            keys[f"shieldkey/ledger/node/{node}/hourly/{w}/spent"] = '{"spent":5}'
+            keys[f"shieldkey/ledger/spent/hourly/{w}/{node}"] = '{"spent":5}'
+        keys[f"shieldkey/ledger/pool/hourly/{w}"] = '{"claimed":200000000}'
+        keys[f"shieldkey/ledger/alerts/hourly/{w}/50"] = '{"node":"envoy-0"}'
+    return keys
+
+
+def test_ended_budget_windows_leave_etcd(fleet):
+    """Each Envoy deletes its own keys and the shared ones of windows that ended before the
+    previous one; the current and the previous window stay."""
+    deadline = time.monotonic() + 10
+    while True:
+        left = set(fleet.etcd.range_prefix("shieldkey/ledger/"))
+        ended = {k for k in old_window_keys() if any(f"/{w}" in k for w in ENDED_WINDOWS)}
+        if not left & ended or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left & ended, sorted(left & ended)
+    kept = set(old_window_keys()) - ended
+    assert kept <= left, sorted(kept - left)
+    assert any("ended budget windows removed from etcd" in e.log_text() for e in fleet.envoys)
 
 
 def posted_alerts(mock) -> list[dict]:
