@@ -42,7 +42,9 @@ def fleet(tmp_path_factory, mock_mistral, mock_keys):
 
 
 HOUR = int(time.time()) // 3600 * 3600
-KEPT_WINDOWS, ENDED_WINDOWS = (HOUR, HOUR - 3600), (HOUR - 7200, HOUR - 30 * 24 * 3600)
+# Kept whatever the clock does during the run: this hour (at most the previous one by the time the
+# sweep runs) and the next. The previous hour's staying is the unit test's (it could end here).
+KEPT_WINDOWS, ENDED_WINDOWS = (HOUR, HOUR + 3600), (HOUR - 7200, HOUR - 30 * 24 * 3600)
 
 
 def old_window_keys() -> dict[str, str]:
@@ -60,7 +62,7 @@ def old_window_keys() -> dict[str, str]:
 
 def test_ended_budget_windows_leave_etcd(fleet):
     """Each Envoy deletes its own keys and the shared ones of windows that ended before the
-    previous one; the current and the previous window stay."""
+    previous one; the current window (and a future one) stay."""
     deadline = time.monotonic() + 10
     while True:
         left = set(fleet.etcd.range_prefix("shieldkey/ledger/"))
