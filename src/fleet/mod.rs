@@ -21,6 +21,7 @@
 
 pub mod alerts;
 pub mod etcd;
+pub mod flush_queue;
 pub mod lease;
 pub mod sweep;
 pub mod sync;

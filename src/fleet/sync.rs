@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::alerts::{AlertStep, FleetAlerts};
 use super::etcd::{parse_range, prefix_end, Kv, Range, RANGE_PATH};
+use super::flush_queue::FlushQueue;
 use super::lease;
 use super::sweep::{LedgerSweep, SweepStep};
 use super::{FleetSettings, BASE_KEY};
@@ -117,7 +118,7 @@ pub struct PolicySync {
     /// Spend may be flushed only after it was restored (or the flush would lower it).
     restored: bool,
     /// Tokens whose spend changed since the last flush, and the ones being flushed.
-    dirty: BTreeSet<String>,
+    dirty: FlushQueue,
     flushing: Option<Flushing>,
     next_flush_ms: i64,
     /// Budgeted tokens this Envoy spent on (and so may hold a lease of), the leases being given
@@ -176,7 +177,7 @@ impl PolicySync {
             node,
             pending_base: None,
             restored: false,
-            dirty: BTreeSet::new(),
+            dirty: FlushQueue::default(),
             flushing: None,
             next_flush_ms: 0,
             leased: BTreeSet::new(),
@@ -730,7 +731,7 @@ impl PolicySync {
 
     /// A token's spend changed (the HTTP filter said so through the spent queue).
     pub fn mark_dirty(&mut self, token_id: String) {
-        self.dirty.insert(token_id);
+        self.dirty.push(token_id);
     }
 
     /// The next flush of this Envoy's spend to etcd, when one is due: at most 40 tokens, each
@@ -745,12 +746,13 @@ impl PolicySync {
         }
         let ledger = SharedDataLedger::fleet(store);
         // Three puts per token at most, 120 operations per transaction (etcd allows 128).
-        let batch: Vec<String> = self.dirty.iter().take(40).cloned().collect();
+        let batch = self.dirty.take(40);
+        // What was waiting beyond this batch goes next, at the next tick, not an interval later.
+        let backlog = !self.dirty.is_empty();
         let mut entries = Vec::with_capacity(batch.len() * 3);
         let mut budgets = Vec::new();
         let prefix = &self.settings.prefix;
         for id in &batch {
-            self.dirty.remove(id);
             let limits = policy_store::lookup_newest(store, id).map(|(t, _)| t.rules.limits);
             if limits.as_ref().is_some_and(|l| l.budget.is_some()) {
                 self.leased.insert(id.clone());
@@ -779,7 +781,11 @@ impl PolicySync {
         if entries.is_empty() {
             return None;
         }
-        self.flushing = Some(Flushing { batch, budgets });
+        self.flushing = Some(Flushing {
+            batch,
+            budgets,
+            backlog,
+        });
         Some(Call {
             path: lease::TXN_PATH,
             body: lease::flush_body(&entries),
@@ -798,9 +804,13 @@ impl PolicySync {
             }
         } else {
             self.failures += 1;
-            self.dirty.extend(flushing.batch);
+            self.dirty.put_back(flushing.batch);
         }
-        self.next_flush_ms = now_ms.saturating_add(self.settings.sync_interval_ms as i64);
+        self.next_flush_ms = if ok && flushing.backlog {
+            now_ms
+        } else {
+            now_ms.saturating_add(self.settings.sync_interval_ms as i64)
+        };
         ok
     }
 
@@ -1023,6 +1033,8 @@ impl PolicySync {
 struct Flushing {
     batch: Vec<String>,
     budgets: Vec<(String, i64)>,
+    /// Tokens were waiting beyond this batch when it was taken.
+    backlog: bool,
 }
 
 /// A lease being given back.

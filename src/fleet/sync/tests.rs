@@ -1345,3 +1345,59 @@ fn ended_budget_windows_leave_etcd_and_the_current_and_previous_stay() {
     );
     assert!(e1.sync.poll_sweep(later + 60_000).is_some());
 }
+
+#[test]
+fn a_flush_backlog_drains_at_once_and_busy_tokens_cannot_starve_the_others() {
+    let mut etcd = etcd_with(0);
+    let busy: Vec<String> = (0..45).map(|i| format!("b{i:02}")).collect();
+    for id in busy.iter().chain([&"zz".to_string()]) {
+        etcd.put(&format!("shieldkey/policy/tokens/{id}"), budgeted(id, "1"));
+    }
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, 0);
+    let flushed = |call: &Call| -> BTreeSet<String> {
+        let doc: Value = serde_json::from_slice(&call.body).unwrap();
+        doc["success"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|op| {
+                let key = STANDARD
+                    .decode(op["request_put"]["key"].as_str().unwrap())
+                    .unwrap();
+                let key = String::from_utf8(key).unwrap();
+                let rest = key.strip_prefix("shieldkey/ledger/node/e1/")?;
+                Some(rest.split('/').next().unwrap().to_string())
+            })
+            .collect()
+    };
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    for id in busy.iter().chain([&"zz".to_string()]) {
+        ledger.restore(id, None, 0, 1, 0).unwrap();
+        sync.mark_dirty(id.clone());
+    }
+    let ok = br#"{"header":{"revision":"9"},"succeeded":true}"#;
+    // 46 waiting: 40 now, and the other 6 at the next tick rather than an interval later.
+    let first = sync.poll_flush(&store, 1_000).unwrap();
+    assert_eq!(flushed(&first).len(), 40);
+    // The busy tokens are marked again while the flush is in flight.
+    for id in &busy {
+        sync.mark_dirty(id.clone());
+    }
+    assert!(sync.on_flush_reply(1_000, 200, ok));
+    let second = sync.poll_flush(&store, 1_000).unwrap();
+    let second = flushed(&second);
+    assert_eq!(second.len(), 40);
+    assert!(
+        second.contains("zz"),
+        "its turn came before the busy tokens' second"
+    );
+    assert!(sync.on_flush_reply(1_000, 200, ok));
+    // The rest of the backlog, then nothing is due until an interval has passed.
+    assert!(sync.poll_flush(&store, 1_000).is_some());
+    assert!(sync.on_flush_reply(1_000, 200, ok));
+    sync.mark_dirty("zz".into());
+    assert!(sync.poll_flush(&store, 1_000).is_none());
+    assert!(sync.poll_flush(&store, 1_100).is_some());
+}
