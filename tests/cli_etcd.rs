@@ -2186,3 +2186,98 @@ fn a_token_scoped_change_still_checks_the_team_it_names() {
         .fails(&["team", "list"], None, 1)
         .contains("teams must be empty"));
 }
+
+#[test]
+fn import_moves_a_policy_file_into_etcd_and_its_tokens_keep_working() {
+    let etcd = Etcd::start("import");
+    let cli = Cli::new(&etcd);
+    // A single-Envoy policy file: a sealed key, a team with a budget, two tokens (one revoked).
+    let file = cli.with("SHIELDKEY_ETCD", "");
+    let printed = file.setup(&["alice", "bob"]);
+    file.ok(
+        &[
+            "team",
+            "create",
+            "eng",
+            "--budget-usd",
+            "5",
+            "--budget-window",
+            "monthly",
+        ],
+        None,
+    );
+    file.ok(&["limit", "alice", "--team", "eng", "--rpm", "60"], None);
+    file.ok(&["revoke", "bob"], None);
+    let path = cli.policy_file.to_str().unwrap().to_string();
+    let on_file: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+
+    // Refused without etcd: there is nothing to import into.
+    assert!(file
+        .fails(&["import", &path], None, 2)
+        .contains("give --etcd URLS"));
+    // Refused when the master key does not open the sealed keys: nothing written.
+    let other = Cli::new(&etcd).master;
+    let err = cli
+        .with("SHIELDKEY_MASTER_KEY", &other)
+        .fails(&["import", &path], None, 1);
+    assert!(err.contains("wrong master key"), "{err}");
+    assert!(!err.contains(REAL_KEY), "{err}");
+    assert!(etcd.range("shieldkey/").is_empty(), "{err}");
+
+    let (_, err) = cli.ok(&["import", &path], None);
+    assert!(
+        err.contains(&format!("imported {path}: 2 tokens, 1 teams, 1 upstream keys (policy revision 8, etcd prefix shieldkey/")),
+        "{err}"
+    );
+    let kvs = etcd.range("shieldkey/");
+    assert_eq!(
+        keys(&kvs),
+        [
+            "shieldkey/policy/keys/prod",
+            "shieldkey/policy/settings",
+            "shieldkey/policy/teams/eng",
+            "shieldkey/policy/tokens/alice",
+            "shieldkey/policy/tokens/bob"
+        ]
+    );
+    // The same policy, read back from etcd: tokens (digests, team, rules, status) as in the file.
+    let (listed, _) = cli.ok(&["list", "--json"], None);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["revision"], 8);
+    let alice: RawToken = serde_json::from_str(&kvs["shieldkey/policy/tokens/alice"].0).unwrap();
+    let alice_on_file: RawToken = serde_json::from_value(
+        on_file["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == "alice")
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    assert_eq!(alice, alice_on_file);
+    let team: RawTeam = serde_json::from_str(&kvs["shieldkey/policy/teams/eng"].0).unwrap();
+    assert_eq!(team.id, "eng");
+    let (check, _) = cli.ok(&["check"], None);
+    assert!(
+        check.contains("2 tokens (1 revoked), 1 upstream keys, 1 teams, all sealed keys open"),
+        "{check}"
+    );
+    // The secret printed in file mode verifies against the digest now in etcd.
+    let master = MasterKey::from_base64(&cli.master).unwrap();
+    let presented = token::parse(printed[0].as_bytes()).unwrap();
+    let digest: [u8; 32] = STANDARD.decode(&alice.digest).unwrap().try_into().unwrap();
+    assert!(TokenVerifier::new(master.digest_key()).unwrap().verify(
+        "alice",
+        presented.secret_text(),
+        &digest
+    ));
+
+    // A second import needs --force, and replaces: a token gone from the file leaves etcd.
+    assert!(cli.fails(&["import", &path], None, 1).contains("--force"));
+    file.ok(&["remove", "bob"], None);
+    cli.ok(&["import", &path, "--force"], None);
+    let kvs = etcd.range("shieldkey/");
+    assert!(!kvs.contains_key("shieldkey/policy/tokens/bob"));
+    assert!(kvs.contains_key("shieldkey/policy/tokens/alice"));
+}

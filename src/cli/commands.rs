@@ -45,7 +45,7 @@ const MAX_RETRIES: usize = 5;
 /// Runs `attempt` (read, change, save) until its save is not beaten by another writer, at most
 /// `MAX_RETRIES` more times. Returns its value, the number of transactions of the save that
 /// went through, and the number of retries.
-fn retrying<T>(
+pub(super) fn retrying<T>(
     store: &mut PolicyStore,
     mut attempt: impl FnMut(&mut PolicyStore) -> Result<(Saved, T), CliError>,
 ) -> Result<(T, usize, usize), CliError> {
@@ -87,7 +87,7 @@ fn retrying<T>(
 
 /// What a write says after "(policy revision N": where it went, in how many steps, after how
 /// many retries.
-fn written_note(store: &PolicyStore, steps: usize, retries: usize) -> String {
+pub(super) fn written_note(store: &PolicyStore, steps: usize, retries: usize) -> String {
     let mut note = String::new();
     if store.is_etcd() {
         note.push_str(&format!(", {}", store.describe()));
@@ -138,7 +138,7 @@ fn master_key(policy: Option<&RawPolicy>) -> Result<Option<MasterKey>, CliError>
     }
 }
 
-fn require_master_key(policy: Option<&RawPolicy>) -> Result<MasterKey, CliError> {
+pub(super) fn require_master_key(policy: Option<&RawPolicy>) -> Result<MasterKey, CliError> {
     master_key(policy)?.ok_or_else(|| {
         failed(format!(
             "{} is not set: export the base64 master key (create one with `shieldkey keygen`)",

@@ -10,6 +10,7 @@ mod duration;
 mod error;
 mod etcd;
 mod http;
+mod import;
 mod policy_file;
 mod policy_store;
 mod random;
@@ -38,6 +39,10 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
 
   keygen                          print a new base64 master key (keep it in your secret store)
   init [--force]                  create an empty policy (the file, or in etcd)
+  import FILE [--force]           fleet mode: a policy file into etcd, tokens, teams, sealed
+                                  keys and settings as they are (the tokens keep working; the
+                                  master key must open every sealed key); --force replaces a
+                                  policy already in etcd
   seal --id ID [--from-env VAR]   seal an upstream Mistral key read from stdin (or VAR);
                                   sealing an existing id rotates it
   mint --id ID --upstream-key KEY [--owner O] [--description D] [--team T]
@@ -350,6 +355,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
     let ctx = &mut ctx;
     match command.as_str() {
         "init" => commands::init(ctx, args),
+        "import" => import::import(ctx, args),
         "seal" => commands::seal_key(ctx, args),
         "mint" => commands::mint(ctx, args),
         "revoke" => commands::set_status(ctx, args, RawStatus::Revoked),

@@ -1,0 +1,55 @@
+//! `shieldkey --etcd URLS import FILE [--force]`: a policy file into etcd, to move a deployment to
+//! fleet mode without minting again. Tokens keep their digests (their secrets keep working),
+//! upstream keys stay sealed, teams and the policy-wide settings come along. The fleet's Envoys
+//! must run with the master key the file was written with; the import checks that every sealed
+//! key opens with the master key it is given before it writes anything.
+
+use std::path::Path;
+
+use super::args::Args;
+use super::commands::{require_master_key, retrying, written_note, Context};
+use super::error::{failed, usage, CliError};
+use super::policy_file;
+
+pub fn import(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
+    let force = args.flag("force");
+    let path = args.positional("policy file")?;
+    args.finish()?;
+    if !ctx.store.is_etcd() {
+        return Err(usage(
+            "import writes a policy file into etcd: give --etcd URLS (or SHIELDKEY_ETCD)",
+        ));
+    }
+    let file = policy_file::load(Path::new(&path))?;
+    if file.fleet.is_some() {
+        return Err(failed(format!(
+            "{path}: has a `fleet` section, which belongs in the Envoys' plugin configuration, \
+             not in the policy"
+        )));
+    }
+    // Every sealed key must open: a fleet started with another master key would refuse all.
+    let master = require_master_key(Some(&file))?;
+    let (revision, steps, retries) = retrying(&mut ctx.store, |store| {
+        let existing = store.existing()?;
+        if let Some(what) = &existing.found {
+            if !force {
+                return Err(failed(format!(
+                    "{what}; use --force to replace it with {path}"
+                )));
+            }
+        }
+        let mut policy = file.clone();
+        // Revisions only go up, from the file's point of view and from etcd's.
+        policy.revision = policy.revision.max(existing.revision);
+        let saved = store.save(&existing.base, &mut policy, Some(&master))?;
+        Ok((saved, policy.revision))
+    })?;
+    eprintln!(
+        "imported {path}: {} tokens, {} teams, {} upstream keys (policy revision {revision}{})",
+        file.tokens.len(),
+        file.teams.len(),
+        file.upstream_keys.len(),
+        written_note(&ctx.store, steps, retries)
+    );
+    Ok(())
+}
