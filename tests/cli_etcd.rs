@@ -2281,3 +2281,56 @@ fn import_moves_a_policy_file_into_etcd_and_its_tokens_keep_working() {
     assert!(!kvs.contains_key("shieldkey/policy/tokens/bob"));
     assert!(kvs.contains_key("shieldkey/policy/tokens/alice"));
 }
+
+#[test]
+fn settings_are_shown_and_replaced_in_etcd_validated_first() {
+    let etcd = Etcd::start("settings");
+    let cli = Cli::new(&etcd);
+    cli.setup(&["alice"]);
+    let (shown, _) = cli.ok(&["settings"], None);
+    assert_eq!(serde_json::from_str::<Value>(&shown).unwrap(), json!({}));
+
+    let wanted = json!({
+        "alerts": {"thresholds_percent": [50, 90],
+                   "webhook": {"cluster": "alerts", "path": "/hook"}},
+        "pricing": {"models": [{"model": "ft:small:acme", "input_usd_per_mtok": "0.5",
+                                "output_usd_per_mtok": "2"}]}
+    });
+    let (_, err) = cli.ok(&["settings", "set", "-"], Some(&wanted.to_string()));
+    assert!(
+        err.contains("policy-wide settings replaced (pricing set, requests default, alerts set) (policy revision 4"),
+        "{err}"
+    );
+    let kvs = etcd.range("shieldkey/");
+    let stored: Value = serde_json::from_str(&kvs["shieldkey/policy/settings"].0).unwrap();
+    assert_eq!(stored["alerts"], wanted["alerts"]);
+    assert_eq!(stored["pricing"], wanted["pricing"]);
+    assert_eq!(stored["revision"], 4);
+    // The tokens and keys were not rewritten.
+    let (shown, _) = cli.ok(&["settings"], None);
+    assert_eq!(serde_json::from_str::<Value>(&shown).unwrap(), wanted);
+
+    // Refused with the field named, nothing written: an unknown field, a threshold the
+    // compiler refuses, and anything but an object of those sections.
+    let before = etcd.range("shieldkey/");
+    let err = cli.fails(
+        &["settings", "set", "-"],
+        Some(r#"{"alerts":{"thresholds":[50]}}"#),
+        1,
+    );
+    assert!(err.contains("stdin: alerts"), "{err}");
+    let err = cli.fails(
+        &["settings", "set", "-"],
+        Some(r#"{"alerts":{"thresholds_percent":[0]}}"#),
+        1,
+    );
+    assert!(err.contains("alerts.thresholds_percent"), "{err}");
+    let err = cli.fails(&["settings", "set", "-"], Some(r#"{"tokens":[]}"#), 1);
+    assert!(err.contains("unknown field `tokens`"), "{err}");
+    assert_eq!(etcd.range("shieldkey/"), before);
+
+    // An empty object puts every section back to its default.
+    cli.ok(&["settings", "set", "-"], Some("{}"));
+    let (shown, _) = cli.ok(&["settings"], None);
+    assert_eq!(serde_json::from_str::<Value>(&shown).unwrap(), json!({}));
+}

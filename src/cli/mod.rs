@@ -15,6 +15,7 @@ mod policy_file;
 mod policy_store;
 mod random;
 mod rule_flags;
+mod settings;
 mod status;
 mod status_admin;
 mod status_common;
@@ -78,6 +79,11 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   and team in dry run (refusals are let through, logged and
                                   counted as would_deny; authentication is always enforced);
                                   without a value, prints the current one
+  settings                        the policy-wide pricing, requests and alerts, as JSON
+  settings set FILE|- [--publish ...]
+                                  replace them from a JSON object with those fields (one left
+                                  out goes back to its default), validated before it is written;
+                                  in fleet mode too (e.g. the budget alert webhook)
   check                           validate the policy with the filter's own code
   status [--token ID | --team ID] [--all] [--json] [--admin URL] [--filter-name NAME]
                                   spend per team and token, grouped by team when the policy has
@@ -365,6 +371,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         "list" => commands::list(ctx, args),
         "team" => teams::team(ctx, args),
         "enforce" => teams::enforce(ctx, args),
+        "settings" => settings::settings(ctx, args),
         "check" => commands::check(ctx, args),
         "render" => commands::render(ctx, args),
         "publish" => commands::publish(ctx, args),

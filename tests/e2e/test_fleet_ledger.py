@@ -25,13 +25,9 @@ def fleet(tmp_path_factory, mock_mistral, mock_keys):
     # Reconciling every second: the first sweep of ended windows comes a second after start.
     f = Fleet(tmp_path_factory.mktemp("fleet-ledger"), mock_mistral, {"prod": mock_keys["prod"]},
               etcd_members=1, concurrency=1, fleet_options={"reconcile_interval_ms": 1000})
-    # No CLI command edits `alerts` in etcd yet (README): the settings key is written by hand.
-    key = "shieldkey/policy/settings"
-    settings = json.loads(f.etcd.get(key))
-    settings["alerts"] = {"thresholds_percent": [50, 80, 100],
-                          "webhook": {"cluster": "mistral", "path": "/__mock/alerts"}}
-    f.etcd.put(key, json.dumps(settings))
-    f.cli("check")
+    f.cli("settings", "set", "-", stdin=json.dumps({"alerts": {
+        "thresholds_percent": [50, 80, 100],
+        "webhook": {"cluster": "mistral", "path": "/__mock/alerts"}}}))
     f.mint("shared", "--owner", "ml-team", "--budget-usd", "0.00225", "--budget-window", "lifetime")
     f.mint("hourly", "--budget-usd", "1", "--budget-window", "hourly")
     for key, value in old_window_keys().items():
