@@ -34,6 +34,8 @@ pub struct FleetAlerts {
     claimed: BTreeMap<String, (i64, u8)>,
     claims: VecDeque<Claim>,
     in_flight: Option<InFlight>,
+    /// After a failed call, nothing is sent before this (etcd down is not asked every tick).
+    retry_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +89,7 @@ impl FleetAlerts {
     /// The next call: a pending claim first, then a read of the fleet's spend of the budgets
     /// flushed since the last one.
     pub fn poll(&mut self, prefix: &str, node: &str, now_ms: i64) -> Option<Call> {
-        if self.in_flight.is_some() {
+        if self.in_flight.is_some() || now_ms < self.retry_at_ms {
             return None;
         }
         if let Some(claim) = self.claims.pop_front() {
@@ -125,8 +127,24 @@ impl FleetAlerts {
         })
     }
 
-    /// The reply to the call `poll` made (`status` 0: it could not be sent).
+    /// The reply to the call `poll` made (`status` 0: it could not be sent). After a failure the
+    /// next call waits `retry_ms`.
     pub fn on_reply(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ms: i64,
+        retry_ms: i64,
+        status: u32,
+        body: &[u8],
+    ) -> AlertStep {
+        let step = self.step(store, now_ms, status, body);
+        if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
+            self.retry_at_ms = now_ms.saturating_add(retry_ms);
+        }
+        step
+    }
+
+    fn step(
         &mut self,
         store: &dyn SharedStore,
         now_ms: i64,

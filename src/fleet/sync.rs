@@ -830,7 +830,8 @@ impl PolicySync {
         status: u32,
         body: &[u8],
     ) -> AlertStep {
-        let step = self.alerts.on_reply(store, now_ms, status, body);
+        let retry_ms = self.settings.sync_interval_ms as i64;
+        let step = self.alerts.on_reply(store, now_ms, retry_ms, status, body);
         if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
             self.failures += 1;
         }

@@ -1210,27 +1210,31 @@ fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
     let flush = e1.sync.poll_flush(&e1.store, now).unwrap();
     let (status, body) = etcd.answer_txn(&flush.body);
     assert!(e1.sync.on_flush_reply(now, status, &body));
-    // The check fails: it is made again on the next poll.
+    // The check fails: it is made again, a sync interval (100 ms here) later, not at once.
     let check = e1.sync.poll_alerts(now).unwrap();
     assert_eq!(
         e1.sync
             .on_alerts_reply(&e1.store, now, 503, b"no healthy upstream"),
         AlertStep::Failed
     );
-    assert_eq!(e1.sync.poll_alerts(now).unwrap().body, check.body);
+    assert!(e1.sync.poll_alerts(now + 99).is_none());
+    let mut t = now + 100;
+    assert_eq!(e1.sync.poll_alerts(t).unwrap().body, check.body);
     let (status, body) = etcd.answer_txn(&check.body);
     assert_eq!(
-        e1.sync.on_alerts_reply(&e1.store, now, status, &body),
+        e1.sync.on_alerts_reply(&e1.store, t, status, &body),
         AlertStep::Done
     );
     // The claim fails twice, then goes through: sent once.
     for _ in 0..2 {
-        assert!(e1.sync.poll_alerts(now).is_some());
+        assert!(e1.sync.poll_alerts(t).is_some());
         assert_eq!(
-            e1.sync.on_alerts_reply(&e1.store, now, 0, b""),
+            e1.sync.on_alerts_reply(&e1.store, t, 0, b""),
             AlertStep::Failed
         );
+        t += 100;
     }
+    e1.now = t;
     let sent = e1.alert_calls(&mut etcd);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].threshold_percent, 50);
