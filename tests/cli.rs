@@ -2202,3 +2202,46 @@ fn console_logs_in_with_the_printed_secret_and_refuses_forged_posts() {
         assert!(!text.contains(&ws.master));
     }
 }
+
+#[test]
+fn settings_are_shown_and_replaced_in_the_policy_file() {
+    let ws = Workspace::new("settings");
+    ws.ok(&["init"], None);
+    ws.ok(
+        &["seal", "--id", "prod"],
+        Some("RealKey0123456789abcdefghijklmno\n"),
+    );
+    ws.ok(&["mint", "--id", "alice", "--upstream-key", "prod"], None);
+    let before = read_json(&ws.policy());
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ws.ok(&["settings"], None)).unwrap(),
+        serde_json::json!({})
+    );
+    let file = ws.dir.join("settings.json");
+    fs::write(
+        &file,
+        r#"{"requests": {"max_body_bytes": 1048576}, "alerts": {"thresholds_percent": [75]}}"#,
+    )
+    .unwrap();
+    ws.ok(&["settings", "set", file.to_str().unwrap()], None);
+    let after = read_json(&ws.policy());
+    assert_eq!(after["requests"]["max_body_bytes"], 1048576);
+    assert_eq!(
+        after["alerts"]["thresholds_percent"],
+        serde_json::json!([75])
+    );
+    assert_eq!(after["tokens"], before["tokens"], "tokens untouched");
+    assert_eq!(after["revision"], before["revision"].as_u64().unwrap() + 1);
+
+    // A value the filter refuses: named, and the file is left as it was.
+    let err = ws.fails(
+        &["settings", "set", "-"],
+        Some(r#"{"alerts": {"thresholds_percent": [80, 50]}}"#),
+        1,
+    );
+    assert!(err.contains("alerts.thresholds_percent"), "{err}");
+    assert_eq!(read_json(&ws.policy()), after);
+    assert!(ws
+        .fails(&["settings", "unset"], None, 2)
+        .contains("settings takes no argument, or set FILE"));
+}
