@@ -96,20 +96,71 @@ struct SyncStats {
     records: Option<u32>,
 }
 
+/// The syncer's independent calls to etcd, one in flight each: following the policy never
+/// waits on a flush, nor a flush on an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Loading and following the policy (`PolicySync::poll`).
+    Policy,
+    /// This Envoy's spend to etcd.
+    Flush,
+    /// A lease given back to the pool.
+    Return,
+    /// The fleet-wide budget alerts' read or claim.
+    Alerts,
+    /// The sweep of ended budget windows.
+    Sweep,
+    /// The other Envoys' rate counts.
+    Rates,
+}
+
+const LANES: [Lane; 6] = [
+    Lane::Policy,
+    Lane::Flush,
+    Lane::Return,
+    Lane::Alerts,
+    Lane::Sweep,
+    Lane::Rates,
+];
+
+/// The call in flight on each lane: Envoy's token for it.
+#[derive(Debug, Default)]
+struct InFlight {
+    policy: Option<u32>,
+    flush: Option<u32>,
+    ret: Option<u32>,
+    alerts: Option<u32>,
+    sweep: Option<u32>,
+    rates: Option<u32>,
+}
+
+impl InFlight {
+    fn slot(&mut self, lane: Lane) -> &mut Option<u32> {
+        match lane {
+            Lane::Policy => &mut self.policy,
+            Lane::Flush => &mut self.flush,
+            Lane::Return => &mut self.ret,
+            Lane::Alerts => &mut self.alerts,
+            Lane::Sweep => &mut self.sweep,
+            Lane::Rates => &mut self.rates,
+        }
+    }
+
+    /// The lane whose call `token` is, freed.
+    fn take(&mut self, token: u32) -> Option<Lane> {
+        let lane = LANES
+            .into_iter()
+            .find(|lane| *self.slot(*lane) == Some(token))?;
+        *self.slot(lane) = None;
+        Some(lane)
+    }
+}
+
 pub struct Syncer {
     sync: PolicySync,
     settings: FleetSettings,
-    in_flight: Option<u32>,
-    /// The flush of spend to etcd in flight (a second call slot: flushing never waits on sync).
-    flush_in_flight: Option<u32>,
-    /// The read of the other Envoys' rate counts in flight (a third slot).
-    rates_in_flight: Option<u32>,
-    /// A lease being given back to the pool (a fourth slot).
-    return_in_flight: Option<u32>,
-    /// The fleet-wide budget alerts' read or claim (a fifth slot).
-    alerts_in_flight: Option<u32>,
-    /// The sweep of ended budget windows (a sixth slot).
-    sweep_in_flight: Option<u32>,
+    /// The token of the call in flight on each lane.
+    in_flight: InFlight,
     /// Where an alert this Envoy won goes for the webhook (registered at the first one), and
     /// the alert counters (defined at the first one).
     alert_queue: Option<u32>,
@@ -129,11 +180,7 @@ impl Syncer {
         Syncer {
             // Envoy's node.id is set on the first tick that can see it.
             sync: PolicySync::new(settings.clone(), String::new()),
-            flush_in_flight: None,
-            rates_in_flight: None,
-            return_in_flight: None,
-            alerts_in_flight: None,
-            sweep_in_flight: None,
+            in_flight: InFlight::default(),
             alert_queue: None,
             metrics: None,
             spent_queue: hostcalls::register_shared_queue(SPENT_QUEUE).ok(),
@@ -144,7 +191,6 @@ impl Syncer {
                 records: define(MetricKind::Counter, "shieldkey.fleet.records_applied"),
             },
             settings,
-            in_flight: None,
             failing: false,
         }
     }
@@ -161,65 +207,86 @@ impl Syncer {
         if let (Some(id), Some(last)) = (self.stats.lag_ms, self.sync.last_success_ms) {
             host.record_metric(id, u64::try_from(now - last).unwrap_or(0));
         }
-        self.send(now);
-        self.flush(now);
-        if self.return_in_flight.is_none() {
-            if let Some(call) = self.sync.poll_returns(&HostStore, now) {
-                self.return_in_flight = self.dispatch(&call);
-                if self.return_in_flight.is_none() {
-                    self.sync.on_return_reply(0, b"");
-                }
-            }
+        self.take_spent_marks();
+        for lane in LANES {
+            self.send(lane, now);
         }
-        if self.alerts_in_flight.is_none() {
-            if let Some(call) = self.sync.poll_alerts(now) {
-                self.alerts_in_flight = self.dispatch(&call);
-                if self.alerts_in_flight.is_none() {
-                    let step = self.sync.on_alerts_reply(&HostStore, now, 0, b"");
-                    self.alert(step);
-                }
-            }
-        }
-        if self.sweep_in_flight.is_none() {
-            if let Some(call) = self.sync.poll_sweep(now) {
-                self.sweep_in_flight = self.dispatch(&call);
-                if self.sweep_in_flight.is_none() {
-                    let step = self.sync.on_sweep_reply(&HostStore, now, 0, b"");
-                    self.swept(step);
-                }
-            }
-        }
-        if self.rates_in_flight.is_none() {
-            if let Some(call) = self.sync.poll_rates(now) {
-                self.rates_in_flight = self.dispatch(&call);
-                if self.rates_in_flight.is_none() {
-                    self.sync.on_rates_reply(&HostStore, now, 0, b"");
-                }
+    }
+
+    /// The tokens whose spend the HTTP filter changed, to be flushed.
+    fn take_spent_marks(&mut self) {
+        let Some(queue) = self.spent_queue else {
+            return;
+        };
+        // Bounded per tick; what is left waits for the next one.
+        for _ in 0..10_000 {
+            let Ok(Some(id)) = hostcalls::dequeue_shared_queue(queue) else {
+                break;
+            };
+            if let Ok(id) = String::from_utf8(id) {
+                self.sync.mark_dirty(id);
             }
         }
     }
 
-    fn flush(&mut self, now: i64) {
-        if let Some(queue) = self.spent_queue {
-            // Bounded per tick; what is left waits for the next one.
-            for _ in 0..10_000 {
-                let Ok(Some(id)) = hostcalls::dequeue_shared_queue(queue) else {
-                    break;
-                };
-                if let Ok(id) = String::from_utf8(id) {
-                    self.sync.mark_dirty(id);
-                }
-            }
-        }
-        if self.flush_in_flight.is_some() {
+    /// The lane's next call, if it is free and one is due. A call Envoy would not dispatch is
+    /// answered at once as a failure (status 0).
+    fn send(&mut self, lane: Lane, now: i64) {
+        if self.in_flight.slot(lane).is_some() {
             return;
         }
-        let Some(call) = self.sync.poll_flush(&HostStore, now) else {
+        let call = match lane {
+            Lane::Policy => self.sync.poll(now),
+            Lane::Flush => self.sync.poll_flush(&HostStore, now),
+            Lane::Return => self.sync.poll_returns(&HostStore, now),
+            Lane::Alerts => self.sync.poll_alerts(now),
+            Lane::Sweep => self.sync.poll_sweep(now),
+            Lane::Rates => self.sync.poll_rates(now),
+        };
+        let Some(call) = call else { return };
+        match self.dispatch(&call) {
+            Some(token) => *self.in_flight.slot(lane) = Some(token),
+            None => self.answer(lane, now, 0, b"cannot dispatch the call"),
+        }
+    }
+
+    pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
+        let Some(lane) = self.in_flight.take(token) else {
             return;
         };
-        self.flush_in_flight = self.dispatch(&call);
-        if self.flush_in_flight.is_none() {
-            self.sync.on_flush_reply(now, 0, b"");
+        let now = now_unix_ms().unwrap_or(0);
+        self.answer(lane, now, status, body);
+    }
+
+    /// Hands a reply to the lane's state machine and reports what it did; a failure counts in
+    /// `shieldkey.fleet.sync_failures`.
+    fn answer(&mut self, lane: Lane, now: i64, status: u32, body: &[u8]) {
+        let ok = match lane {
+            Lane::Policy => {
+                let outcome = self.sync.on_reply(&HostStore, now, status, body);
+                // `report` counts this lane's failures (and logs the first of a streak).
+                self.report(&outcome);
+                if outcome == Outcome::Paging {
+                    self.send(Lane::Policy, now);
+                }
+                true
+            }
+            Lane::Flush => self.sync.on_flush_reply(now, status, body),
+            Lane::Return => self.sync.on_return_reply(status, body),
+            Lane::Rates => self.sync.on_rates_reply(&HostStore, now, status, body),
+            Lane::Alerts => {
+                let step = self.sync.on_alerts_reply(&HostStore, now, status, body);
+                self.alert(step)
+            }
+            Lane::Sweep => {
+                let step = self.sync.on_sweep_reply(&HostStore, now, status, body);
+                self.swept(step)
+            }
+        };
+        if !ok {
+            if let Some(id) = self.stats.failures {
+                WasmHost { alert_queue: None }.increment_metric(id, 1);
+            }
         }
     }
 
@@ -234,115 +301,31 @@ impl Syncer {
         )
     }
 
-    fn send(&mut self, now: i64) {
-        if self.in_flight.is_some() {
-            return;
-        }
-        let Some(call) = self.sync.poll(now) else {
-            return;
-        };
-        let sent = self.dispatch(&call);
-        match sent {
-            Some(token) => self.in_flight = Some(token),
-            None => {
-                let outcome = self
-                    .sync
-                    .on_reply(&HostStore, now, 0, b"cannot dispatch the call");
-                self.report(&outcome);
-            }
-        }
-    }
-
-    pub fn on_reply(&mut self, token: u32, status: u32, body: &[u8]) {
-        if self.sweep_in_flight == Some(token) {
-            self.sweep_in_flight = None;
-            let now = now_unix_ms().unwrap_or(0);
-            let step = self.sync.on_sweep_reply(&HostStore, now, status, body);
-            self.swept(step);
-            return;
-        }
-        if self.alerts_in_flight == Some(token) {
-            self.alerts_in_flight = None;
-            let now = now_unix_ms().unwrap_or(0);
-            let step = self.sync.on_alerts_reply(&HostStore, now, status, body);
-            self.alert(step);
-            return;
-        }
-        if self.return_in_flight == Some(token) {
-            self.return_in_flight = None;
-            if !self.sync.on_return_reply(status, body) {
-                if let Some(id) = self.stats.failures {
-                    WasmHost { alert_queue: None }.increment_metric(id, 1);
-                }
-            }
-            return;
-        }
-        if self.rates_in_flight == Some(token) {
-            self.rates_in_flight = None;
-            let now = now_unix_ms().unwrap_or(0);
-            if !self.sync.on_rates_reply(&HostStore, now, status, body) {
-                if let Some(id) = self.stats.failures {
-                    WasmHost { alert_queue: None }.increment_metric(id, 1);
-                }
-            }
-            return;
-        }
-        if self.flush_in_flight == Some(token) {
-            self.flush_in_flight = None;
-            let now = now_unix_ms().unwrap_or(0);
-            if !self.sync.on_flush_reply(now, status, body) {
-                if let Some(id) = self.stats.failures {
-                    WasmHost { alert_queue: None }.increment_metric(id, 1);
-                }
-            }
-            return;
-        }
-        if self.in_flight != Some(token) {
-            return;
-        }
-        self.in_flight = None;
-        let Some(now) = now_unix_ms() else { return };
-        let outcome = self.sync.on_reply(&HostStore, now, status, body);
-        self.report(&outcome);
-        if outcome == Outcome::Paging {
-            self.send(now);
-        }
-    }
-
-    fn swept(&self, step: SweepStep) {
-        match step {
-            SweepStep::Listed => {}
-            SweepStep::Deleted(windows) => log(
+    /// Logs what a sweep deleted; `false` when its call failed.
+    fn swept(&self, step: SweepStep) -> bool {
+        if let SweepStep::Deleted(windows) = step {
+            log(
                 LogLevel::Info,
                 &format!("shieldkey: fleet ledger: the keys of {windows} ended budget windows removed from etcd"),
-            ),
-            SweepStep::Failed => {
-                if let Some(id) = self.stats.failures {
-                    WasmHost { alert_queue: None }.increment_metric(id, 1);
-                }
-            }
+            );
         }
+        step != SweepStep::Failed
     }
 
     /// Reports a fleet-wide budget alert this Envoy won: the log line and counters of a
-    /// single-Envoy alert, and the webhook body on the queue the workers send from.
-    fn alert(&mut self, step: AlertStep) {
+    /// single-Envoy alert, and the webhook body on the queue the workers send from. `false`
+    /// when the alerts' call failed.
+    fn alert(&mut self, step: AlertStep) -> bool {
         let host = WasmHost { alert_queue: None };
         match step {
-            AlertStep::Done => {}
-            AlertStep::Failed => {
-                if let Some(id) = self.stats.failures {
-                    host.increment_metric(id, 1);
-                }
-            }
+            AlertStep::Done => true,
+            AlertStep::Failed => false,
             AlertStep::GaveUp { subject, threshold } => {
-                if let Some(id) = self.stats.failures {
-                    host.increment_metric(id, 1);
-                }
                 log(
                     LogLevel::Error,
                     &format!("shieldkey: budget alert for {subject} at {threshold}% not sent: etcd did not take its claim"),
                 );
+                false
             }
             AlertStep::Send { alert, webhook } => {
                 log(LogLevel::Warn, &alert.log_line());
@@ -364,6 +347,7 @@ impl Syncer {
                         let _ = hostcalls::enqueue_shared_queue(queue, Some(&alert.webhook_body()));
                     }
                 }
+                true
             }
         }
     }
