@@ -151,12 +151,13 @@ def wait_flushed(fleet: Fleet, token: str, want: int, timeout: float = 5.0) -> i
 
 def wait_known(fleet: Fleet, token: str, envoys=(0, 1), timeout: float = 3.0) -> None:
     """Waits until the Envoys know a token just minted, without using it: a wrong secret is
-    `shield_token_invalid` for a known token, `shield_token_unknown` before."""
+    `shield_token_invalid` for a known token, `shield_token_unknown` before, and 503
+    `shield_policy_unavailable` while an Envoy just started has not applied the policy yet."""
     wrong = fleet.tokens[token][:-4] + ("AAAA" if not fleet.tokens[token].endswith("AAAA") else "BBBB")
     for i in envoys:
         deadline = time.monotonic() + timeout
-        while error_code(request(fleet.url(i), token=wrong)[2]) == "shield_token_unknown":
-            assert time.monotonic() < deadline, f"envoy {i} does not know {token}"
+        while (code := error_code(request(fleet.url(i), token=wrong)[2])) != "shield_token_invalid":
+            assert time.monotonic() < deadline, f"envoy {i} does not know {token} ({code})"
             time.sleep(0.02)
 
 
