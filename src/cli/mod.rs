@@ -10,9 +10,9 @@ mod duration;
 mod error;
 mod etcd;
 mod http;
-mod import;
 mod policy_file;
 mod policy_store;
+mod policy_transfer;
 mod random;
 mod rule_flags;
 mod settings;
@@ -44,6 +44,8 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   keys and settings as they are (the tokens keep working; the
                                   master key must open every sealed key); --force replaces a
                                   policy already in etcd
+  export FILE [--force]           fleet mode: the policy in etcd into a file, as it is (a backup,
+                                  or the way back to one Envoy); --force replaces the file
   seal --id ID [--from-env VAR]   seal an upstream Mistral key read from stdin (or VAR);
                                   sealing an existing id rotates it
   mint --id ID --upstream-key KEY [--owner O] [--description D] [--team T]
@@ -361,7 +363,8 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
     let ctx = &mut ctx;
     match command.as_str() {
         "init" => commands::init(ctx, args),
-        "import" => import::import(ctx, args),
+        "import" => policy_transfer::import(ctx, args),
+        "export" => policy_transfer::export(ctx, args),
         "seal" => commands::seal_key(ctx, args),
         "mint" => commands::mint(ctx, args),
         "revoke" => commands::set_status(ctx, args, RawStatus::Revoked),

@@ -1,8 +1,12 @@
-//! `shieldkey --etcd URLS import FILE [--force]`: a policy file into etcd, to move a deployment to
-//! fleet mode without minting again. Tokens keep their digests (their secrets keep working),
-//! upstream keys stay sealed, teams and the policy-wide settings come along. The fleet's Envoys
-//! must run with the master key the file was written with; the import checks that every sealed
-//! key opens with the master key it is given before it writes anything.
+//! Moving a whole policy between a file and etcd, as it is: tokens keep their digests (their
+//! secrets keep working), upstream keys stay sealed, teams and the policy-wide settings come
+//! along.
+//! - `shieldkey --etcd URLS import FILE [--force]`: a policy file into etcd, to move a deployment
+//!   to fleet mode without minting again. The fleet's Envoys must run with the master key the
+//!   file was written with; the import checks that every sealed key opens with the master key it
+//!   is given before it writes anything.
+//! - `shieldkey --etcd URLS export FILE [--force]`: the policy in etcd into a file (a backup, or
+//!   the way back to single-Envoy mode), at the revision read.
 
 use std::path::Path;
 
@@ -50,6 +54,36 @@ pub fn import(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
         file.teams.len(),
         file.upstream_keys.len(),
         written_note(&ctx.store, steps, retries)
+    );
+    Ok(())
+}
+
+pub fn export(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
+    let force = args.flag("force");
+    let path = args.positional("policy file")?;
+    args.finish()?;
+    if !ctx.store.is_etcd() {
+        return Err(usage(
+            "export reads the policy from etcd: give --etcd URLS (or SHIELDKEY_ETCD)",
+        ));
+    }
+    let target = Path::new(&path);
+    if target.exists() && !force {
+        return Err(failed(format!("{path} exists; use --force to replace it")));
+    }
+    let policy = ctx.store.load()?.policy;
+    let bytes = policy_file::to_json(&policy)?;
+    // What is written is a policy the filter accepts (sealed keys are not opened: no master key
+    // is needed to take a copy).
+    policy_file::validate(&bytes, None)?;
+    policy_file::write_atomic(target, &bytes, 0o600)?;
+    eprintln!(
+        "exported {} to {path}: {} tokens, {} teams, {} upstream keys (policy revision {})",
+        ctx.store.describe(),
+        policy.tokens.len(),
+        policy.teams.len(),
+        policy.upstream_keys.len(),
+        policy.revision
     );
     Ok(())
 }
