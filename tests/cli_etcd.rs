@@ -348,6 +348,31 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// `setup` with alice and bob, then team eng (a monthly budget) with alice in it, bob
+    /// revoked: a policy with every kind of entry. Returns the printed tokens.
+    fn setup_with_team(&self, alice_flags: &[&str]) -> Vec<String> {
+        let printed = self.setup(&["alice", "bob"]);
+        self.ok(
+            &[
+                "team",
+                "create",
+                "eng",
+                "--budget-usd",
+                "5",
+                "--budget-window",
+                "monthly",
+            ],
+            None,
+        );
+        let mut limit = vec!["limit", "alice", "--team", "eng"];
+        limit.extend_from_slice(alice_flags);
+        self.ok(&limit, None);
+        self.ok(&["revoke", "bob"], None);
+        printed
+    }
+}
+
 fn keys(kvs: &BTreeMap<String, (String, i64)>) -> Vec<&str> {
     kvs.keys().map(String::as_str).collect()
 }
@@ -2193,21 +2218,7 @@ fn import_moves_a_policy_file_into_etcd_and_its_tokens_keep_working() {
     let cli = Cli::new(&etcd);
     // A single-Envoy policy file: a sealed key, a team with a budget, two tokens (one revoked).
     let file = cli.with("SHIELDKEY_ETCD", "");
-    let printed = file.setup(&["alice", "bob"]);
-    file.ok(
-        &[
-            "team",
-            "create",
-            "eng",
-            "--budget-usd",
-            "5",
-            "--budget-window",
-            "monthly",
-        ],
-        None,
-    );
-    file.ok(&["limit", "alice", "--team", "eng", "--rpm", "60"], None);
-    file.ok(&["revoke", "bob"], None);
+    let printed = file.setup_with_team(&["--rpm", "60"]);
     let path = cli.policy_file.to_str().unwrap().to_string();
     let on_file: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
 
@@ -2339,21 +2350,7 @@ fn settings_are_shown_and_replaced_in_etcd_validated_first() {
 fn export_writes_the_policy_in_etcd_to_a_file_that_imports_back() {
     let etcd = Etcd::start("export");
     let cli = Cli::new(&etcd);
-    let printed = cli.setup(&["alice", "bob"]);
-    cli.ok(
-        &[
-            "team",
-            "create",
-            "eng",
-            "--budget-usd",
-            "5",
-            "--budget-window",
-            "monthly",
-        ],
-        None,
-    );
-    cli.ok(&["limit", "alice", "--team", "eng"], None);
-    cli.ok(&["revoke", "bob"], None);
+    let printed = cli.setup_with_team(&[]);
     let (listed_before, _) = cli.ok(&["list", "--json"], None);
     let out = etcd.dir.join("backup.json");
     let out_path = out.to_str().unwrap();

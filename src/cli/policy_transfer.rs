@@ -15,15 +15,21 @@ use super::commands::{require_master_key, retrying, written_note, Context};
 use super::error::{failed, usage, CliError};
 use super::policy_file;
 
-pub fn import(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
+/// The arguments both take: the file, and `--force`; both need etcd.
+fn file_and_force(ctx: &Context, mut args: Args, what: &str) -> Result<(String, bool), CliError> {
     let force = args.flag("force");
     let path = args.positional("policy file")?;
     args.finish()?;
     if !ctx.store.is_etcd() {
-        return Err(usage(
-            "import writes a policy file into etcd: give --etcd URLS (or SHIELDKEY_ETCD)",
-        ));
+        return Err(usage(format!(
+            "{what}: give --etcd URLS (or SHIELDKEY_ETCD)"
+        )));
     }
+    Ok((path, force))
+}
+
+pub fn import(ctx: &mut Context, args: Args) -> Result<(), CliError> {
+    let (path, force) = file_and_force(ctx, args, "import writes a policy file into etcd")?;
     let file = policy_file::load(Path::new(&path))?;
     if file.fleet.is_some() {
         return Err(failed(format!(
@@ -58,15 +64,8 @@ pub fn import(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn export(ctx: &mut Context, mut args: Args) -> Result<(), CliError> {
-    let force = args.flag("force");
-    let path = args.positional("policy file")?;
-    args.finish()?;
-    if !ctx.store.is_etcd() {
-        return Err(usage(
-            "export reads the policy from etcd: give --etcd URLS (or SHIELDKEY_ETCD)",
-        ));
-    }
+pub fn export(ctx: &mut Context, args: Args) -> Result<(), CliError> {
+    let (path, force) = file_and_force(ctx, args, "export reads the policy from etcd")?;
     let target = Path::new(&path);
     if target.exists() && !force {
         return Err(failed(format!("{path} exists; use --force to replace it")));
