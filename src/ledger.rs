@@ -553,10 +553,26 @@ impl Ledger for SharedDataLedger<'_> {
                 Ok((c.window_start, held.saturating_add(amount)))
             },
             LedgerDenial::Busy,
-        )?;
-        admission.window_start = added.0;
-        admission.reserved = added.1;
-        Ok(())
+        );
+        match added {
+            Ok((window_start, reserved)) => {
+                admission.window_start = window_start;
+                admission.reserved = reserved;
+                Ok(())
+            }
+            Err(short @ LedgerDenial::AllowanceShort { .. }) => {
+                // The claim that follows is for the window the shortfall is in: when the window
+                // turned since admission, that is the new one (the old reservation went with the
+                // old window), not the ended window's pool.
+                let current = budget.window.start(now);
+                if current != admission.window_start {
+                    admission.window_start = current;
+                    admission.reserved = 0;
+                }
+                Err(short)
+            }
+            Err(denial) => Err(denial),
+        }
     }
 
     fn ensure(&self, token_id: &str) -> Result<(), StoreError> {
@@ -803,6 +819,40 @@ mod tests {
         l.ensure("a").unwrap();
         let a = l.admit("a", &limits, 0, T0).unwrap();
         assert_eq!(l.settle("a", &limits, &[], &a, 0, 0, T0).unwrap().spent, 10);
+    }
+
+    #[test]
+    fn a_shortfall_after_the_window_turned_is_claimed_for_the_new_window() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::fleet(&s);
+        let limits = budget(USD, BudgetWindow::Daily);
+        let day = BudgetWindow::Daily.start(T0 / 1000);
+        let next_day_ms = (day + 86_400) * 1000;
+        l.grant("a", Some(BudgetWindow::Daily), day, USD / 2, T0)
+            .unwrap();
+        // Admitted in the last second of the day; its body is judged after midnight.
+        let mut a = l.admit("a", &limits, 0, next_day_ms - 1).unwrap();
+        assert_eq!(a.window_start, day);
+        assert!(matches!(
+            l.reserve("a", &limits, &mut a, USD / 10, next_day_ms + 5),
+            Err(LedgerDenial::AllowanceShort { short }) if short == USD / 10
+        ));
+        // The claim must go to the new day's pool: the old day's lease is gone with its day.
+        assert_eq!(a.window_start, day + 86_400);
+        assert_eq!(a.reserved, 0);
+        l.grant(
+            "a",
+            Some(BudgetWindow::Daily),
+            a.window_start,
+            USD / 10,
+            next_day_ms + 6,
+        )
+        .unwrap();
+        assert_eq!(
+            l.reserve("a", &limits, &mut a, USD / 10, next_day_ms + 7),
+            Ok(())
+        );
+        assert_eq!(a.reserved, USD / 10);
     }
 
     #[test]
