@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::lease;
+use super::lease::{self, Created};
 use super::sync::Call;
 use crate::alert::{newly_crossed, BudgetAlert};
 use crate::money::NanoUsd;
@@ -132,12 +132,13 @@ impl FleetAlerts {
     pub fn on_reply(
         &mut self,
         store: &dyn SharedStore,
+        node: &str,
         now_ms: i64,
         retry_ms: i64,
         status: u32,
         body: &[u8],
     ) -> AlertStep {
-        let step = self.step(store, now_ms, status, body);
+        let step = self.step(store, node, now_ms, status, body);
         if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
             self.retry_at_ms = now_ms.saturating_add(retry_ms);
         }
@@ -147,6 +148,7 @@ impl FleetAlerts {
     fn step(
         &mut self,
         store: &dyn SharedStore,
+        node: &str,
         now_ms: i64,
         status: u32,
         body: &[u8],
@@ -170,7 +172,16 @@ impl FleetAlerts {
                 AlertStep::Done
             }
             Some(InFlight::Claim(mut claim)) => {
-                match (status == 200).then(|| lease::parse_write(body)).flatten() {
+                let won = match (status == 200).then(|| lease::parse_create(body)).flatten() {
+                    Some(Created::Now) => Some(true),
+                    // Created by this node already: an earlier try was applied but its reply
+                    // was lost. Else another node created it first, and that one sends it.
+                    Some(Created::Already(value)) => {
+                        Some(claimed_by(&value).as_deref() == Some(node))
+                    }
+                    None => None,
+                };
+                match won {
                     Some(true) => match self.alert(store, &claim, now_ms) {
                         Some(alert) => AlertStep::Send {
                             alert,
@@ -178,7 +189,6 @@ impl FleetAlerts {
                         },
                         None => AlertStep::Done,
                     },
-                    // Another node created it first: that one sends it.
                     Some(false) => AlertStep::Done,
                     None => {
                         claim.attempts += 1;
@@ -244,4 +254,10 @@ impl FleetAlerts {
             at: now_ms.div_euclid(1000),
         })
     }
+}
+
+/// The node named in an alert key's value (`poll` writes it).
+fn claimed_by(value: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(value).ok()?;
+    value.get("node")?.as_str().map(str::to_string)
 }

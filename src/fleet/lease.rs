@@ -301,10 +301,43 @@ pub fn create_body(key: &str, value: &str) -> Vec<u8> {
         ],
         "success": [
             {"request_put": {"key": b64(key), "value": b64(value)}},
+        ],
+        // When the key exists, its value comes back: if this node created it (a retry after a
+        // reply that was lost), the caller knows it won.
+        "failure": [
+            {"request_range": {"key": b64(key)}},
         ]
     })
     .to_string()
     .into_bytes()
+}
+
+/// The reply to `create_body`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// This call created the key.
+    Now,
+    /// The key existed; its value (empty if the reply did not carry it).
+    Already(Vec<u8>),
+}
+
+pub fn parse_create(body: &[u8]) -> Option<Created> {
+    let txn: Txn = serde_json::from_slice(body).ok()?;
+    txn.header?;
+    if txn.succeeded {
+        return Some(Created::Now);
+    }
+    let value = txn
+        .responses
+        .first()
+        .and_then(|r| r.get("response_range"))
+        .and_then(|r| r.get("kvs"))
+        .and_then(|kvs| kvs.get(0))
+        .and_then(|kv| kv.get("value"))
+        .and_then(|v| v.as_str())
+        .and_then(|v| STANDARD.decode(v).ok())
+        .unwrap_or_default();
+    Some(Created::Already(value))
 }
 
 #[derive(Deserialize)]

@@ -831,7 +831,9 @@ impl PolicySync {
         body: &[u8],
     ) -> AlertStep {
         let retry_ms = self.settings.sync_interval_ms as i64;
-        let step = self.alerts.on_reply(store, now_ms, retry_ms, status, body);
+        let step = self
+            .alerts
+            .on_reply(store, &self.node, now_ms, retry_ms, status, body);
         if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
             self.failures += 1;
         }

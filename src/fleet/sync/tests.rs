@@ -80,7 +80,7 @@ impl FakeEtcd {
 
 impl FakeEtcd {
     /// A `kv/txn` as etcd applies it: compares on MOD or CREATE revision (0: absent), then the
-    /// success ops (puts and ranges, in order) or nothing.
+    /// success ops (puts, deletes and ranges, in order) or else the failure ops.
     fn answer_txn(&mut self, body: &[u8]) -> (u32, Vec<u8>) {
         if self.down {
             return (503, b"upstream connect error".to_vec());
@@ -97,11 +97,9 @@ impl FakeEtcd {
             }
         });
         let mut reply = json!({"header": {"revision": self.revision.to_string()}});
-        if !holds {
-            return (200, reply.to_string().into_bytes());
-        }
+        let branch = if holds { "success" } else { "failure" };
         let mut responses = Vec::new();
-        for op in req["success"].as_array().unwrap() {
+        for op in req[branch].as_array().into_iter().flatten() {
             if let Some(delete) = op.get("request_delete_range") {
                 let from = b64(&delete["key"]);
                 let doomed: Vec<Vec<u8>> = match delete.get("range_end") {
@@ -145,8 +143,12 @@ impl FakeEtcd {
             }
         }
         reply["header"]["revision"] = self.revision.to_string().into();
-        reply["succeeded"] = true.into();
-        reply["responses"] = responses.into();
+        if holds {
+            reply["succeeded"] = true.into();
+        }
+        if !responses.is_empty() {
+            reply["responses"] = responses.into();
+        }
         (200, reply.to_string().into_bytes())
     }
 }
@@ -1238,6 +1240,41 @@ fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
     let sent = e1.alert_calls(&mut etcd);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].threshold_percent, 50);
+}
+
+#[test]
+fn a_won_alert_claim_whose_reply_was_lost_is_sent_on_the_retry() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let now = 1_790_000_000_000;
+    let mut e1 = Node::start("e1", &etcd, now);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
+    ledger.restore("b", None, 0, 600_000_000, now).unwrap();
+    e1.sync.mark_dirty("b".into());
+    let flush = e1.sync.poll_flush(&e1.store, now).unwrap();
+    let (status, body) = etcd.answer_txn(&flush.body);
+    assert!(e1.sync.on_flush_reply(now, status, &body));
+    let check = e1.sync.poll_alerts(now).unwrap();
+    let (status, body) = etcd.answer_txn(&check.body);
+    assert_eq!(
+        e1.sync.on_alerts_reply(&e1.store, now, status, &body),
+        AlertStep::Done
+    );
+    // etcd applies the claim, but its reply never arrives (a timeout).
+    let claim = e1.sync.poll_alerts(now).unwrap();
+    etcd.answer_txn(&claim.body);
+    assert_eq!(
+        e1.sync.on_alerts_reply(&e1.store, now, 0, b""),
+        AlertStep::Failed
+    );
+    // The retry finds the key this node created: it won, and sends the alert.
+    e1.now = now + 100;
+    let sent = e1.alert_calls(&mut etcd);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].threshold_percent, 50);
+    // Another node that finds the key sends nothing.
+    let mut e2 = Node::start("e2", &etcd, now);
+    assert!(e2.spend(&mut etcd, "b", 100_000_000).is_empty());
 }
 
 #[test]
