@@ -206,17 +206,33 @@ impl Counters {
         }
     }
 
+    /// Fleet mode, for what the syncer writes: with a budget in the policy, as `roll`; without
+    /// one (the token removed, or its budget taken off) the stored window stays, unless
+    /// `window_start` is a later one, which starts afresh. So the spend of a token removed and
+    /// minted again in the same window is still there, and never flushed lower.
+    fn roll_or_keep(&mut self, window: Option<BudgetWindow>, window_start: i64, now: i64) {
+        if window.is_some() {
+            self.roll(window, now);
+        } else if window_start > self.window_start {
+            self.start_window(window_start);
+        }
+    }
+
     /// Starts a new budget window when `now` has left the stored one. Outstanding reservations
     /// belong to the old window and are dropped with it (their settlements see the window changed).
     fn roll(&mut self, window: Option<BudgetWindow>, now: i64) {
         let start = window.map_or(0, |w| w.start(now));
         if start != self.window_start {
-            self.window_start = start;
-            self.spent = 0;
-            self.reserved = 0;
-            self.allowance = 0;
-            self.alerts_fired = 0;
+            self.start_window(start);
         }
+    }
+
+    fn start_window(&mut self, start: i64) {
+        self.window_start = start;
+        self.spent = 0;
+        self.reserved = 0;
+        self.allowance = 0;
+        self.alerts_fired = 0;
     }
 }
 
@@ -295,7 +311,7 @@ impl<'a> SharedDataLedger<'a> {
         self.update(
             token_id,
             |c| {
-                c.roll(window, now);
+                c.roll_or_keep(window, window_start, now);
                 if c.window_start == window_start {
                     change(c);
                 }
@@ -331,6 +347,8 @@ impl<'a> SharedDataLedger<'a> {
     /// Fleet mode: the part of this Envoy's allowance no request holds, taken back when the
     /// token has not been used here for `idle_ms`: (window start, amount) to return to the pool.
     /// The allowance is lowered first, so a failed return strands budget, never overspends it.
+    /// `window` is `None` when the policy has no budget for the token now (removed, or its budget
+    /// taken off): the stored window and its spend stay as they are, for when it comes back.
     pub fn take_unused(
         &self,
         token_id: &str,
@@ -342,7 +360,9 @@ impl<'a> SharedDataLedger<'a> {
         self.update(
             token_id,
             |c| {
-                c.roll(window, now);
+                if window.is_some() {
+                    c.roll(window, now);
+                }
                 let committed = c.spent.saturating_add(c.reserved);
                 if now_ms - c.last_use_ms < idle_ms || c.allowance <= committed {
                     return Ok(None);

@@ -706,10 +706,19 @@ impl PolicySync {
                 .and_then(|(t, _)| t.rules.limits.budget)
                 .map(|b| b.window);
             let now = now_ms.div_euclid(1000);
-            // Only the current window of a token that still has a budget matters.
-            if window.map_or(0, |w| w.start(now)) == window_start && window.is_some() {
-                let _ = ledger.restore(&token, window, window_start, spent, now_ms);
-                restored += 1;
+            match window {
+                // Only the current window of a token with a budget matters.
+                Some(w) if w.start(now) == window_start => {
+                    let _ = ledger.restore(&token, window, window_start, spent, now_ms);
+                    restored += 1;
+                }
+                Some(_) => {}
+                // Not in the policy (or without a budget) now: its newest window's spend comes
+                // back as it is, so that minted again in that window it continues from there
+                // and its next flush does not write less than etcd holds.
+                None => {
+                    let _ = ledger.restore(&token, None, window_start, spent, now_ms);
+                }
             }
         }
         if let (true, Some(last)) = (reply.more, reply.kvs.last()) {
@@ -754,8 +763,13 @@ impl PolicySync {
         let prefix = &self.settings.prefix;
         for id in &batch {
             let limits = policy_store::lookup_newest(store, id).map(|(t, _)| t.rules.limits);
-            if limits.as_ref().is_some_and(|l| l.budget.is_some()) {
+            let budgeted = limits.as_ref().is_some_and(|l| l.budget.is_some());
+            if budgeted {
                 self.leased.insert(id.clone());
+            }
+            // A token with a budget until lately (removed with requests in flight) still has
+            // their spend written, to the window it is in.
+            if budgeted || self.leased.contains(id) {
                 if let Some((window_start, spent)) = ledger.spent(id) {
                     entries.push((
                         lease::spent_key(prefix, &self.node, id, window_start),
@@ -765,7 +779,9 @@ impl PolicySync {
                         lease::fleet_spent_key(prefix, &self.node, id, window_start),
                         lease::spent_value(spent),
                     ));
-                    budgets.push((id.clone(), window_start));
+                    if budgeted {
+                        budgets.push((id.clone(), window_start));
+                    }
                 }
             }
             let rated = limits
@@ -964,6 +980,10 @@ impl PolicySync {
                     .map(|b| b.window);
                 match ledger.take_unused(&id, window, idle, now_ms) {
                     Ok(Some((window_start, amount))) => {
+                        if window.is_none() {
+                            // Out of the policy: its late spend is still flushed (`poll_flush`).
+                            self.leased.insert(id.clone());
+                        }
                         self.to_return.push_back((id, window_start, amount))
                     }
                     // Still in use (or nothing to give back): checked again next time.

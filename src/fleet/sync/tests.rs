@@ -1442,3 +1442,96 @@ fn a_flush_backlog_drains_at_once_and_busy_tokens_cannot_starve_the_others() {
     assert!(sync.poll_flush(&store, 1_000).is_none());
     assert!(sync.poll_flush(&store, 1_100).is_some());
 }
+
+fn budgeted_daily(id: &str, limit: &str) -> Value {
+    json!({"id": id, "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
+           "budget": {"limit_usd": limit, "window": "daily"}})
+}
+
+fn node_spent(etcd: &FakeEtcd, key: &str) -> Option<u64> {
+    let (value, _) = etcd.kvs.get(key.as_bytes())?;
+    serde_json::from_slice::<Value>(value).ok()?["spent"].as_u64()
+}
+
+/// One request of `cost` on `id` through this Envoy's ledger (its lease granted first), flushed.
+fn spend_and_flush(
+    sync: &mut PolicySync,
+    etcd: &mut FakeEtcd,
+    store: &MemoryStore,
+    id: &str,
+    cost: NanoUsd,
+    now: i64,
+) {
+    let ledger = crate::ledger::SharedDataLedger::fleet(store);
+    let limits = policy_store::lookup_newest(store, id)
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    let window = limits.budget.unwrap().window;
+    ledger
+        .grant(id, Some(window), window.start(now / 1000), cost, now)
+        .unwrap();
+    let admission = ledger.admit(id, &limits, 0, now).unwrap();
+    ledger
+        .settle(id, &limits, &[], &admission, cost, 0, now)
+        .unwrap();
+    sync.mark_dirty(id.into());
+    let flush = sync.poll_flush(store, now).unwrap();
+    let (status, body) = etcd.answer_txn(&flush.body);
+    assert!(sync.on_flush_reply(now, status, &body));
+}
+
+/// README: a token removed and minted again under its id continues its spend. Neither the
+/// idle-lease scan while it is out of the policy nor a restart in that time may lose it, and
+/// no flush may write less than etcd holds.
+#[test]
+fn a_token_removed_and_minted_again_continues_its_spend_in_the_ledger() {
+    let now = 1_790_000_000_000;
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, now);
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 300, now);
+    let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
+    let key = format!("shieldkey/ledger/node/e1/b/{day}/spent");
+    assert_eq!(node_spent(&etcd, &key), Some(300));
+
+    // Removed; the idle-lease scan runs while it is out of the policy.
+    etcd.delete("shieldkey/policy/tokens/b");
+    bump_settings(&mut etcd);
+    let mut t = now + 2_000;
+    run(&mut sync, &etcd, &store, t);
+    assert!(policy_store::lookup_newest(&store, "b").is_none());
+    t += 60_000;
+    while let Some(_call) = sync.poll_returns(&store, t) {
+        sync.on_return_reply(503, b"");
+    }
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    assert_eq!(ledger.spent("b"), Some((day, 300)));
+
+    // Minted again the same day: one more request of 10 is flushed as 310.
+    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    bump_settings(&mut etcd);
+    t += 2_000;
+    run(&mut sync, &etcd, &store, t);
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 10, t);
+    assert_eq!(node_spent(&etcd, &key), Some(310));
+
+    // Removed again, and this Envoy restarts meanwhile: minted again, it goes on from 310.
+    etcd.delete("shieldkey/policy/tokens/b");
+    bump_settings(&mut etcd);
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    t += 2_000;
+    run(&mut sync, &etcd, &store, t);
+    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    bump_settings(&mut etcd);
+    for _ in 0..3 {
+        t += 1_000;
+        run(&mut sync, &etcd, &store, t);
+    }
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 5, t);
+    assert_eq!(node_spent(&etcd, &key), Some(315));
+}
