@@ -17,7 +17,10 @@ use crate::money::NanoUsd;
 use crate::rules::rate_window::RateWindow;
 use crate::store::{SharedStore, StoreError};
 
-const STATE_VERSION: u8 = 3;
+const STATE_VERSION: u8 = 4;
+/// Counters written by the previous release (without `lease_limit`), still read: a filter
+/// upgrade keeps Envoy's shared data, and spend must survive it.
+const STATE_VERSION_3: u8 = 3;
 const MINUTE_MS: u64 = 60_000;
 pub const CAS_RETRIES: usize = 32;
 
@@ -153,6 +156,11 @@ struct Counters {
     alerts_fired: u8,
     requests: RateWindow,
     tokens: RateWindow,
+    /// Fleet mode: the budget limit the allowance was last granted under (0: not known). When
+    /// the policy lowers the limit below it, the allowance beyond what is committed no longer
+    /// counts until a claim under the new limit succeeds (the pool is then within the new limit,
+    /// and every allowance is backed by it) or the syncer gave the surplus back.
+    lease_limit: NanoUsd,
 }
 
 impl Counters {
@@ -170,13 +178,17 @@ impl Counters {
             .i64(self.last_use_ms)
             .u8(self.alerts_fired)
             .bytes(&self.requests.encode())
-            .bytes(&self.tokens.encode());
+            .bytes(&self.tokens.encode())
+            .u64(self.lease_limit);
         w.finish()
     }
 
     fn decode(data: &[u8]) -> Option<Counters> {
-        let mut r = Reader::new(data, STATE_VERSION)?;
-        let c = Counters {
+        let (mut r, version) = match Reader::new(data, STATE_VERSION) {
+            Some(r) => (r, STATE_VERSION),
+            None => (Reader::new(data, STATE_VERSION_3)?, STATE_VERSION_3),
+        };
+        let mut c = Counters {
             window_start: r.i64()?,
             spent: r.u64()?,
             reserved: r.u64()?,
@@ -190,7 +202,11 @@ impl Counters {
             alerts_fired: r.u8()?,
             requests: RateWindow::decode(r.bytes()?)?,
             tokens: RateWindow::decode(r.bytes()?)?,
+            lease_limit: 0,
         };
+        if version == STATE_VERSION {
+            c.lease_limit = r.u64()?;
+        }
         r.is_done().then_some(c)
     }
 
@@ -233,6 +249,7 @@ impl Counters {
         self.reserved = 0;
         self.allowance = 0;
         self.alerts_fired = 0;
+        self.lease_limit = 0;
     }
 }
 
@@ -265,18 +282,21 @@ impl<'a> SharedDataLedger<'a> {
         SharedDataLedger { store, fleet: true }
     }
 
-    /// Fleet mode: adds a lease claimed from the pool to the allowance of `window_start` (a
-    /// lease of a window that has ended since is dropped: its window's budget is gone).
+    /// Fleet mode: adds a lease claimed from the pool under `limit` to the allowance of
+    /// `window_start` (a lease of a window that has ended since is dropped: its window's budget
+    /// is gone).
     pub fn grant(
         &self,
         token_id: &str,
         window: Option<BudgetWindow>,
         window_start: i64,
         amount: NanoUsd,
+        limit: NanoUsd,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.in_window(token_id, window, window_start, now_ms, |c| {
             c.allowance = c.allowance.saturating_add(amount);
+            c.lease_limit = limit;
         })
     }
 
@@ -352,7 +372,7 @@ impl<'a> SharedDataLedger<'a> {
     pub fn take_unused(
         &self,
         token_id: &str,
-        window: Option<BudgetWindow>,
+        budget: Option<Budget>,
         idle_ms: i64,
         now_ms: i64,
     ) -> Result<Option<(i64, NanoUsd)>, StoreError> {
@@ -360,11 +380,19 @@ impl<'a> SharedDataLedger<'a> {
         self.update(
             token_id,
             |c| {
-                if window.is_some() {
-                    c.roll(window, now);
+                if let Some(b) = budget {
+                    c.roll(Some(b.window), now);
                 }
+                // A limit lowered below what the leases were claimed under: the surplus goes
+                // back at once, busy or not (until it does, this Envoy claims before spending).
+                let lowered = budget.is_some_and(|b| b.limit < c.lease_limit);
                 let committed = c.spent.saturating_add(c.reserved);
-                if now_ms - c.last_use_ms < idle_ms || c.allowance <= committed {
+                if lowered {
+                    c.lease_limit = budget.map_or(0, |b| b.limit);
+                } else if now_ms - c.last_use_ms < idle_ms {
+                    return Ok(None);
+                }
+                if c.allowance <= committed {
                     return Ok(None);
                 }
                 let unused = c.allowance - committed;
@@ -563,9 +591,16 @@ impl Ledger for SharedDataLedger<'_> {
                         now,
                     });
                 }
-                if fleet && committed.saturating_add(amount) > c.allowance {
+                // After the limit was lowered below what the leases were claimed under, only
+                // what is committed counts as held (see `lease_limit`).
+                let allowance = if budget.limit < c.lease_limit {
+                    c.allowance.min(committed)
+                } else {
+                    c.allowance
+                };
+                if fleet && committed.saturating_add(amount) > allowance {
                     return Err(LedgerDenial::AllowanceShort {
-                        short: committed.saturating_add(amount) - c.allowance,
+                        short: committed.saturating_add(amount) - allowance,
                     });
                 }
                 c.reserved = c.reserved.saturating_add(amount);
@@ -633,7 +668,8 @@ mod tests {
             l.reserve("a", &limits, &mut a, USD / 10, T0),
             Err(LedgerDenial::AllowanceShort { short: USD / 10 })
         );
-        l.grant("a", None, a.window_start, USD / 4, T0).unwrap();
+        l.grant("a", None, a.window_start, USD / 4, USD, T0)
+            .unwrap();
         assert_eq!(l.reserve("a", &limits, &mut a, USD / 10, T0), Ok(()));
         l.settle("a", &limits, &[], &a, USD / 5, 0, T0).unwrap();
         // 0.25 held, 0.20 spent: 0.05 more fits, 0.06 does not.
@@ -848,7 +884,7 @@ mod tests {
         let limits = budget(USD, BudgetWindow::Daily);
         let day = BudgetWindow::Daily.start(T0 / 1000);
         let next_day_ms = (day + 86_400) * 1000;
-        l.grant("a", Some(BudgetWindow::Daily), day, USD / 2, T0)
+        l.grant("a", Some(BudgetWindow::Daily), day, USD / 2, USD, T0)
             .unwrap();
         // Admitted in the last second of the day; its body is judged after midnight.
         let mut a = l.admit("a", &limits, 0, next_day_ms - 1).unwrap();
@@ -865,6 +901,7 @@ mod tests {
             Some(BudgetWindow::Daily),
             a.window_start,
             USD / 10,
+            USD,
             next_day_ms + 6,
         )
         .unwrap();
@@ -873,6 +910,75 @@ mod tests {
             Ok(())
         );
         assert_eq!(a.reserved, USD / 10);
+    }
+
+    /// Two Envoys hold half of a $1 pool each; the limit goes down to $0.30. Without a claim
+    /// under the new limit, neither may spend from the leases it holds beyond what is committed;
+    /// the syncer's return scan gives the surplus back at once, busy or not.
+    #[test]
+    fn a_lowered_limit_holds_across_the_fleet_before_the_leases_go_back() {
+        let (s1, s2) = (MemoryStore::new(), MemoryStore::new());
+        let (e1, e2) = (SharedDataLedger::fleet(&s1), SharedDataLedger::fleet(&s2));
+        let lifetime = |limit| Limits {
+            budget: Some(Budget {
+                limit,
+                window: BudgetWindow::Lifetime,
+            }),
+            ..Limits::default()
+        };
+        let (old, new) = (lifetime(USD), lifetime(USD * 3 / 10));
+        for l in [&e1, &e2] {
+            l.grant("x", None, 0, USD / 2, USD, T0).unwrap();
+            let mut a = l.admit("x", &old, 0, T0).unwrap();
+            l.reserve("x", &old, &mut a, USD / 10, T0).unwrap();
+            l.settle("x", &old, &[], &a, USD / 10, 0, T0).unwrap();
+        }
+        // $0.20 spent in all; each Envoy still holds $0.40 of leases claimed under $1.
+        for l in [&e1, &e2] {
+            let mut a = l.admit("x", &new, 0, T0).unwrap();
+            assert_eq!(
+                l.reserve("x", &new, &mut a, USD / 20, T0),
+                Err(LedgerDenial::AllowanceShort { short: USD / 20 }),
+                "a claim under the new limit first"
+            );
+        }
+        // The return scan, although the token was used just now: the surplus goes back.
+        assert_eq!(
+            e1.take_unused("x", new.budget, 60_000, T0 + 1),
+            Ok(Some((0, USD * 4 / 10)))
+        );
+        // A claim granted under the new limit (the pool is within it, the surplus being back)
+        // counts as before.
+        e1.grant("x", None, 0, USD / 20, USD * 3 / 10, T0).unwrap();
+        let mut a = e1.admit("x", &new, 0, T0).unwrap();
+        assert_eq!(e1.reserve("x", &new, &mut a, USD / 20, T0), Ok(()));
+        // A raised limit takes nothing back from a busy token.
+        assert_eq!(e2.take_unused("x", old.budget, 60_000, T0 + 1), Ok(None));
+    }
+
+    #[test]
+    fn counters_of_the_previous_format_are_read_not_reset() {
+        let c = Counters {
+            window_start: 7,
+            spent: 123,
+            reserved: 4,
+            allowance: 500,
+            last_use_ms: 9,
+            lease_limit: 999,
+            ..Counters::default()
+        };
+        let mut v3 = c.encode();
+        v3[0] = STATE_VERSION_3;
+        v3.truncate(v3.len() - 8);
+        let read = Counters::decode(&v3).unwrap();
+        assert_eq!(
+            read,
+            Counters {
+                lease_limit: 0,
+                ..c.clone()
+            }
+        );
+        assert_eq!(Counters::decode(&c.encode()), Some(c));
     }
 
     #[test]

@@ -357,6 +357,11 @@ impl PolicySync {
             self.next_reconcile_ms =
                 now_ms.saturating_add(self.settings.reconcile_interval_ms as i64);
         }
+        if matches!(outcome, Outcome::Applied { .. } | Outcome::Loaded { .. }) {
+            // A budget limit lowered below the leases this Envoy holds: their surplus goes back
+            // at the next return scan, so scan now rather than an idle interval later.
+            self.next_return_scan_ms = now_ms;
+        }
         outcome
     }
 
@@ -975,12 +980,11 @@ impl PolicySync {
             let ledger = SharedDataLedger::fleet(store);
             let idle = self.settings.lease_idle_ms as i64;
             for id in std::mem::take(&mut self.leased) {
-                let window = policy_store::lookup_newest(store, &id)
-                    .and_then(|(t, _)| t.rules.limits.budget)
-                    .map(|b| b.window);
-                match ledger.take_unused(&id, window, idle, now_ms) {
+                let budget = policy_store::lookup_newest(store, &id)
+                    .and_then(|(t, _)| t.rules.limits.budget);
+                match ledger.take_unused(&id, budget, idle, now_ms) {
                     Ok(Some((window_start, amount))) => {
-                        if window.is_none() {
+                        if budget.is_none() {
                             // Out of the policy: its late spend is still flushed (`poll_flush`).
                             self.leased.insert(id.clone());
                         }

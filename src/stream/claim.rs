@@ -115,6 +115,7 @@ impl Stream {
                             Some(budget.window),
                             window,
                             amount,
+                            budget.limit,
                             now,
                         );
                         active.metrics.lease_claimed(host);

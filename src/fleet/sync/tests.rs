@@ -665,7 +665,9 @@ fn an_idle_lease_goes_back_to_the_pool() {
         .0
         .rules
         .limits;
-    ledger.grant("b", None, 0, 300_000_000, 0).unwrap();
+    ledger
+        .grant("b", None, 0, 300_000_000, 1_000_000_000, 0)
+        .unwrap();
     let a = ledger.admit("b", &limits, 0, 0).unwrap();
     ledger
         .settle("b", &limits, &[], &a, 100_000_000, 0, 0)
@@ -698,6 +700,64 @@ fn an_idle_lease_goes_back_to_the_pool() {
         ledger.reserve("b", &limits, &mut next, 1, now),
         Err(crate::ledger::LedgerDenial::AllowanceShort { short: 1 })
     ));
+}
+
+/// A limit lowered below the leases this Envoy holds: the surplus goes back as soon as the
+/// change is applied, though the token is busy (an idle interval later, it could be spent).
+#[test]
+fn a_lowered_limit_sends_the_surplus_of_a_busy_lease_back_at_once() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    etcd.put(
+        "shieldkey/ledger/pool/b/0",
+        json!({"claimed": 300_000_000u64}),
+    );
+    etcd.put(
+        "shieldkey/ledger/node/e1/b/0/claimed",
+        json!({"claimed": 300_000_000u64}),
+    );
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, 0);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let limits = policy_store::lookup_newest(&store, "b")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    ledger
+        .grant("b", None, 0, 300_000_000, 1_000_000_000, 0)
+        .unwrap();
+    let a = ledger.admit("b", &limits, 0, 0).unwrap();
+    ledger
+        .settle("b", &limits, &[], &a, 100_000_000, 0, 0)
+        .unwrap();
+    sync.mark_dirty("b".into());
+    let flush = sync.poll_flush(&store, 0).unwrap();
+    let (status, body) = answer_txn(&mut etcd, &flush.body);
+    sync.on_flush_reply(0, status, &body);
+    assert!(sync.poll_returns(&store, 100).is_none(), "busy: kept");
+
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "0.15"));
+    bump_settings(&mut etcd);
+    run(&mut sync, &etcd, &store, 150);
+    let mut now = 160;
+    let mut returned = 0;
+    while let Some(call) = sync.poll_returns(&store, now) {
+        let (status, body) = answer_txn(&mut etcd, &call.body);
+        assert!(sync.on_return_reply(status, &body));
+        now += 10;
+        returned += 1;
+    }
+    assert!(
+        returned > 0 && now < 500,
+        "returned at once, not after lease_idle_ms"
+    );
+    let value = |k: &str| -> Value { serde_json::from_slice(&etcd.kvs[k.as_bytes()].0).unwrap() };
+    assert_eq!(
+        value("shieldkey/ledger/pool/b/0")["claimed"],
+        100_000_000u64
+    );
 }
 
 // Teams: records under `team.<id>`, followed, reconciled and failing closed like tokens, and
@@ -979,7 +1039,9 @@ fn a_teams_spend_is_flushed_restored_after_a_restart_and_its_idle_lease_returned
         .0
         .rules
         .limits;
-    ledger.grant("team.eng", None, 0, 300_000_000, 0).unwrap();
+    ledger
+        .grant("team.eng", None, 0, 300_000_000, 1_000_000_000, 0)
+        .unwrap();
     let a = ledger.admit("team.eng", &limits, 0, 0).unwrap();
     ledger
         .settle("team.eng", &limits, &[], &a, 100_000_000, 0, 0)
@@ -1469,8 +1531,9 @@ fn spend_and_flush(
         .rules
         .limits;
     let window = limits.budget.unwrap().window;
+    let limit = limits.budget.unwrap().limit;
     ledger
-        .grant(id, Some(window), window.start(now / 1000), cost, now)
+        .grant(id, Some(window), window.start(now / 1000), cost, limit, now)
         .unwrap();
     let admission = ledger.admit(id, &limits, 0, now).unwrap();
     ledger
