@@ -161,6 +161,11 @@ struct Counters {
     /// counts until a claim under the new limit succeeds (the pool is then within the new limit,
     /// and every allowance is backed by it) or the syncer gave the surplus back.
     lease_limit: NanoUsd,
+    /// The window before this one and what was spent in it, kept when a window turns: a request
+    /// admitted in it that ends after the turn is charged there, never to a window it reserved
+    /// nothing in; and in fleet mode the last spend of the window is still flushed.
+    prev_window_start: i64,
+    prev_spent: NanoUsd,
 }
 
 impl Counters {
@@ -179,7 +184,9 @@ impl Counters {
             .u8(self.alerts_fired)
             .bytes(&self.requests.encode())
             .bytes(&self.tokens.encode())
-            .u64(self.lease_limit);
+            .u64(self.lease_limit)
+            .i64(self.prev_window_start)
+            .u64(self.prev_spent);
         w.finish()
     }
 
@@ -203,9 +210,13 @@ impl Counters {
             requests: RateWindow::decode(r.bytes()?)?,
             tokens: RateWindow::decode(r.bytes()?)?,
             lease_limit: 0,
+            prev_window_start: 0,
+            prev_spent: 0,
         };
         if version == STATE_VERSION {
             c.lease_limit = r.u64()?;
+            c.prev_window_start = r.i64()?;
+            c.prev_spent = r.u64()?;
         }
         r.is_done().then_some(c)
     }
@@ -244,6 +255,8 @@ impl Counters {
     }
 
     fn start_window(&mut self, start: i64) {
+        self.prev_window_start = self.window_start;
+        self.prev_spent = self.spent;
         self.window_start = start;
         self.spent = 0;
         self.reserved = 0;
@@ -415,6 +428,18 @@ impl<'a> SharedDataLedger<'a> {
         Counters::decode(&bytes).map(|c| (c.window_start, c.spent))
     }
 
+    /// As `spent`, with the previous window's (start, spent) when anything was spent in it.
+    pub fn spent_with_previous(
+        &self,
+        token_id: &str,
+    ) -> Option<((i64, NanoUsd), Option<(i64, NanoUsd)>)> {
+        let (bytes, _) = self.store.get(&key(token_id))?;
+        let c = Counters::decode(&bytes)?;
+        let previous = (c.prev_spent > 0 && c.prev_window_start != c.window_start)
+            .then_some((c.prev_window_start, c.prev_spent));
+        Some(((c.window_start, c.spent), previous))
+    }
+
     /// Read-modify-CAS with bounded retries. `update` returns `Err` to abort without writing.
     fn update<T, E>(
         &self,
@@ -535,9 +560,15 @@ impl Ledger for SharedDataLedger<'_> {
                 c.roll(limits.budget.map(|b| b.window), now);
                 if c.window_start == admission.window_start {
                     c.reserved = c.reserved.saturating_sub(admission.reserved);
+                    c.spent = c.spent.saturating_add(cost);
+                } else if c.prev_window_start == admission.window_start {
+                    // Admitted before the window turned: its reservation was in the previous
+                    // window, and so is its cost. Charged to the current window, it would pass
+                    // a limit it reserved nothing under.
+                    c.prev_spent = c.prev_spent.saturating_add(cost);
                 }
-                // A request that ends in a later window is charged to that window.
-                c.spent = c.spent.saturating_add(cost);
+                // Older still (a request longer than a whole window): its window's counters are
+                // gone; its cost is in the stats and the audit log only.
                 if let Some(tpm) = limits.tokens_per_minute {
                     c.tokens.add(now_ms, MINUTE_MS, tpm, tokens);
                 }
@@ -965,20 +996,61 @@ mod tests {
             allowance: 500,
             last_use_ms: 9,
             lease_limit: 999,
+            prev_window_start: 3,
+            prev_spent: 77,
             ..Counters::default()
         };
+        // The previous format: the same fields up to `lease_limit`.
         let mut v3 = c.encode();
         v3[0] = STATE_VERSION_3;
-        v3.truncate(v3.len() - 8);
+        v3.truncate(v3.len() - 24);
         let read = Counters::decode(&v3).unwrap();
         assert_eq!(
             read,
             Counters {
                 lease_limit: 0,
+                prev_window_start: 0,
+                prev_spent: 0,
                 ..c.clone()
             }
         );
         assert_eq!(Counters::decode(&c.encode()), Some(c));
+    }
+
+    /// A request admitted before its budget window turned and settled after: charged to the
+    /// window it reserved in, not to the new one (whose limit it would pass unreserved).
+    #[test]
+    fn a_request_across_a_window_turn_is_charged_to_the_window_it_reserved_in() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let limits = budget(USD, BudgetWindow::Daily);
+        let day = BudgetWindow::Daily.start(T0 / 1000);
+        let midnight_ms = (day + 86_400) * 1000;
+        let late = l.admit("a", &limits, USD / 2, midnight_ms - 1_000).unwrap();
+        // After midnight another request takes the whole new day.
+        let b = l.admit("a", &limits, USD, midnight_ms + 1_000).unwrap();
+        l.settle("a", &limits, &[], &b, USD, 0, midnight_ms + 2_000)
+            .unwrap();
+        // The late one ends now: the new day stays at its limit; the old day gets the cost.
+        let st = l
+            .settle("a", &limits, &[], &late, USD / 2, 0, midnight_ms + 3_000)
+            .unwrap();
+        assert_eq!(st.spent, USD);
+        assert_eq!(
+            l.spent_with_previous("a"),
+            Some(((day + 86_400, USD), Some((day, USD / 2))))
+        );
+        // A request older than the previous window is charged to neither.
+        let two_days_later = midnight_ms + 86_400_000;
+        let c = l.admit("a", &limits, 0, two_days_later).unwrap();
+        l.settle("a", &limits, &[], &c, 7, 0, two_days_later)
+            .unwrap();
+        l.settle("a", &limits, &[], &late, 5, 0, two_days_later)
+            .unwrap();
+        assert_eq!(
+            l.spent_with_previous("a"),
+            Some(((day + 2 * 86_400, 7), Some((day + 86_400, USD))))
+        );
     }
 
     #[test]

@@ -694,6 +694,12 @@ impl PolicySync {
     }
 }
 
+/// Tokens per flush transaction, and operations (etcd allows 128 in a txn).
+const FLUSH_BATCH: usize = 40;
+const FLUSH_OPS: usize = 120;
+/// For this long after a budget window turns, a flush also writes the previous window's spend.
+const PREVIOUS_WINDOW_FLUSH_MS: i64 = 10 * 60 * 1000;
+
 impl PolicySync {
     fn on_restore_page(
         &mut self,
@@ -759,31 +765,41 @@ impl PolicySync {
             return None;
         }
         let ledger = SharedDataLedger::fleet(store);
-        // Three puts per token at most, 120 operations per transaction (etcd allows 128).
-        let batch = self.dirty.take(40);
-        // What was waiting beyond this batch goes next, at the next tick, not an interval later.
-        let backlog = !self.dirty.is_empty();
-        let mut entries = Vec::with_capacity(batch.len() * 3);
+        // At most five puts per token (spend twice, the previous window's spend twice, the rate
+        // counts): 120 operations per transaction at most (etcd allows 128).
+        let mut batch = Vec::new();
+        let mut entries = Vec::new();
         let mut budgets = Vec::new();
         let prefix = &self.settings.prefix;
-        for id in &batch {
-            let limits = policy_store::lookup_newest(store, id).map(|(t, _)| t.rules.limits);
+        while batch.len() < FLUSH_BATCH && entries.len() + 5 <= FLUSH_OPS {
+            let Some(id) = self.dirty.take(1).pop() else {
+                break;
+            };
+            let limits = policy_store::lookup_newest(store, &id).map(|(t, _)| t.rules.limits);
             let budgeted = limits.as_ref().is_some_and(|l| l.budget.is_some());
             if budgeted {
                 self.leased.insert(id.clone());
             }
             // A token with a budget until lately (removed with requests in flight) still has
             // their spend written, to the window it is in.
-            if budgeted || self.leased.contains(id) {
-                if let Some((window_start, spent)) = ledger.spent(id) {
-                    entries.push((
-                        lease::spent_key(prefix, &self.node, id, window_start),
-                        lease::spent_value(spent),
-                    ));
-                    entries.push((
-                        lease::fleet_spent_key(prefix, &self.node, id, window_start),
-                        lease::spent_value(spent),
-                    ));
+            if budgeted || self.leased.contains(&id) {
+                if let Some(((window_start, spent), previous)) = ledger.spent_with_previous(&id) {
+                    let mut windows = vec![(window_start, spent)];
+                    // The end of the window that just turned: what was spent in it after the
+                    // last flush before the turn, and by requests that ended after it.
+                    if now_ms < window_start.saturating_mul(1000) + PREVIOUS_WINDOW_FLUSH_MS {
+                        windows.extend(previous);
+                    }
+                    for (window_start, spent) in windows {
+                        entries.push((
+                            lease::spent_key(prefix, &self.node, &id, window_start),
+                            lease::spent_value(spent),
+                        ));
+                        entries.push((
+                            lease::fleet_spent_key(prefix, &self.node, &id, window_start),
+                            lease::spent_value(spent),
+                        ));
+                    }
                     if budgeted {
                         budgets.push((id.clone(), window_start));
                     }
@@ -792,13 +808,16 @@ impl PolicySync {
             let rated = limits
                 .as_ref()
                 .is_some_and(|l| l.requests_per_minute.is_some() || l.tokens_per_minute.is_some());
-            if let (true, Some((minute, requests, tokens))) = (rated, ledger.minute_counts(id)) {
+            if let (true, Some((minute, requests, tokens))) = (rated, ledger.minute_counts(&id)) {
                 entries.push((
-                    lease::rate_key(prefix, minute, id, &self.node),
+                    lease::rate_key(prefix, minute, &id, &self.node),
                     lease::rate_value(requests, tokens),
                 ));
             }
+            batch.push(id);
         }
+        // What was waiting beyond this batch goes next, at the next tick, not an interval later.
+        let backlog = !self.dirty.is_empty();
         if entries.is_empty() {
             return None;
         }

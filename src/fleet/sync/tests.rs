@@ -1598,3 +1598,49 @@ fn a_token_removed_and_minted_again_continues_its_spend_in_the_ledger() {
     spend_and_flush(&mut sync, &mut etcd, &store, "b", 5, t);
     assert_eq!(node_spent(&etcd, &key), Some(315));
 }
+
+/// Spend settled in the last sync interval of a budget window, and by a request that ends after
+/// the window turned, still reaches that window's keys in etcd after a request of the new window
+/// rolled the counters.
+#[test]
+fn the_end_of_a_budget_window_is_flushed_after_it_turned() {
+    let midnight: i64 = 1_790_035_200_000;
+    let now = midnight - 500;
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, now);
+    let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
+    assert_eq!(day * 1000, midnight - 86_400_000);
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 300, now);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let limits = policy_store::lookup_newest(&store, "b")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    // 200 more just before midnight, and a stream admitted then that ends after it.
+    let a = ledger.admit("b", &limits, 0, now + 50).unwrap();
+    ledger
+        .settle("b", &limits, &[], &a, 200, 0, now + 50)
+        .unwrap();
+    let stream = ledger.admit("b", &limits, 0, now + 60).unwrap();
+    sync.mark_dirty("b".into());
+    // A request of the new day rolls the counters before the next flush.
+    let _ = ledger.admit("b", &limits, 0, midnight + 10).unwrap();
+    ledger
+        .settle("b", &limits, &[], &stream, 50, 0, midnight + 20)
+        .unwrap();
+    let flush = sync.poll_flush(&store, midnight + 100).unwrap();
+    let (status, body) = etcd.answer_txn(&flush.body);
+    assert!(sync.on_flush_reply(midnight + 100, status, &body));
+    let key = format!("shieldkey/ledger/node/e1/b/{day}/spent");
+    assert_eq!(node_spent(&etcd, &key), Some(550));
+    let by_token = format!("shieldkey/ledger/spent/b/{day}/e1");
+    assert_eq!(node_spent(&etcd, &by_token), Some(550));
+    // Ten minutes into the new day, the old one is no longer written.
+    etcd.put(&key, json!({"spent": 1u64}));
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 1, midnight + 600_000);
+    assert_eq!(node_spent(&etcd, &key), Some(1));
+}
