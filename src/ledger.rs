@@ -89,6 +89,9 @@ pub enum LedgerDenial {
     Busy,
 }
 
+/// A budget window's start (unix seconds) and what was spent in it.
+pub type WindowSpend = (i64, NanoUsd);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub spent: NanoUsd,
@@ -432,7 +435,7 @@ impl<'a> SharedDataLedger<'a> {
     pub fn spent_with_previous(
         &self,
         token_id: &str,
-    ) -> Option<((i64, NanoUsd), Option<(i64, NanoUsd)>)> {
+    ) -> Option<(WindowSpend, Option<WindowSpend>)> {
         let (bytes, _) = self.store.get(&key(token_id))?;
         let c = Counters::decode(&bytes)?;
         let previous = (c.prev_spent > 0 && c.prev_window_start != c.window_start)
