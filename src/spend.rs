@@ -10,7 +10,8 @@
 //! Charge (after the response):
 //! - usage present → exact cost from `prompt_tokens` and `completion_tokens` (never `total_tokens`);
 //! - upstream error status without usage → 0 (Mistral bills nothing for errors);
-//! - a complete response without usage (e.g. `/v1/models`) → 0;
+//! - a complete response without usage (e.g. `/v1/models`) → 0, unless it carried generated
+//!   text (then estimated);
 //! - a response cut short (client abort, upstream reset, truncated body), or in an encoding the
 //!   filter cannot read → an estimate that is never 0 and never more than the reservation
 //!   (see `estimate`);
@@ -119,7 +120,10 @@ pub fn charge(
             estimated: false,
         };
     }
-    if facts.status >= 400 || (facts.complete && !facts.unreadable) {
+    // A complete response without usage costs nothing (`/v1/models`), unless it carried
+    // generated text: then it was work, and it is estimated like a response cut short.
+    let generated_text = kind.generates() && facts.scan.generated_bytes > 0;
+    if facts.status >= 400 || (facts.complete && !facts.unreadable && !generated_text) {
         return Charge::default();
     }
     estimate(price, kind, reserved, facts)
@@ -127,8 +131,13 @@ pub fn charge(
 
 /// A response that ended without readable usage: cut short (client gone, upstream reset,
 /// truncated body) or in an encoding the filter cannot read. Never 0, never more than the
-/// request's worst case. Text: the request body's bytes ÷ 4 as prompt tokens and the generated
-/// text's bytes ÷ 4 as completion tokens (JSON and SSE framing, padding and ids not counted).
+/// request's worst case. Text: one token per byte of the request body (prompt) and of the
+/// generated text (completion; JSON and SSE framing, padding and ids not counted). A text token
+/// is at least one byte, so this never charges less than Mistral bills for what passed: a
+/// client that stops a stream just before its usage (or asks for text that tokenizes densely,
+/// such as digits) cannot make its spend look smaller than it is. English text is about 4
+/// bytes per token, so a typical stopped stream is charged more than Mistral bills, at most its
+/// reservation.
 /// An unreadable body is charged the reservation (without a budget: all its bytes counted as
 /// generated text). Pages and audio seconds cannot be
 /// counted from a partial response: the worst case is charged.
@@ -144,8 +153,8 @@ fn estimate(
         facts.scan.generated_bytes
     };
     let (prompt_tokens, completion_tokens) = match kind {
-        RouteKind::Generation { .. } => (facts.request_bytes.div_ceil(4), generated.div_ceil(4)),
-        RouteKind::PromptOnly => (facts.request_bytes.div_ceil(4), 0),
+        RouteKind::Generation { .. } => (facts.request_bytes, generated),
+        RouteKind::PromptOnly => (facts.request_bytes, 0),
         _ => (0, 0),
     };
     let by_content = pricing::cost(
@@ -282,8 +291,8 @@ mod tests {
         // Nothing generated yet: never 0.
         let c = charge(&prices(), chat(), model, 0, &facts(200, &empty, false, 0));
         assert!(c.estimated && c.cost >= 1);
-        // The prompt (request bytes / 4) and the generated text (bytes / 4) are counted,
-        // not the bytes on the wire.
+        // The prompt (request bytes) and the generated text (its bytes) are counted, a token
+        // per byte (never less than billed), not the bytes on the wire.
         let scan = ScanResult {
             generated_bytes: 400,
             ..ScanResult::default()
@@ -291,11 +300,15 @@ mod tests {
         let mut f = facts(200, &scan, false, 40_000);
         f.request_bytes = 4_000;
         let c = charge(&prices(), chat(), model, 0, &f);
-        assert_eq!((c.prompt_tokens, c.completion_tokens), (1_000, 100));
-        assert_eq!(c.cost, 1_000 * 150 + 100 * 600);
+        assert_eq!((c.prompt_tokens, c.completion_tokens), (4_000, 400));
+        assert_eq!(c.cost, 4_000 * 150 + 400 * 600);
         // Never more than the worst case reserved for it.
         let c = charge(&prices(), chat(), model, 70_000, &f);
         assert_eq!(c.cost, 70_000);
+        // A stream that reached its end without usage but with generated text: estimated too.
+        f.complete = true;
+        let c = charge(&prices(), chat(), model, 0, &f);
+        assert!(c.estimated && c.cost == 4_000 * 150 + 400 * 600);
     }
 
     #[test]

@@ -261,8 +261,8 @@ def test_upstream_reset_mid_stream_is_charged_an_estimate_within_its_reservation
         got = cut.partial
     conn.close()
     assert resp.status == 200 and b"[DONE]" not in got
-    # The estimate (README, "Spend and budgets"): request bytes / 4 as prompt tokens, the
-    # generated text's bytes / 4 as completion tokens, never more than the reservation.
+    # The estimate (README, "Spend and budgets"): a token per byte of the request body (prompt)
+    # and of the generated text (completion), never more than the reservation.
     generated = 0
     for line in got.decode().splitlines():
         if line.startswith("data: {"):
@@ -270,13 +270,13 @@ def test_upstream_reset_mid_stream_is_charged_an_estimate_within_its_reservation
                 content = choice.get("delta", {}).get("content")
                 generated += len(content) if isinstance(content, str) else 0
     assert generated > 0
-    estimate = cost(-(-len(payload) // 4), -(-generated // 4))
+    estimate = cost(len(payload), generated)
     reservation = cost(len(payload), 300, priority=True)
     assert 0 < estimate < reservation
     assert wait_stat(dep, "cut", "estimated_charges", 1) == 1
     assert wait_stat(dep, "cut", "spend_nano_usd", estimate) == estimate
     # The estimate also counts toward tokens-per-minute limits: aborting does not dodge them.
-    assert stat(dep, "cut", "completion_tokens") == -(-generated // 4)
+    assert stat(dep, "cut", "completion_tokens") == generated
 
 
 def test_spend_survives_a_configuration_reload(dep, mock_mistral):
