@@ -15,8 +15,8 @@ use crate::denial::Denial;
 use crate::money::NanoUsd;
 use crate::policy::TokenRules;
 use crate::pricing;
-use crate::routes::{OutputCap, PromptSource, Route, RouteKind};
-use crate::rules::request_body::{parse_request_body, BodyError, RequestFacts};
+use crate::routes::{ModelSource, OutputCap, PromptSource, Route, RouteKind, Scope};
+use crate::rules::request_body::{parse_request_body, BodyError, RequestFacts, ServerTools};
 use crate::settings::Settings;
 
 /// Where one level's refusals go: the token's own rules or its team's (`team`), enforced or in
@@ -96,15 +96,22 @@ pub fn check_route(
             route.map_or(RouteKind::Unmetered, |r| r.kind)
         }
     };
-    if !kind.is_capped() && rules.has_metered_limits() && !rules.allow_unmetered {
+    // A model rule is judged from the body, which these routes' bodies are not read for (a file
+    // upload, speech synthesis): like a metered limit, it may not be bypassed through them.
+    if !kind.is_capped()
+        && (rules.has_metered_limits() || rules.models.is_some())
+        && !rules.allow_unmetered
+    {
         judge.refuse(Denial::RouteUnmetered)?;
     }
     Ok(kind)
 }
 
-/// Whether this request's body must be read (and held) before it can be judged.
+/// Whether this request's body must be read (and held) before it can be judged: for the
+/// token's body rules, and on routes that generate, for the tools the upstream would run, unless
+/// the token may use every such tool.
 pub fn needs_body(rules: &TokenRules, kind: RouteKind) -> bool {
-    rules.needs_body() && kind.reads_body()
+    kind.reads_body() && (rules.needs_body() || (kind.generates() && rules.judges_server_tools()))
 }
 
 /// Judges the request body of a route that reads one (see `needs_body`). `None` (or empty)
@@ -129,11 +136,30 @@ pub fn judge_body(
         BodyError::BadModelName => Denial::ModelNameInvalid,
         BodyError::NotJson | BodyError::NotObject => Denial::BodyUnreadable,
     })?;
+    // The model that runs is not the body's when it comes from an agent or a stored
+    // conversation: a `model` there is a name, not what the upstream runs or bills.
+    let stored_model = match kind {
+        RouteKind::Generation { model, .. } => match model {
+            ModelSource::Body => false,
+            ModelSource::BodyUnlessAgent => facts.agent_id,
+            ModelSource::Stored => true,
+        },
+        _ => false,
+    };
     if let Some(patterns) = &rules.models {
-        let model = facts.model.as_deref().ok_or(Denial::BodyUnreadable)?;
-        if !patterns.allows(model) {
-            judge.refuse(Denial::ModelDenied)?;
+        if stored_model {
+            if !patterns.allows_every_model() {
+                judge.refuse(Denial::ModelDenied)?;
+            }
+        } else {
+            let model = facts.model.as_deref().ok_or(Denial::BodyUnreadable)?;
+            if !patterns.allows(model) {
+                judge.refuse(Denial::ModelDenied)?;
+            }
         }
+    }
+    if kind.generates() {
+        judge_server_tools(rules, judge, facts.server_tools)?;
     }
     let output_cap = output_cap(kind, &facts, settings.default_max_tokens);
     if let (Some(limit), RouteKind::Generation { .. }) = (rules.max_tokens, kind) {
@@ -143,14 +169,42 @@ pub fn judge_body(
             judge.refuse(Denial::MaxTokensExceeded { limit })?;
         }
     }
+    let model = if stored_model { None } else { facts.model };
     let mut reservation = 0;
     if rules.limits.budget.is_some() {
-        reservation = reserve(settings, kind, &facts, body.len() as u64, output_cap.worst)?;
+        // A stored model is priced as an unknown one (`pricing.unknown_model`).
+        reservation = reserve(
+            settings,
+            kind,
+            model.as_deref(),
+            facts.pages,
+            body.len() as u64,
+            output_cap.worst,
+        )?;
     }
-    Ok(BodyVerdict {
-        model: facts.model,
-        reservation,
-    })
+    Ok(BodyVerdict { model, reservation })
+}
+
+/// Tools the upstream runs itself: those that reach the workspace need the scope that reaches
+/// it (`read` for its libraries, `manage` for its connectors), and since they are billed per
+/// call beyond `usage`, a token with metered limits needs `allow_unmetered`.
+fn judge_server_tools(
+    rules: &TokenRules,
+    judge: &mut Judge<'_>,
+    tools: ServerTools,
+) -> Result<(), Denial> {
+    if !tools.any() {
+        return Ok(());
+    }
+    if (tools.reads_workspace && !rules.scopes.allows(Scope::Read))
+        || (tools.calls_connectors && !rules.scopes.allows(Scope::Manage))
+    {
+        judge.refuse(Denial::ToolDenied)?;
+    }
+    if rules.has_metered_limits() && !rules.allow_unmetered {
+        judge.refuse(Denial::ToolUnmetered)?;
+    }
+    Ok(())
 }
 
 /// The completion tokens a request asks for (`None` when its cap field is absent), and the
@@ -172,6 +226,9 @@ fn output_cap(kind: RouteKind, facts: &RequestFacts, default_max_tokens: u64) ->
         OutputCap::CompletionArgsMaxTokens => (facts.completion_args_max_tokens, 1),
         OutputCap::MaxOutputTokens => (facts.max_output_tokens, 1),
     };
+    // A cap of 0 is no cap to rely on: the mock reads it as "no cap", and what Mistral does with
+    // it is not documented. It counts as absent: refused under a ceiling, reserved at the default.
+    let field = field.filter(|t| *t > 0);
     OutputCapOf {
         asked: field.map(|t| t.saturating_mul(choices)),
         worst: field.unwrap_or(default_max_tokens).saturating_mul(choices),
@@ -182,7 +239,8 @@ fn output_cap(kind: RouteKind, facts: &RequestFacts, default_max_tokens: u64) ->
 fn reserve(
     settings: &Settings,
     kind: RouteKind,
-    facts: &RequestFacts,
+    model: Option<&str>,
+    pages: Option<u64>,
     body_len: u64,
     max_output: u64,
 ) -> Result<NanoUsd, Denial> {
@@ -193,7 +251,7 @@ fn reserve(
     let price = || {
         settings
             .prices
-            .price_for(facts.model.as_deref())
+            .price_for(model)
             .ok_or(Denial::ModelUnpriced)
     };
     Ok(match kind {
@@ -204,8 +262,7 @@ fn reserve(
         RouteKind::Ocr => {
             // An empty `pages` list is read as "no selection" (found by fuzzing): reserve as
             // if it were absent.
-            let pages = facts
-                .pages
+            let pages = pages
                 .filter(|p| *p > 0)
                 .unwrap_or(pricing::OCR_MAX_PAGES)
                 .min(pricing::OCR_MAX_PAGES);
@@ -346,6 +403,12 @@ mod tests {
             body_judged(&r, &s, chat(), Some(unset)),
             Err(Denial::MaxTokensExceeded { limit: 100 })
         );
+        // A cap of 0 is read as no cap (the mock generates its default): refused like none.
+        let zero = br#"{"model":"mistral-small-latest","max_tokens":0}"#;
+        assert_eq!(
+            body_judged(&r, &s, chat(), Some(zero)),
+            Err(Denial::MaxTokensExceeded { limit: 100 })
+        );
         // n choices multiply what a request can generate.
         let many = br#"{"model":"mistral-small-latest","max_tokens":50,"n":3}"#;
         assert_eq!(
@@ -441,9 +504,106 @@ mod tests {
             route_check(&ceiling, route("POST", "/v1/audio/transcriptions")),
             Err(Denial::RouteUnmetered)
         );
+        // A model allow-list is judged from the body; audio uploads and speech are not read.
+        let picky = rules(r#"{"models":{"allow":["mistral-small-*"]}}"#);
+        for (m, p) in [
+            ("POST", "/v1/audio/transcriptions"),
+            ("POST", "/v1/audio/speech"),
+        ] {
+            assert_eq!(
+                route_check(&picky, route(m, p)),
+                Err(Denial::RouteUnmetered)
+            );
+        }
+        let picky_open =
+            rules(r#"{"models":{"allow":["mistral-small-*"]},"allow_unmetered":true}"#);
+        assert!(route_check(&picky_open, route("POST", "/v1/audio/speech")).is_ok());
         assert!(!needs_body(&budgeted, RouteKind::Free));
         assert!(needs_body(&budgeted, chat()));
-        assert!(!needs_body(&open, chat()));
+        // A token without body rules: read on routes that generate, for the tools the upstream
+        // would run, unless its scopes reach every such tool.
+        assert!(needs_body(&open, chat()));
+        assert!(!needs_body(&open, RouteKind::Free));
+        let trusted = rules(r#"{"scopes":["inference","read","manage"]}"#);
+        assert!(!needs_body(&trusted, chat()));
+    }
+
+    #[test]
+    fn tools_the_upstream_runs_need_their_scope_and_metering() {
+        let s = Settings::default();
+        let body = |tool: &str| {
+            format!(
+                r#"{{"model":"mistral-small-latest","max_tokens":5,"messages":[],"tools":[{{"type":"function","function":{{"name":"f"}}}},{{"type":"{tool}"}}]}}"#
+            )
+        };
+        let open = rules("{}");
+        let reader = rules(r#"{"scopes":["inference","read"]}"#);
+        let manager = rules(r#"{"scopes":["inference","manage"]}"#);
+        let judged = |r: &TokenRules, tool: &str| {
+            body_judged(r, &s, chat(), Some(body(tool).as_bytes())).map(|_| ())
+        };
+        assert_eq!(judged(&open, "function"), Ok(()));
+        assert_eq!(judged(&open, "web_search"), Ok(()));
+        assert_eq!(judged(&open, "image_generation"), Ok(()));
+        assert_eq!(judged(&open, "document_library"), Err(Denial::ToolDenied));
+        assert_eq!(judged(&reader, "document_library"), Ok(()));
+        assert_eq!(judged(&reader, "connector"), Err(Denial::ToolDenied));
+        assert_eq!(judged(&manager, "connector"), Ok(()));
+        // A type this filter does not know reaches as far as a connector.
+        assert_eq!(judged(&reader, "mcp_server"), Err(Denial::ToolDenied));
+        assert_eq!(judged(&manager, "mcp_server"), Ok(()));
+        // Billed per call: not for a token whose limits need metering, unless it says so.
+        let budgeted = rules(r#"{"budget":{"limit_usd":"1","window":"daily"}}"#);
+        assert_eq!(judged(&budgeted, "web_search"), Err(Denial::ToolUnmetered));
+        assert_eq!(judged(&budgeted, "function"), Ok(()));
+        let capped = rules(r#"{"models":{"max_tokens":10}}"#);
+        assert_eq!(
+            judged(&capped, "code_interpreter"),
+            Err(Denial::ToolUnmetered)
+        );
+        let explicit =
+            rules(r#"{"allow_unmetered":true,"budget":{"limit_usd":"1","window":"daily"}}"#);
+        assert_eq!(judged(&explicit, "web_search"), Ok(()));
+        // Every route that generates reads `tools`.
+        let conv = br#"{"inputs":"hi","tools":[{"type":"connector","connector_id":"c"}]}"#;
+        assert_eq!(
+            body_judged(&open, &s, kind("POST", "/v1/conversations"), Some(conv)),
+            Err(Denial::ToolDenied)
+        );
+    }
+
+    #[test]
+    fn a_model_the_body_does_not_choose_passes_only_an_allow_all_rule() {
+        let s = Settings::default();
+        let picky = rules(r#"{"models":{"allow":["mistral-small-*"]}}"#);
+        let any = rules(r#"{"models":{"allow":["*"]}}"#);
+        // The agent's model runs, whatever `model` says.
+        let agent = br#"{"agent_id":"ag_1","model":"mistral-small-latest","messages":[]}"#;
+        for (m, p) in [
+            ("POST", "/v1/agents/completions"),
+            ("POST", "/v1/conversations"),
+        ] {
+            assert_eq!(
+                body_judged(&picky, &s, kind(m, p), Some(agent)),
+                Err(Denial::ModelDenied),
+                "{p}"
+            );
+            assert!(body_judged(&any, &s, kind(m, p), Some(agent)).is_ok());
+        }
+        // A stored conversation's model, appended to or restarted.
+        let append = br#"{"model":"mistral-small-latest","inputs":"more"}"#;
+        for p in ["/v1/conversations/c1", "/v1/conversations/c1/restart"] {
+            assert_eq!(
+                body_judged(&picky, &s, kind("POST", p), Some(append)),
+                Err(Denial::ModelDenied)
+            );
+        }
+        // A conversation started with a model of its own is judged on it.
+        let own = br#"{"model":"mistral-small-latest","inputs":"hi"}"#;
+        assert_eq!(
+            body_judged(&picky, &s, kind("POST", "/v1/conversations"), Some(own)).map(|v| v.model),
+            Ok(Some("mistral-small-latest".to_string()))
+        );
     }
 
     #[test]
@@ -485,10 +645,20 @@ mod tests {
         let conv =
             br#"{"model":"mistral-small-latest","inputs":"x","completion_args":{"max_tokens":10}}"#;
         assert_eq!(
-            body_judged(&r, &s, kind("POST", "/v1/conversations/c1"), Some(conv))
+            body_judged(&r, &s, kind("POST", "/v1/conversations"), Some(conv))
                 .unwrap()
                 .reservation,
             pricing::worst_case_cost(price, conv.len() as u64 + s.max_context_tokens, 10)
+        );
+        // Appended to a stored conversation, the model is the conversation's: a `model` in the
+        // body is not what runs, and the reservation is at the unknown-model price.
+        let unknown = s.prices.price_for(None).unwrap();
+        assert!(unknown.output_nano_per_mtok > price.output_nano_per_mtok);
+        assert_eq!(
+            body_judged(&r, &s, kind("POST", "/v1/conversations/c1"), Some(conv))
+                .unwrap()
+                .reservation,
+            pricing::worst_case_cost(unknown, conv.len() as u64 + s.max_context_tokens, 10)
         );
         let embed = br#"{"model":"mistral-small-latest","input":"abc"}"#;
         assert_eq!(

@@ -53,6 +53,11 @@ pub enum Denial {
     PathNotCanonical,
     /// `model` is not a model name (control characters, too long).
     ModelNameInvalid,
+    /// A tool the upstream runs itself reaches the workspace beyond the token's scopes
+    /// (`document_library` needs `read`, a connector `manage`).
+    ToolDenied,
+    /// A tool the upstream runs itself is billed per call, which the token's limits cannot meter.
+    ToolUnmetered,
     /// A rule of the token's team refused the request (the inner denial says which).
     Team(Box<Denial>),
     /// The token names a team whose record is not readable (fleet mode: not synced yet).
@@ -82,7 +87,9 @@ impl Denial {
             | Denial::ModelDenied
             | Denial::MaxTokensExceeded { .. }
             | Denial::RouteDenied
-            | Denial::RouteUnmetered => true,
+            | Denial::RouteUnmetered
+            | Denial::ToolDenied
+            | Denial::ToolUnmetered => true,
             Denial::Team(inner) => inner.is_rule(),
             _ => false,
         }
@@ -103,7 +110,9 @@ impl Denial {
             | Denial::ModelDenied
             | Denial::ModelUnpriced
             | Denial::RouteDenied
-            | Denial::RouteUnmetered => 403,
+            | Denial::RouteUnmetered
+            | Denial::ToolDenied
+            | Denial::ToolUnmetered => 403,
             Denial::RequestRateLimited { .. }
             | Denial::TokenRateLimited { .. }
             | Denial::BudgetExceeded { .. } => 429,
@@ -146,6 +155,8 @@ impl Denial {
             Denial::RouteUnmetered => "shield_route_unmetered",
             Denial::PathNotCanonical => "shield_path_not_canonical",
             Denial::ModelNameInvalid => "shield_model_invalid",
+            Denial::ToolDenied => "shield_tool_denied",
+            Denial::ToolUnmetered => "shield_tool_unmetered",
             Denial::TeamUnavailable => "shield_team_unavailable",
             Denial::Team(inner) => match inner.code() {
                 "shield_ip_denied" => "shield_team_ip_denied",
@@ -156,6 +167,8 @@ impl Denial {
                 "shield_max_tokens_exceeded" => "shield_team_max_tokens_exceeded",
                 "shield_route_denied" => "shield_team_route_denied",
                 "shield_route_unmetered" => "shield_team_route_unmetered",
+                "shield_tool_denied" => "shield_team_tool_denied",
+                "shield_tool_unmetered" => "shield_team_tool_unmetered",
                 // Not a team rule (body, path, counters): the same code as the token's.
                 other => other,
             },
@@ -221,12 +234,18 @@ impl Denial {
             Denial::LedgerBusy => "The gateway could not update usage counters; retry shortly.".into(),
             Denial::RouteDenied => "This token may not use this endpoint.".into(),
             Denial::RouteUnmetered => {
-                "This endpoint's cost cannot be capped or metered by the gateway, and this token has spend or token limits.".into()
+                "This endpoint's cost cannot be capped or metered by the gateway, and this token has spend, token or model limits.".into()
             }
             Denial::PathNotCanonical => {
                 "The request path must be in canonical form (no percent-escapes, empty or dot segments).".into()
             }
             Denial::ModelNameInvalid => "The 'model' field is not a valid model name.".into(),
+            Denial::ToolDenied => {
+                "This token may not use a tool in 'tools' (document_library needs the read scope, connectors the manage scope).".into()
+            }
+            Denial::ToolUnmetered => {
+                "Built-in tools in 'tools' are billed per call, which the gateway cannot meter, and this token has spend or token limits.".into()
+            }
         }
     }
 
@@ -283,6 +302,8 @@ impl Denial {
         "shield_route_unmetered",
         "shield_path_not_canonical",
         "shield_model_invalid",
+        "shield_tool_denied",
+        "shield_tool_unmetered",
         "shield_team_unavailable",
         "shield_team_ip_denied",
         "shield_team_geo_denied",
@@ -292,6 +313,8 @@ impl Denial {
         "shield_team_max_tokens_exceeded",
         "shield_team_route_denied",
         "shield_team_route_unmetered",
+        "shield_team_tool_denied",
+        "shield_team_tool_unmetered",
     ];
 
     /// The denials a dry run can let through, for defining one `would_deny` stat per reason.
@@ -304,6 +327,8 @@ impl Denial {
         "shield_max_tokens_exceeded",
         "shield_route_denied",
         "shield_route_unmetered",
+        "shield_tool_denied",
+        "shield_tool_unmetered",
         "shield_team_ip_denied",
         "shield_team_geo_denied",
         "shield_team_rate_limited",
@@ -312,6 +337,8 @@ impl Denial {
         "shield_team_max_tokens_exceeded",
         "shield_team_route_denied",
         "shield_team_route_unmetered",
+        "shield_team_tool_denied",
+        "shield_team_tool_unmetered",
     ];
 }
 

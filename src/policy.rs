@@ -5,7 +5,7 @@
 //! request path reads only the record of the token presented.
 
 use crate::ledger::Limits;
-use crate::routes::Scopes;
+use crate::routes::{Scope, Scopes};
 use crate::rules::country::CountryRule;
 use crate::rules::model_pattern::ModelPatterns;
 use crate::rules::source_ip::SourceNetworks;
@@ -89,6 +89,13 @@ impl TokenRules {
     /// `max_tokens`, and a budget reserves the worst case, which depends on both.
     pub fn needs_body(&self) -> bool {
         self.models.is_some() || self.max_tokens.is_some() || self.limits.budget.is_some()
+    }
+
+    /// Whether a tool the upstream runs itself could be refused to this token (`access`): it
+    /// lacks the `read` or `manage` scope, or has metered limits without `allow_unmetered`.
+    pub fn judges_server_tools(&self) -> bool {
+        !(self.scopes.allows(Scope::Read) && self.scopes.allows(Scope::Manage))
+            || (self.has_metered_limits() && !self.allow_unmetered)
     }
 
     /// Whether a limit depends on knowing what a request can cost or generate: such a token

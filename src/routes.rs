@@ -111,6 +111,17 @@ pub enum PromptSource {
     BodyAndStoredState,
 }
 
+/// Which model the upstream runs, and so whether the body's `model` can be judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The body's `model`.
+    Body,
+    /// The body's `model`, unless the body names an `agent_id`: then the agent's.
+    BodyUnlessAgent,
+    /// Stored state (the agent's, or the conversation's): a `model` in the body is not what runs.
+    Stored,
+}
+
 /// What a route is, and so how it is judged, reserved and charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteKind {
@@ -118,6 +129,7 @@ pub enum RouteKind {
     Generation {
         cap: OutputCap,
         prompt: PromptSource,
+        model: ModelSource,
     },
     /// Billed on its prompt only (embeddings, moderation, classification).
     PromptOnly,
@@ -195,18 +207,28 @@ const fn route(method: Method, template: &'static str, scope: Scope, kind: Route
 const CHAT: RouteKind = RouteKind::Generation {
     cap: OutputCap::MaxTokensTimesN,
     prompt: PromptSource::Body,
+    model: ModelSource::Body,
 };
 const AGENT: RouteKind = RouteKind::Generation {
     cap: OutputCap::MaxTokensTimesN,
     prompt: PromptSource::BodyAndStoredState,
+    model: ModelSource::Stored,
 };
 const CONVERSATION: RouteKind = RouteKind::Generation {
     cap: OutputCap::CompletionArgsMaxTokens,
     prompt: PromptSource::BodyAndStoredState,
+    model: ModelSource::BodyUnlessAgent,
+};
+/// Appending to or restarting a stored conversation: its model is the conversation's.
+const CONVERSATION_CONTINUED: RouteKind = RouteKind::Generation {
+    cap: OutputCap::CompletionArgsMaxTokens,
+    prompt: PromptSource::BodyAndStoredState,
+    model: ModelSource::Stored,
 };
 const RESPONSE: RouteKind = RouteKind::Generation {
     cap: OutputCap::MaxOutputTokens,
     prompt: PromptSource::BodyAndStoredState,
+    model: ModelSource::Body,
 };
 
 use Method::{Any, Get, Post};
@@ -221,8 +243,18 @@ pub const TABLE: &[Route] = &[
     route(Post, "v1/fim/completions", Inference, CHAT),
     route(Post, "v1/agents/completions", Inference, AGENT),
     route(Post, "v1/conversations", Inference, CONVERSATION),
-    route(Post, "v1/conversations/{}", Inference, CONVERSATION),
-    route(Post, "v1/conversations/{}/restart", Inference, CONVERSATION),
+    route(
+        Post,
+        "v1/conversations/{}",
+        Inference,
+        CONVERSATION_CONTINUED,
+    ),
+    route(
+        Post,
+        "v1/conversations/{}/restart",
+        Inference,
+        CONVERSATION_CONTINUED,
+    ),
     route(Post, "v1/responses", Inference, RESPONSE),
     route(Post, "v1/responses/input_tokens", Inference, Free),
     route(Post, "v1/embeddings", Inference, PromptOnly),
@@ -338,8 +370,9 @@ mod tests {
         assert_eq!(kind("POST", "/v1/chat/completions"), Some(CHAT));
         assert_eq!(
             kind("POST", "/v1/conversations/c1/restart"),
-            Some(CONVERSATION)
+            Some(CONVERSATION_CONTINUED)
         );
+        assert_eq!(kind("POST", "/v1/conversations"), Some(CONVERSATION));
         assert_eq!(kind("POST", "/v1/responses"), Some(RESPONSE));
         assert_eq!(kind("POST", "/v1/embeddings"), Some(PromptOnly));
         assert_eq!(kind("POST", "/v1/ocr"), Some(Ocr));

@@ -3,9 +3,12 @@
 //! Oracle: an independent full parse (serde_json into an order- and duplicate-preserving tree).
 //! - `parse_request_body` accepts only JSON objects with no key given twice at the top level;
 //! - what it reports (model, max_tokens, n, max_output_tokens, completion_args.max_tokens, pages,
-//!   stream) is what the document says, and it accepts every well-typed object it should;
+//!   stream, agent_id, the types of `tools`) is what the document says, and it accepts every
+//!   well-typed object it should;
 //! - `access::judge_body` never panics, a budgeted token's reservation is > 0 for a priced model
-//!   on every capped route, and a `max_tokens` ceiling and model patterns hold whenever it admits.
+//!   on every capped route, a budgeted token never gets a tool billed per call through, and a
+//!   `max_tokens` ceiling and model patterns hold whenever it admits (a model the body does not
+//!   choose, an agent's or a stored conversation's, is never admitted under patterns).
 //!
 //! `SHIELDKEY_FUZZ_STRICT=1` adds a stricter rule whose violations are known and reported (see
 //! fuzz/crashes-found/README.md): strictly valid JSON (UTF-8, no lone surrogate) even in the
@@ -146,6 +149,39 @@ fn expected(doc: &J) -> Option<Result<RequestFacts, BodyError>> {
         Some(J::Str(m)) => facts.model = Some(m.clone()),
         Some(_) => well_typed = false,
     }
+    facts.agent_id = !matches!(doc.get("agent_id"), None | Some(J::Null));
+    match doc.get("tools") {
+        None | Some(J::Null) => {}
+        Some(J::Arr(items)) => {
+            for item in items {
+                let J::Obj(members) = item else {
+                    well_typed = false;
+                    continue;
+                };
+                if members.iter().filter(|(k, _)| k == "type").count() > 1 {
+                    well_typed = false;
+                }
+                match item.get("type") {
+                    None | Some(J::Null) => {}
+                    Some(J::Str(t)) => match t.as_str() {
+                        "function" => {}
+                        "web_search" | "web_search_premium" | "code_interpreter"
+                        | "image_generation" => facts.server_tools.billed = true,
+                        "document_library" => {
+                            facts.server_tools.billed = true;
+                            facts.server_tools.reads_workspace = true;
+                        }
+                        _ => {
+                            facts.server_tools.billed = true;
+                            facts.server_tools.calls_connectors = true;
+                        }
+                    },
+                    Some(_) => well_typed = false,
+                }
+            }
+        }
+        Some(_) => well_typed = false,
+    }
     if !well_typed {
         return Some(Err(BodyError::NotJson));
     }
@@ -220,7 +256,12 @@ fuzz_target!(|data: &[u8]| {
             let budgeted = judge(&f.budget, settings, kind, body);
             if let (Ok(v), Ok(facts)) = (&budgeted, &got) {
                 assert!(data.len() as u64 <= settings.max_body_bytes);
-                assert_eq!(v.model, facts.model);
+                // A model from stored state is not the body's: the verdict names none.
+                assert!(v.model.is_none() || v.model == facts.model);
+                assert!(
+                    !(kind.generates() && facts.server_tools.any()),
+                    "a budgeted token let a billed-per-call tool through"
+                );
                 let priced = settings
                     .prices
                     .price_for(facts.model.as_deref())

@@ -23,6 +23,12 @@ impl ModelPatterns {
         })
     }
 
+    /// Whether every model is allowed (a pattern of `*` only): the one case where a model the
+    /// request does not name (an agent's, a stored conversation's) passes.
+    pub fn allows_every_model(&self) -> bool {
+        self.patterns.iter().any(|p| p.bytes().all(|b| b == b'*'))
+    }
+
     pub fn allows(&self, model: &str) -> bool {
         self.patterns
             .iter()

@@ -19,6 +19,55 @@ pub struct RequestFacts {
     /// How many pages an OCR request names (`pages`), if it names them.
     pub pages: Option<u64>,
     pub stream: bool,
+    /// `agent_id`: the upstream runs that agent's model, not the body's `model`.
+    pub agent_id: bool,
+    /// Tools the upstream runs itself.
+    pub server_tools: ServerTools,
+}
+
+/// The tools in `tools` that the upstream runs itself: any `type` other than `function` (a
+/// function tool is called by the client, which sends its result back). They are billed per call
+/// beyond the tokens in `usage`, and some reach the workspace's data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerTools {
+    /// Web search, code interpreter, image generation, ...: billed per call.
+    pub billed: bool,
+    /// `document_library`: searches the workspace's libraries.
+    pub reads_workspace: bool,
+    /// A connector, or a type this filter does not know: calls the workspace's connectors with
+    /// their stored credentials.
+    pub calls_connectors: bool,
+}
+
+impl ServerTools {
+    pub fn any(&self) -> bool {
+        self.billed || self.reads_workspace || self.calls_connectors
+    }
+
+    fn add(&mut self, kind: Option<&str>) {
+        match kind {
+            None | Some("function") => {}
+            Some("web_search" | "web_search_premium" | "code_interpreter" | "image_generation") => {
+                self.billed = true
+            }
+            Some("document_library") => {
+                self.billed = true;
+                self.reads_workspace = true;
+            }
+            // `connector`, and anything newer: the most it could reach.
+            Some(_) => {
+                self.billed = true;
+                self.calls_connectors = true;
+            }
+        }
+    }
+}
+
+/// One element of `tools`: only its `type` is read (given twice, the element is refused).
+#[derive(Deserialize)]
+struct ToolEntry {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
 }
 
 /// Longest model name accepted; Mistral's (fine-tuned ones included) are far shorter.
@@ -45,7 +94,8 @@ pub enum BodyError {
     BadModelName,
 }
 
-/// Only these fields are decoded; the rest (messages, tools, ...) is skipped without being built.
+/// Only these fields are decoded (of `tools`, each element's `type`); the rest (messages, ...) is
+/// skipped without being built.
 /// Every top-level key is checked for duplicates, not only the decoded ones.
 #[derive(Default)]
 struct Fields {
@@ -56,6 +106,8 @@ struct Fields {
     max_output_tokens: Option<u64>,
     pages: Option<u64>,
     stream: Option<bool>,
+    agent_id: Option<IgnoredAny>,
+    tools: Option<Vec<ToolEntry>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +150,8 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                         .map(|p| p.len() as u64)
                 }
                 "stream" => f.stream = map.next_value()?,
+                "agent_id" => f.agent_id = map.next_value()?,
+                "tools" => f.tools = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -139,6 +193,14 @@ pub fn parse_request_body(body: &[u8]) -> Result<RequestFacts, BodyError> {
         max_output_tokens: fields.max_output_tokens,
         pages: fields.pages,
         stream: fields.stream.unwrap_or(false),
+        agent_id: fields.agent_id.is_some(),
+        server_tools: fields.tools.unwrap_or_default().iter().fold(
+            ServerTools::default(),
+            |mut tools, tool| {
+                tools.add(tool.kind.as_deref());
+                tools
+            },
+        ),
     })
 }
 
@@ -172,6 +234,52 @@ mod tests {
         assert_eq!(
             parse_request_body(b" {} ").unwrap(),
             RequestFacts::default()
+        );
+    }
+
+    #[test]
+    fn reads_the_tools_the_upstream_runs() {
+        let tools = |json: &str| {
+            parse_request_body(format!(r#"{{"model":"m","tools":{json}}}"#).as_bytes())
+                .map(|f| f.server_tools)
+        };
+        assert_eq!(tools("null"), Ok(ServerTools::default()));
+        assert_eq!(
+            tools(r#"[{"type":"function","function":{"name":"f"}},{"function":{}}]"#),
+            Ok(ServerTools::default())
+        );
+        let billed = ServerTools {
+            billed: true,
+            ..ServerTools::default()
+        };
+        assert_eq!(tools(r#"[{"type":"web_search_premium"}]"#), Ok(billed));
+        assert_eq!(
+            tools(r#"[{"type":"document_library","library_ids":["l"]}]"#),
+            Ok(ServerTools {
+                reads_workspace: true,
+                ..billed
+            })
+        );
+        let connector = ServerTools {
+            calls_connectors: true,
+            ..billed
+        };
+        assert_eq!(tools(r#"[{"type":"connector"}]"#), Ok(connector));
+        assert_eq!(tools(r#"[{"type":"something_new"}]"#), Ok(connector));
+        // What cannot be read for sure is refused.
+        assert_eq!(
+            tools(r#"[{"type":"function","type":"connector"}]"#),
+            Err(BodyError::NotJson)
+        );
+        assert_eq!(tools(r#"{"type":"connector"}"#), Err(BodyError::NotJson));
+        assert_eq!(tools(r#"[{"type":7}]"#), Err(BodyError::NotJson));
+        assert_eq!(tools(r#"["connector"]"#), Err(BodyError::NotJson));
+        let agent = parse_request_body(br#"{"agent_id":"ag_1","inputs":"x"}"#).unwrap();
+        assert!(agent.agent_id);
+        assert!(
+            !parse_request_body(br#"{"agent_id":null}"#)
+                .unwrap()
+                .agent_id
         );
     }
 

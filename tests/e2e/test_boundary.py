@@ -36,6 +36,8 @@ def dep(tmp_path_factory, mock_mistral, mock_keys):
     d.mint("audio", "prod", "--budget-usd", "10", "--budget-window", "lifetime",
            "--allow-unmetered", "true")
     d.mint("ops", "prod", "--scopes", "read,manage")
+    d.mint("picky", "prod", "--models", "mistral-small-*")
+    d.mint("reader", "prod", "--scopes", "inference,read")
     d.mint("all", "prod", "--scopes", "all")
     d.start()
     yield d
@@ -197,6 +199,70 @@ def test_a_budgeted_token_cannot_reach_routes_it_cannot_meter(dep, mock_mistral)
     status, _, raw = request(dep.url, "/v1/batch/jobs", token=dep.tokens["budget"],
                              body={"input_files": [], "endpoint": "/v1/chat/completions"})
     assert status == 403 and error_code(raw) == "shield_route_unmetered"
+    assert mock_mistral.requests() == []
+
+
+CHAT_BODY = {"model": "mistral-small-latest", "max_tokens": 20,
+             "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("token,tool,code", [
+    # Billed per call beyond `usage`: not for a budgeted token without allow_unmetered.
+    ("meter", {"type": "web_search"}, "shield_tool_unmetered"),
+    ("capped", {"type": "image_generation"}, "shield_tool_unmetered"),
+    # Reaching the workspace: its libraries need `read`, its connectors `manage`.
+    ("plain", {"type": "document_library", "library_ids": ["lib_1"]}, "shield_tool_denied"),
+    ("reader", {"type": "connector", "connector_id": "c_1"}, "shield_tool_denied"),
+    ("plain", {"type": "some_future_tool"}, "shield_tool_denied"),
+])
+def test_tools_the_upstream_runs_are_judged_before_anything_is_sent(dep, mock_mistral, token, tool, code):
+    function = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    body = dict(CHAT_BODY, tools=[function, tool])
+    status, _, raw = request(dep.url, token=dep.tokens[token], body=body)
+    assert status == 403 and error_code(raw) == code, raw
+    # Also on conversations, where `tools` is as much the request's.
+    conversation = {"model": "mistral-small-latest", "inputs": "hi", "tools": [tool],
+                    "completion_args": {"max_tokens": 20}}
+    status, _, raw = request(dep.url, "/v1/conversations", token=dep.tokens[token], body=conversation)
+    assert status == 403 and error_code(raw) == code, raw
+    assert mock_mistral.requests() == []
+
+
+def test_tools_within_the_scopes_of_an_unmetered_token_pass(dep, mock_mistral):
+    for token, tool in [("plain", {"type": "web_search"}),
+                        ("reader", {"type": "document_library", "library_ids": ["lib_1"]}),
+                        ("meter", {"type": "function", "function": {"name": "f", "parameters": {}}})]:
+        status, _, raw = request(dep.url, token=dep.tokens[token], body=dict(CHAT_BODY, tools=[tool]))
+        assert status == 200, (token, raw)
+    assert len(mock_mistral.requests()) == 3
+
+
+def test_a_model_the_body_does_not_choose_cannot_pass_a_model_rule(dep, mock_mistral):
+    """An agent's model, or a stored conversation's, is what runs: a `model` next to it is a decoy."""
+    mock_mistral.behaviour(agent_model="mistral-large-latest", conversation_model="mistral-large-latest")
+    decoys = [
+        ("/v1/agents/completions", {"agent_id": "ag_1", "model": "mistral-small-latest", "max_tokens": 20,
+                                    "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/conversations", {"agent_id": "ag_1", "model": "mistral-small-latest", "inputs": "hi"}),
+        ("/v1/conversations/conv_1", {"model": "mistral-small-latest", "inputs": "more"}),
+    ]
+    for path, body in decoys:
+        status, _, raw = request(dep.url, path, token=dep.tokens["picky"], body=body)
+        assert status == 403 and error_code(raw) == "shield_model_denied", (path, raw)
+    # Audio and speech bodies are not read: a model rule cannot be judged there.
+    status, _, raw = request(dep.url, "/v1/audio/speech", token=dep.tokens["picky"],
+                             body={"model": "voxtral-mini-tts-latest", "input": "hi"})
+    assert status == 403 and error_code(raw) == "shield_route_unmetered", raw
+    assert mock_mistral.requests() == []
+    # The same token choosing its model in the body passes.
+    status, _, raw = request(dep.url, "/v1/conversations", token=dep.tokens["picky"],
+                             body={"model": "mistral-small-latest", "inputs": "hi"})
+    assert status == 200, raw
+
+
+def test_max_tokens_zero_is_no_cap_under_a_ceiling(dep, mock_mistral):
+    status, _, raw = request(dep.url, token=dep.tokens["capped"], body=dict(CHAT_BODY, max_tokens=0))
+    assert status == 400 and error_code(raw) == "shield_max_tokens_exceeded", raw
     assert mock_mistral.requests() == []
 
 
