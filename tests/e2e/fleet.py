@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import yaml
 
 import harness
-from deployment import CLI, WASM
+from deployment import CLI, WASM, error_code, request
 from etcd_cluster import EtcdCluster
 
 
@@ -107,3 +108,21 @@ class Fleet:
     def close(self) -> None:
         self.stop()
         self.etcd.stop_all()
+
+    def wait_served(self, token_id: str, envoys=None, timeout: float = 10.0) -> None:
+        """Until the Envoys serve a policy that knows `token_id`, without using it: a wrong
+        secret is `shield_token_invalid` for a known token, `shield_token_unknown` before, and
+        503 `shield_policy_unavailable` from a worker that has not applied the policy yet. Each
+        worker applies it on its own tick, and a new connection goes to either worker: so until
+        20 probes in a row (new connections) say known."""
+        token = self.tokens[token_id]
+        wrong = token[:-4] + ("BBBB" if token.endswith("AAAA") else "AAAA")
+        for i in (range(len(self.envoys)) if envoys is None else envoys):
+            deadline = time.monotonic() + timeout
+            in_a_row = 0
+            while in_a_row < 20:
+                code = error_code(request(self.url(i), token=wrong)[2])
+                in_a_row = in_a_row + 1 if code == "shield_token_invalid" else 0
+                if not in_a_row:
+                    assert time.monotonic() < deadline, f"envoy {i} does not serve {token_id} ({code})"
+                    time.sleep(0.02)

@@ -260,6 +260,19 @@ def test_a_model_the_body_does_not_choose_cannot_pass_a_model_rule(dep, mock_mis
     assert status == 200, raw
 
 
+def test_a_client_cannot_make_envoy_retry_what_mistral_bills(dep, mock_mistral):
+    """Envoy's x-envoy-* request headers are honoured only from internal addresses (none are,
+    in the shipped configs): a client asking for retries of a successful response would have
+    Mistral bill every try while the filter charges the one response it sees."""
+    retry = {"x-envoy-retry-on": "5xx,retriable-status-codes", "x-envoy-retriable-status-codes": "200",
+             "x-envoy-max-retries": "3", "x-envoy-upstream-rq-per-try-timeout-ms": "1"}
+    status, _, raw = request(dep.url, token=dep.tokens["meter"], body=CHAT_BODY, headers=retry)
+    assert status == 200, raw
+    seen = mock_mistral.requests()
+    assert len(seen) == 1
+    assert not [h for h in seen[0]["headers"] if h.startswith("x-envoy-retr")], seen[0]["headers"]
+
+
 def test_max_tokens_zero_is_no_cap_under_a_ceiling(dep, mock_mistral):
     status, _, raw = request(dep.url, token=dep.tokens["capped"], body=dict(CHAT_BODY, max_tokens=0))
     assert status == 400 and error_code(raw) == "shield_max_tokens_exceeded", raw

@@ -149,18 +149,6 @@ def wait_flushed(fleet: Fleet, token: str, want: int, timeout: float = 5.0) -> i
         time.sleep(0.05)
 
 
-def wait_known(fleet: Fleet, token: str, envoys=(0, 1), timeout: float = 3.0) -> None:
-    """Waits until the Envoys know a token just minted, without using it: a wrong secret is
-    `shield_token_invalid` for a known token, `shield_token_unknown` before, and 503
-    `shield_policy_unavailable` while an Envoy just started has not applied the policy yet."""
-    wrong = fleet.tokens[token][:-4] + ("AAAA" if not fleet.tokens[token].endswith("AAAA") else "BBBB")
-    for i in envoys:
-        deadline = time.monotonic() + timeout
-        while (code := error_code(request(fleet.url(i), token=wrong)[2])) != "shield_token_invalid":
-            assert time.monotonic() < deadline, f"envoy {i} does not know {token} ({code})"
-            time.sleep(0.02)
-
-
 def spend_until_refused(fleet: Fleet, token: str, envoys: list[int], attempts: int) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -174,7 +162,7 @@ def spend_until_refused(fleet: Fleet, token: str, envoys: list[int], attempts: i
 def test_a_budget_spent_through_both_envoys_is_enforced_once(fleet, mock_mistral):
     mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
     fleet.mint("team", "--budget-usd", "0.01", "--budget-window", "lifetime")
-    wait_known(fleet, "team")
+    fleet.wait_served("team")
     statuses = spend_until_refused(fleet, "team", [0, 1], 40)
     served = statuses.count(200)
     assert set(statuses) <= {200, 429}, statuses
@@ -188,13 +176,13 @@ def test_a_budget_spent_through_both_envoys_is_enforced_once(fleet, mock_mistral
 def test_an_envoy_restarted_keeps_its_spend(fleet, mock_mistral):
     mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
     fleet.mint("persist", "--budget-usd", "0.01", "--budget-window", "lifetime")
-    wait_known(fleet, "persist")
+    fleet.wait_served("persist")
     first = spend_until_refused(fleet, "persist", [1], 6)
     assert first.count(200) == 6
     assert wait_flushed(fleet, "persist", 6 * COST) == 6 * COST
     fleet.stop(1)
     fleet.start(1)
-    wait_known(fleet, "persist", envoys=(1,), timeout=5)
+    fleet.wait_served("persist", envoys=(1,))
     assert fleet_spend(fleet, "persist") == 6 * COST
     rest = spend_until_refused(fleet, "persist", [0, 1], 20)
     assert 429 in rest
@@ -206,7 +194,7 @@ def test_an_envoy_restarted_keeps_its_spend(fleet, mock_mistral):
 def test_without_etcd_only_leases_already_held_are_spent_and_the_ledger_catches_up(fleet, mock_mistral):
     mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
     fleet.mint("outage", "--budget-usd", "1", "--budget-window", "lifetime")
-    wait_known(fleet, "outage")
+    fleet.wait_served("outage")
     for i in range(2):
         # Each Envoy claims a lease (a slice: $0.10).
         assert request(fleet.url(i), token=fleet.tokens["outage"], body=BODY)[0] == 200
@@ -232,7 +220,7 @@ def test_a_rate_limit_holds_across_the_fleet_within_the_sync_tolerance(fleet, mo
     its count of the minute and reads the other's every sync interval (200 ms), so the fleet
     admits at most a few more than 10 when requests alternate every 150 ms."""
     fleet.mint("paced", "--rpm", "10")
-    wait_known(fleet, "paced")
+    fleet.wait_served("paced")
     # Stay inside one minute: the limit is per UTC minute across the fleet.
     if time.time() % 60 > 50:
         time.sleep(61 - time.time() % 60)
@@ -250,7 +238,7 @@ def test_a_rate_limit_holds_across_the_fleet_within_the_sync_tolerance(fleet, mo
 def test_an_idle_envoy_gives_its_lease_back_so_another_can_spend_it(fleet, mock_mistral):
     mock_mistral.behaviour(usage={"prompt_tokens": 1000, "completion_tokens": 1000})
     fleet.mint("share", "--budget-usd", "0.01", "--budget-window", "lifetime")
-    wait_known(fleet, "share")
+    fleet.wait_served("share")
     assert request(fleet.url(0), token=fleet.tokens["share"], body=BODY)[0] == 200
     pool_key = next(k for k in fleet.etcd.range_prefix("shieldkey/ledger/pool/") if "/share/" in k)
     claimed = json.loads(fleet.etcd.get(pool_key))["claimed"]
@@ -275,8 +263,8 @@ def test_a_team_budget_is_one_ledger_across_the_fleet(fleet, mock_mistral):
     fleet.cli("team", "create", "fleet-eng", "--budget-usd", "0.01", "--budget-window", "lifetime")
     fleet.mint("m-one", "--team", "fleet-eng", "--budget-usd", "1", "--budget-window", "lifetime")
     fleet.mint("m-two", "--team", "fleet-eng")
-    wait_known(fleet, "m-one")
-    wait_known(fleet, "m-two")
+    fleet.wait_served("m-one")
+    fleet.wait_served("m-two")
     from concurrent.futures import ThreadPoolExecutor
 
     def one(n: int) -> tuple[str, int, str | None]:

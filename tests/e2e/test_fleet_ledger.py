@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deployment import error_code, request
+from deployment import request
 from fleet import Fleet
 
 # mistral-small-latest, 1000 prompt + 500 completion tokens: 0.00045 USD, 20% of 0.00225 USD.
@@ -76,21 +76,9 @@ def posted_alerts(mock) -> list[dict]:
     return [json.loads(r["body"]) for r in mock.requests() if r["path"] == "/__mock/alerts"]
 
 
-def wait_served(fleet: Fleet, token_id: str) -> None:
-    """Until every Envoy has applied the policy and knows the token (a wrong secret is then
-    `shield_token_invalid`, not 503 `shield_policy_unavailable` or `shield_token_unknown`)."""
-    token = fleet.tokens[token_id]
-    wrong = token[:-4] + ("BBBB" if token.endswith("AAAA") else "AAAA")
-    for i in range(len(fleet.envoys)):
-        deadline = time.monotonic() + 10
-        while error_code(request(fleet.url(i), token=wrong)[2]) != "shield_token_invalid":
-            assert time.monotonic() < deadline, f"envoy {i} does not serve {token_id}"
-            time.sleep(0.02)
-
-
 def test_a_threshold_the_fleet_crosses_is_alerted_once_by_one_envoy(fleet, mock_mistral):
     mock_mistral.behaviour(usage=USAGE)
-    wait_served(fleet, "shared")
+    fleet.wait_served("shared")
     # Alternating Envoys: after five requests one Envoy spent 60% and the other 40%, so on its
     # own spend neither would have alerted at 80% or 100%.
     statuses = []
