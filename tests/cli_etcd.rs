@@ -2396,3 +2396,36 @@ fn export_writes_the_policy_in_etcd_to_a_file_that_imports_back() {
     after["revision"] = Value::Null;
     assert_eq!(before, after);
 }
+
+#[test]
+fn release_node_gives_back_what_a_stopped_envoy_did_not_spend() {
+    let etcd = Etcd::start("release");
+    let cli = Cli::new(&etcd);
+    etcd.put("shieldkey/ledger/pool/alice/0", r#"{"claimed":700}"#);
+    etcd.put(
+        "shieldkey/ledger/node/e1/alice/0/claimed",
+        r#"{"claimed":500}"#,
+    );
+    etcd.put("shieldkey/ledger/node/e1/alice/0/spent", r#"{"spent":200}"#);
+    // Without --stopped: refused, nothing written.
+    let before = etcd.revision();
+    let err = cli.fails(&["release-node", "e1"], None, 2);
+    assert!(err.contains("--stopped"), "{err}");
+    assert_eq!(etcd.revision(), before);
+    // Single-Envoy mode has no ledger to release.
+    let err = cli
+        .at("")
+        .fails(&["release-node", "e1", "--stopped"], None, 2);
+    assert!(err.contains("--etcd"), "{err}");
+
+    let (out, err) = cli.ok(&["release-node", "e1", "--stopped"], None);
+    assert!(out.contains("alice\twindow 0\treleased"), "{out}");
+    assert!(err.contains("released"), "{err}");
+    assert_eq!(etcd.value("shieldkey/ledger/pool/alice/0")["claimed"], 400);
+    assert_eq!(
+        etcd.value("shieldkey/ledger/node/e1/alice/0/claimed")["claimed"],
+        200
+    );
+    let err = cli.fails(&["release-node", "e2", "--stopped"], None, 1);
+    assert!(err.contains("no Envoy 'e2'"), "{err}");
+}

@@ -14,6 +14,7 @@ mod policy_file;
 mod policy_store;
 mod policy_transfer;
 mod random;
+mod release_node;
 mod rule_flags;
 mod settings;
 mod status;
@@ -46,6 +47,9 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   policy already in etcd
   export FILE [--force]           fleet mode: the policy in etcd into a file, as it is (a backup,
                                   or the way back to one Envoy); --force replaces the file
+  release-node NODE --stopped     fleet mode: give back to the pools what Envoy NODE (its
+                                  node.id) claimed and did not spend, and delete its keys of
+                                  swept windows; only for an Envoy that is stopped or gone
   seal --id ID [--from-env VAR]   seal an upstream Mistral key read from stdin (or VAR);
                                   sealing an existing id rotates it
   mint --id ID --upstream-key KEY [--owner O] [--description D] [--team T]
@@ -354,6 +358,7 @@ fn dispatch(argv: Vec<String>) -> Result<(), CliError> {
         "keygen" => return commands::keygen(args),
         "audit" => return audit::audit(args),
         "status" => return status::status(options.target()?, args),
+        "release-node" => return release_node::release_node(options.target()?, args),
         "console" => return console::console(options.target()?, args),
         _ => {}
     }

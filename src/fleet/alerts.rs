@@ -8,7 +8,7 @@
 //! `ledger/alerts/<subject>/<window>/<threshold>`, created only if absent, elects the one that
 //! sends it. A restarted node finds the alerts already sent in etcd and sends none again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::lease::{self, Created};
 use super::sync::Call;
@@ -27,8 +27,9 @@ const CLAIM_ATTEMPTS: u32 = 3;
 pub struct FleetAlerts {
     thresholds: Vec<u8>,
     webhook: bool,
-    /// Budgets flushed since the last check: subject -> window start.
-    to_check: BTreeMap<String, i64>,
+    /// Budgets flushed since the last check: (subject, window start); a window that just
+    /// turned keeps its own check beside the new one's.
+    to_check: BTreeSet<(String, i64)>,
     /// Thresholds this node claimed or saw claimed: subject -> (window start, bits of
     /// `thresholds`), so one crossing is claimed once, not after every flush.
     claimed: BTreeMap<String, (i64, u8)>,
@@ -82,7 +83,7 @@ impl FleetAlerts {
     /// This node's spend of `subject`'s budget window was written to etcd.
     pub fn flushed(&mut self, subject: &str, window_start: i64) {
         if !self.thresholds.is_empty() {
-            self.to_check.insert(subject.to_string(), window_start);
+            self.to_check.insert((subject.to_string(), window_start));
         }
     }
 
@@ -160,10 +161,7 @@ impl FleetAlerts {
                     .then(|| lease::parse_spent_sums(body, batch.len()))
                     .flatten();
                 let Some(sums) = sums else {
-                    for (subject, window) in batch {
-                        // A newer flush of the same budget may be waiting already.
-                        self.to_check.entry(subject).or_insert(window);
-                    }
+                    self.to_check.extend(batch);
                     return AlertStep::Failed;
                 };
                 for ((subject, window), spent) in batch.into_iter().zip(sums) {
