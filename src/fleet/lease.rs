@@ -150,6 +150,8 @@ pub struct Claims {
     pub pool_mod: u64,
     pub node: NanoUsd,
     pub node_mod: u64,
+    /// The marker of the claim that last wrote this node's claim (`claim_body`), if any.
+    pub node_marker: Option<u64>,
 }
 
 fn b64(s: &str) -> String {
@@ -183,7 +185,33 @@ pub fn grant(limit: NanoUsd, pool: NanoUsd, short: NanoUsd) -> Option<NanoUsd> {
 /// Call 2: add `amount` to the pool and to this node's claim, if nobody changed either since
 /// `seen` was read (a key that did not exist compares as revision 0).
 pub fn write_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: NanoUsd) -> Vec<u8> {
+    guarded_write(pool_key, claimed_key, seen, amount, None)
+}
+
+/// A claim's write, as `write_body`, with a marker in this node's claim: when the reply is
+/// lost, reading the claim back tells whether this very write was applied (`Claims::node_marker`).
+pub fn claim_body(
+    pool_key: &str,
+    claimed_key: &str,
+    seen: &Claims,
+    amount: NanoUsd,
+    marker: u64,
+) -> Vec<u8> {
+    guarded_write(pool_key, claimed_key, seen, amount, Some(marker))
+}
+
+fn guarded_write(
+    pool_key: &str,
+    claimed_key: &str,
+    seen: &Claims,
+    amount: NanoUsd,
+    marker: Option<u64>,
+) -> Vec<u8> {
     let value = |n: NanoUsd| b64(&format!("{{\"claimed\":{n}}}"));
+    let node_value = |n: NanoUsd| match marker {
+        Some(m) => b64(&format!("{{\"claimed\":{n},\"claim\":\"{m:016x}\"}}")),
+        None => value(n),
+    };
     serde_json::json!({
         "compare": [
             {"key": b64(pool_key), "target": "MOD", "result": "EQUAL",
@@ -193,7 +221,7 @@ pub fn write_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: Nano
         ],
         "success": [
             {"request_put": {"key": b64(pool_key), "value": value(seen.pool.saturating_add(amount))}},
-            {"request_put": {"key": b64(claimed_key), "value": value(seen.node.saturating_add(amount))}},
+            {"request_put": {"key": b64(claimed_key), "value": node_value(seen.node.saturating_add(amount))}},
         ]
     })
     .to_string()
@@ -355,6 +383,8 @@ struct Amount {
     claimed: NanoUsd,
     #[serde(default)]
     spent: NanoUsd,
+    #[serde(default)]
+    claim: Option<String>,
 }
 
 fn num(v: &serde_json::Value) -> u64 {
@@ -388,6 +418,10 @@ pub fn parse_read(body: &[u8]) -> Option<Claims> {
         pool_mod,
         node: node.claimed,
         node_mod,
+        node_marker: node
+            .claim
+            .as_deref()
+            .and_then(|m| u64::from_str_radix(m, 16).ok()),
     })
 }
 
@@ -441,7 +475,8 @@ mod tests {
                 pool: 700,
                 pool_mod: 7,
                 node: 0,
-                node_mod: 0
+                node_mod: 0,
+                node_marker: None,
             })
         );
         assert_eq!(
@@ -459,6 +494,7 @@ mod tests {
             pool_mod: 4,
             node: 30,
             node_mod: 0,
+            node_marker: None,
         };
         let body: serde_json::Value =
             serde_json::from_slice(&write_body("p", "c", &seen, 50)).unwrap();

@@ -15,7 +15,26 @@ use crate::stream::active::Active;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Reading,
-    Writing { amount: NanoUsd },
+    Writing {
+        amount: NanoUsd,
+        marker: u64,
+    },
+    /// The write's reply was lost (a timeout, a 5xx): etcd may have applied it. Reading the
+    /// node's claim back tells: it carries this write's marker only if this write was applied
+    /// (and no claim of this node came after it; then it is lost, as before, never granted twice).
+    Verifying {
+        amount: NanoUsd,
+        marker: u64,
+    },
+}
+
+/// A marker for one claim write, unique with overwhelming odds: std's `RandomState` draws its
+/// keys from the host's random source (WASI `random_get`) once per VM and steps them per call.
+fn new_marker(call: Option<u32>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(call.unwrap_or(0));
+    hasher.finish()
 }
 
 pub(super) struct Pending {
@@ -103,34 +122,68 @@ impl Stream {
                     self.give_up(host, &active, pending, denial);
                     return;
                 };
-                pending.step = Step::Writing { amount };
-                self.resend(host, &active, pending, Some((claims, amount)));
+                let marker = new_marker(pending.call);
+                pending.step = Step::Writing { amount, marker };
+                self.resend(host, &active, pending, Some((claims, amount, marker)));
             }
-            Step::Writing { amount } => {
+            Step::Verifying { amount, marker } => {
+                let Some(now) = (status == 200).then(|| lease::parse_read(&body)).flatten() else {
+                    self.give_up(host, &active, pending, Denial::LedgerBusy);
+                    return;
+                };
+                if now.node_marker == Some(marker) {
+                    self.granted(host, &active, pending, window, amount);
+                } else {
+                    // Not applied (or claimed over since): claim again from what is there now.
+                    self.retry(host, &active, pending);
+                }
+            }
+            Step::Writing { amount, marker } => {
                 match (status == 200).then(|| lease::parse_write(&body)).flatten() {
-                    Some(true) => {
-                        let now = host.now_unix_ms().unwrap_or(0);
-                        let granted = active.ledger(host).grant(
-                            subject.id(),
-                            Some(budget.window),
-                            window,
-                            amount,
-                            budget.limit,
-                            now,
-                        );
-                        active.metrics.lease_claimed(host);
-                        if granted.is_err() {
-                            self.give_up(host, &active, pending, Denial::LedgerBusy);
-                            return;
-                        }
-                        self.after_grant(host, &active, pending);
-                    }
+                    Some(true) => self.granted(host, &active, pending, window, amount),
                     // Another Envoy (or worker) claimed in between: read again.
                     Some(false) => self.retry(host, &active, pending),
-                    None => self.give_up(host, &active, pending, Denial::LedgerBusy),
+                    // Applied or not, nobody said: read the claim back.
+                    None => {
+                        pending.step = Step::Verifying { amount, marker };
+                        self.resend(host, &active, pending, None);
+                    }
                 }
             }
         }
+    }
+
+    /// The claim's write went through: the lease is this Envoy's, then the request goes on.
+    fn granted(
+        &mut self,
+        host: &dyn Host,
+        active: &Active,
+        pending: Pending,
+        window: i64,
+        amount: NanoUsd,
+    ) {
+        let (Some(subject), Some(budget)) = (
+            self.subject(pending.level).cloned(),
+            self.subject(pending.level).and_then(|s| s.limits().budget),
+        ) else {
+            self.give_up(host, active, pending, Denial::LedgerBusy);
+            return;
+        };
+        let now = host.now_unix_ms().unwrap_or(0);
+        let granted = active.ledger(host).grant(
+            subject.id(),
+            Some(budget.window),
+            window,
+            amount,
+            budget.limit,
+            now,
+        );
+        active.metrics.lease_claimed(host);
+        if granted.is_err() {
+            self.give_up(host, active, pending, Denial::LedgerBusy);
+            return;
+        }
+        self.after_grant(host, active, pending);
     }
 
     /// With the lease added, reserve again from the level that was short: forwarded, or (if
@@ -168,7 +221,7 @@ impl Stream {
         host: &dyn Host,
         active: &Active,
         mut pending: Pending,
-        write: Option<(Claims, NanoUsd)>,
+        write: Option<(Claims, NanoUsd, u64)>,
     ) {
         match self.send(host, active, &pending, write) {
             Some(call) => {
@@ -186,7 +239,7 @@ impl Stream {
         host: &dyn Host,
         active: &Active,
         pending: &Pending,
-        write: Option<(Claims, NanoUsd)>,
+        write: Option<(Claims, NanoUsd, u64)>,
     ) -> Option<u32> {
         let fleet = active.fleet_context()?;
         let subject = self.subject(pending.level)?;
@@ -196,7 +249,9 @@ impl Stream {
         let claimed = lease::claimed_key(prefix, &fleet.node, subject.id(), window);
         let body = match write {
             None => lease::read_body(&pool, &claimed),
-            Some((seen, amount)) => lease::write_body(&pool, &claimed, &seen, amount),
+            Some((seen, amount, marker)) => {
+                lease::claim_body(&pool, &claimed, &seen, amount, marker)
+            }
         };
         host.dispatch_call(
             &fleet.settings.cluster,

@@ -513,6 +513,71 @@ fn fleet_a_request_short_of_its_share_waits_for_one_claim_then_goes_on() {
     assert_eq!(gw.host.calls.borrow().len(), 2);
 }
 
+/// etcd applied the claim's write but its reply never came (a timeout): the claim is read back,
+/// and the node's claim carries this write's marker: granted once, the request goes on. A marker
+/// of another write (or none) is claimed again, never granted twice.
+#[test]
+fn fleet_a_claim_applied_whose_reply_was_lost_is_read_back_and_granted() {
+    let gw = gateway().into_fleet();
+    let mut s = gw.request("POST", CHAT, "alice");
+    s.on_request_headers(&gw.host, false);
+    assert_eq!(gw.body(&mut s, SMALL, true), Flow::Pause);
+    *gw.host.call_reply.borrow_mut() = (200, NOTHING_CLAIMED.to_vec());
+    s.on_call_response(&gw.host, 1, 0);
+    let write: Value = serde_json::from_slice(&gw.host.calls.borrow()[1].1).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let node_value = base64::Engine::decode(
+        &b64,
+        write["success"][1]["request_put"]["value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    // The write is lost: a timeout.
+    *gw.host.call_reply.borrow_mut() = (504, b"upstream request timeout".to_vec());
+    s.on_call_response(&gw.host, 2, 0);
+    assert_eq!(gw.host.calls.borrow().len(), 3, "the claim read back");
+    assert_eq!(gw.host.resumed.get(), 0);
+    // What etcd holds: exactly that write.
+    let stored = base64::Engine::encode(&b64, &node_value);
+    let reply = format!(
+        r#"{{"header":{{"revision":"6"}},"succeeded":true,"responses":[{{"response_range":{{}}}},{{"response_range":{{"kvs":[{{"key":"c","mod_revision":"6","value":"{stored}"}}]}}}}]}}"#
+    );
+    *gw.host.call_reply.borrow_mut() = (200, reply.into_bytes());
+    s.on_call_response(&gw.host, 3, 0);
+    assert_eq!(gw.host.resumed.get(), 1, "forwarded");
+    assert_eq!(gw.host.stat("shieldkey.fleet.lease_claims"), 1);
+
+    // Another request, same story, but the node's claim carries someone else's marker.
+    let mut t = gw.request("POST", CHAT, "alice");
+    t.on_request_headers(&gw.host, false);
+    let huge = format!(
+        r#"{{"model":"mistral-small-latest","max_tokens":200000,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(10)
+    );
+    // More than the lease held ($0.10): another claim.
+    assert_eq!(gw.body(&mut t, huge.as_bytes(), true), Flow::Pause);
+    {
+        let n = gw.host.calls.borrow().len();
+        *gw.host.call_reply.borrow_mut() = (200, NOTHING_CLAIMED.to_vec());
+        t.on_call_response(&gw.host, n as u32, 0);
+        *gw.host.call_reply.borrow_mut() = (0, Vec::new());
+        t.on_call_response(&gw.host, n as u32 + 1, 0);
+        let other =
+            base64::Engine::encode(&b64, r#"{"claimed":100000000,"claim":"00000000000000ff"}"#);
+        let reply = format!(
+            r#"{{"header":{{"revision":"7"}},"succeeded":true,"responses":[{{"response_range":{{}}}},{{"response_range":{{"kvs":[{{"key":"c","mod_revision":"7","value":"{other}"}}]}}}}]}}"#
+        );
+        *gw.host.call_reply.borrow_mut() = (200, reply.into_bytes());
+        t.on_call_response(&gw.host, n as u32 + 2, 0);
+        // Not this write's: claimed again (a fresh read), not granted.
+        assert_eq!(gw.host.stat("shieldkey.fleet.lease_claims"), 1);
+        let last: Value =
+            serde_json::from_slice(&gw.host.calls.borrow().last().unwrap().1).unwrap();
+        assert!(last.get("compare").is_none(), "a read: {last}");
+    }
+}
+
 #[test]
 fn fleet_without_etcd_a_request_short_of_its_share_is_refused_and_gives_its_admission_back() {
     let gw = gateway().into_fleet();
