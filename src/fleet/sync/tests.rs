@@ -643,15 +643,12 @@ fn answer_txn(etcd: &mut FakeEtcd, body: &[u8]) -> (u32, Vec<u8>) {
     (200, reply.to_string().into_bytes())
 }
 
-#[test]
-fn an_idle_lease_goes_back_to_the_pool() {
+/// Token `b` ($1 lifetime): this node (e1) holds a $0.30 lease of a pool holding `pool` in all,
+/// spent $0.10 of it just now (at 0), and flushed.
+fn holding_a_lease(pool: u64) -> (FakeEtcd, MemoryStore, PolicySync, crate::ledger::Limits) {
     let mut etcd = etcd_with(0);
     etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
-    // This node claimed $0.30 of the $1 pool, another node $0.20.
-    etcd.put(
-        "shieldkey/ledger/pool/b/0",
-        json!({"claimed": 500_000_000u64}),
-    );
+    etcd.put("shieldkey/ledger/pool/b/0", json!({"claimed": pool}));
     etcd.put(
         "shieldkey/ledger/node/e1/b/0/claimed",
         json!({"claimed": 300_000_000u64}),
@@ -676,6 +673,14 @@ fn an_idle_lease_goes_back_to_the_pool() {
     let flush = sync.poll_flush(&store, 0).unwrap();
     let (status, body) = answer_txn(&mut etcd, &flush.body);
     sync.on_flush_reply(0, status, &body);
+    (etcd, store, sync, limits)
+}
+
+#[test]
+fn an_idle_lease_goes_back_to_the_pool() {
+    // Another node claimed $0.20 of the pool besides this one's $0.30.
+    let (mut etcd, store, mut sync, limits) = holding_a_lease(500_000_000);
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
     // Used just now: nothing goes back yet.
     assert!(sync.poll_returns(&store, 100).is_none());
     // Idle for longer than lease_idle_ms: the unused $0.20 goes back.
@@ -706,36 +711,7 @@ fn an_idle_lease_goes_back_to_the_pool() {
 /// change is applied, though the token is busy (an idle interval later, it could be spent).
 #[test]
 fn a_lowered_limit_sends_the_surplus_of_a_busy_lease_back_at_once() {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
-    etcd.put(
-        "shieldkey/ledger/pool/b/0",
-        json!({"claimed": 300_000_000u64}),
-    );
-    etcd.put(
-        "shieldkey/ledger/node/e1/b/0/claimed",
-        json!({"claimed": 300_000_000u64}),
-    );
-    let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings(), "e1".into());
-    run(&mut sync, &etcd, &store, 0);
-    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let limits = policy_store::lookup_newest(&store, "b")
-        .unwrap()
-        .0
-        .rules
-        .limits;
-    ledger
-        .grant("b", None, 0, 300_000_000, 1_000_000_000, 0)
-        .unwrap();
-    let a = ledger.admit("b", &limits, 0, 0).unwrap();
-    ledger
-        .settle("b", &limits, &[], &a, 100_000_000, 0, 0)
-        .unwrap();
-    sync.mark_dirty("b".into());
-    let flush = sync.poll_flush(&store, 0).unwrap();
-    let (status, body) = answer_txn(&mut etcd, &flush.body);
-    sync.on_flush_reply(0, status, &body);
+    let (mut etcd, store, mut sync, _) = holding_a_lease(300_000_000);
     assert!(sync.poll_returns(&store, 100).is_none(), "busy: kept");
 
     etcd.put("shieldkey/policy/tokens/b", budgeted("b", "0.15"));
