@@ -18,8 +18,10 @@ use crate::rules::rate_window::RateWindow;
 use crate::store::{SharedStore, StoreError};
 
 const STATE_VERSION: u8 = 4;
-/// Counters written by the previous release (without `lease_limit`), still read: a filter
-/// upgrade keeps Envoy's shared data, and spend must survive it.
+/// The previous release's format, under its own key (`legacy_key`): read once, to carry a
+/// token's counters over, and never written. A filter upgrade keeps Envoy's shared data, so
+/// spend must survive it; and the previous release's VMs, still finishing their streams, must
+/// never meet a format they do not know: they would take it for corrupt and reset it.
 const STATE_VERSION_3: u8 = 3;
 const MINUTE_MS: u64 = 60_000;
 pub const CAS_RETRIES: usize = 32;
@@ -194,10 +196,21 @@ impl Counters {
     }
 
     fn decode(data: &[u8]) -> Option<Counters> {
-        let (mut r, version) = match Reader::new(data, STATE_VERSION) {
-            Some(r) => (r, STATE_VERSION),
-            None => (Reader::new(data, STATE_VERSION_3)?, STATE_VERSION_3),
-        };
+        Counters::decode_version(data, STATE_VERSION)
+    }
+
+    /// The previous release's counters, carried over: its outstanding reservations belong to
+    /// requests that settle on its own key, which this release never reads again, so they count
+    /// as spent (their worst case: nothing is lost, a little may be overcounted).
+    fn from_legacy(data: &[u8]) -> Option<Counters> {
+        let mut c = Counters::decode_version(data, STATE_VERSION_3)?;
+        c.spent = c.spent.saturating_add(c.reserved);
+        c.reserved = 0;
+        Some(c)
+    }
+
+    fn decode_version(data: &[u8], version: u8) -> Option<Counters> {
+        let mut r = Reader::new(data, version)?;
         let mut c = Counters {
             window_start: r.i64()?,
             spent: r.u64()?,
@@ -270,6 +283,11 @@ impl Counters {
 }
 
 fn key(token_id: &str) -> String {
+    format!("shieldkey/2/ledger/{token_id}")
+}
+
+/// Where the previous release (format 3) keeps a token's counters.
+fn legacy_key(token_id: &str) -> String {
     format!("shieldkey/1/ledger/{token_id}")
 }
 
@@ -282,8 +300,20 @@ pub struct SharedDataLedger<'a> {
 impl<'a> SharedDataLedger<'a> {
     /// (spent, reserved) in the token's current budget window, as stored.
     pub fn balance(&self, token_id: &str) -> Option<(NanoUsd, NanoUsd)> {
-        let (bytes, _) = self.store.get(&key(token_id))?;
-        Counters::decode(&bytes).map(|c| (c.spent, c.reserved))
+        self.read(token_id).map(|c| (c.spent, c.reserved))
+    }
+
+    /// The stored counters, or the previous release's carried over when this release has none.
+    fn read(&self, token_id: &str) -> Option<Counters> {
+        match self.store.get(&key(token_id)) {
+            Some((bytes, _)) => Counters::decode(&bytes),
+            None => self.legacy(token_id),
+        }
+    }
+
+    fn legacy(&self, token_id: &str) -> Option<Counters> {
+        let (bytes, _) = self.store.get(&legacy_key(token_id))?;
+        Counters::from_legacy(&bytes)
     }
 
     pub fn new(store: &'a dyn SharedStore) -> Self {
@@ -421,14 +451,13 @@ impl<'a> SharedDataLedger<'a> {
 
     /// (minute, requests, tokens) this Envoy counted in the stored minute, for sharing.
     pub fn minute_counts(&self, token_id: &str) -> Option<(i64, u64, u64)> {
-        let (bytes, _) = self.store.get(&key(token_id))?;
-        Counters::decode(&bytes).map(|c| (c.minute, c.minute_requests, c.minute_tokens))
+        self.read(token_id)
+            .map(|c| (c.minute, c.minute_requests, c.minute_tokens))
     }
 
     /// (window start, spent) as stored, for flushing this Envoy's spend to etcd.
     pub fn spent(&self, token_id: &str) -> Option<(i64, NanoUsd)> {
-        let (bytes, _) = self.store.get(&key(token_id))?;
-        Counters::decode(&bytes).map(|c| (c.window_start, c.spent))
+        self.read(token_id).map(|c| (c.window_start, c.spent))
     }
 
     /// As `spent`, with the previous window's (start, spent) when anything was spent in it.
@@ -436,8 +465,7 @@ impl<'a> SharedDataLedger<'a> {
         &self,
         token_id: &str,
     ) -> Option<(WindowSpend, Option<WindowSpend>)> {
-        let (bytes, _) = self.store.get(&key(token_id))?;
-        let c = Counters::decode(&bytes)?;
+        let c = self.read(token_id)?;
         let previous = (c.prev_spent > 0 && c.prev_window_start != c.window_start)
             .then_some((c.prev_window_start, c.prev_spent));
         Some(((c.window_start, c.spent), previous))
@@ -458,7 +486,7 @@ impl<'a> SharedDataLedger<'a> {
                     // A corrupt value is replaced: the alternative is a token locked out forever.
                     None => (Counters::default(), Some(cas)),
                 },
-                None => (Counters::default(), None),
+                None => (self.legacy(token_id).unwrap_or_default(), None),
             };
             let out = update(&mut counters)?;
             match self.store.set(&key, &counters.encode(), cas) {
@@ -666,8 +694,9 @@ impl Ledger for SharedDataLedger<'_> {
 
     fn ensure(&self, token_id: &str) -> Result<(), StoreError> {
         if self.store.get(&key(token_id)).is_none() {
-            self.store
-                .set(&key(token_id), &Counters::default().encode(), None)?;
+            // First loaded by this release: the previous release's counters, if any, carry over.
+            let counters = self.legacy(token_id).unwrap_or_default();
+            self.store.set(&key(token_id), &counters.encode(), None)?;
         }
         Ok(())
     }
@@ -991,9 +1020,9 @@ mod tests {
     }
 
     #[test]
-    fn counters_of_the_previous_format_are_read_not_reset() {
+    fn the_previous_releases_counters_carry_over_and_are_never_written() {
         let c = Counters {
-            window_start: 7,
+            window_start: 0,
             spent: 123,
             reserved: 4,
             allowance: 500,
@@ -1003,20 +1032,35 @@ mod tests {
             prev_spent: 77,
             ..Counters::default()
         };
-        // The previous format: the same fields up to `lease_limit`.
+        // The previous format: the same fields up to `lease_limit`, under its own key.
         let mut v3 = c.encode();
         v3[0] = STATE_VERSION_3;
         v3.truncate(v3.len() - 24);
-        let read = Counters::decode(&v3).unwrap();
+        let s = MemoryStore::new();
+        s.set(&legacy_key("a"), &v3, None).unwrap();
+        let l = SharedDataLedger::new(&s);
+        // Its outstanding reservation settles on the old key, never read again: counted as spent.
+        assert_eq!(l.balance("a"), Some((127, 0)));
+        l.ensure("a").unwrap();
         assert_eq!(
-            read,
-            Counters {
+            Counters::decode(&s.get(&key("a")).unwrap().0),
+            Some(Counters {
+                spent: 127,
+                reserved: 0,
                 lease_limit: 0,
                 prev_window_start: 0,
                 prev_spent: 0,
                 ..c.clone()
-            }
+            })
         );
+        // A VM of the previous release finishing a stream rewrites its own key (it would reset a
+        // format it does not know): this release's counters are untouched, its key never written.
+        s.set(&legacy_key("a"), &[3, 0], None).unwrap();
+        let limits = budget(USD, BudgetWindow::Lifetime);
+        let a = l.admit("a", &limits, 0, T0).unwrap();
+        l.settle("a", &limits, &[], &a, 3, 0, T0).unwrap();
+        assert_eq!(l.balance("a").map(|b| b.0), Some(130));
+        assert_eq!(s.get(&legacy_key("a")).unwrap().0, vec![3, 0]);
         assert_eq!(Counters::decode(&c.encode()), Some(c));
     }
 
