@@ -30,9 +30,10 @@ pub struct FleetAlerts {
     /// Budgets flushed since the last check: (subject, window start); a window that just
     /// turned keeps its own check beside the new one's.
     to_check: BTreeSet<(String, i64)>,
-    /// Thresholds this node claimed or saw claimed: subject -> (window start, bits of
-    /// `thresholds`), so one crossing is claimed once, not after every flush.
-    claimed: BTreeMap<String, (i64, u8)>,
+    /// Thresholds this node claimed or saw claimed: (subject, window start) -> bits of
+    /// `thresholds`, so one crossing is claimed once, not after every flush; the two newest
+    /// windows of a subject (the previous one is still flushed for a while after it turned).
+    claimed: BTreeMap<(String, i64), u8>,
     claims: VecDeque<Claim>,
     in_flight: Option<InFlight>,
     /// After a failed call, nothing is sent before this (etcd down is not asked every tick).
@@ -47,6 +48,9 @@ struct Claim {
     /// The fleet's spend when the crossing was seen.
     spent: NanoUsd,
     attempts: u32,
+    /// Written into the alert key: found there after a lost reply, this claim won; a node's
+    /// name alone would not tell this claim from the same node's before a restart.
+    marker: u64,
 }
 
 #[derive(Debug)]
@@ -99,6 +103,7 @@ impl FleetAlerts {
                 "node": node,
                 "spent": claim.spent,
                 "at": now_ms.div_euclid(1000),
+                "claim": format!("{:016x}", claim.marker),
             })
             .to_string();
             self.in_flight = Some(InFlight::Claim(claim));
@@ -133,13 +138,12 @@ impl FleetAlerts {
     pub fn on_reply(
         &mut self,
         store: &dyn SharedStore,
-        node: &str,
         now_ms: i64,
         retry_ms: i64,
         status: u32,
         body: &[u8],
     ) -> AlertStep {
-        let step = self.step(store, node, now_ms, status, body);
+        let step = self.step(store, now_ms, status, body);
         if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
             self.retry_at_ms = now_ms.saturating_add(retry_ms);
         }
@@ -149,7 +153,6 @@ impl FleetAlerts {
     fn step(
         &mut self,
         store: &dyn SharedStore,
-        node: &str,
         now_ms: i64,
         status: u32,
         body: &[u8],
@@ -174,9 +177,7 @@ impl FleetAlerts {
                     Some(Created::Now) => Some(true),
                     // Created by this node already: an earlier try was applied but its reply
                     // was lost. Else another node created it first, and that one sends it.
-                    Some(Created::Already(value)) => {
-                        Some(claimed_by(&value).as_deref() == Some(node))
-                    }
+                    Some(Created::Already(value)) => Some(marker_of(&value) == Some(claim.marker)),
                     None => None,
                 };
                 match won {
@@ -211,10 +212,11 @@ impl FleetAlerts {
         else {
             return;
         };
-        let fired = match self.claimed.get(&subject) {
-            Some((w, bits)) if *w == window => *bits,
-            _ => 0,
-        };
+        let fired = self
+            .claimed
+            .get(&(subject.clone(), window))
+            .copied()
+            .unwrap_or(0);
         let (crossed, fired) = newly_crossed(spent, budget.limit, &self.thresholds, fired);
         for threshold in crossed {
             self.claims.push_back(Claim {
@@ -223,9 +225,18 @@ impl FleetAlerts {
                 threshold,
                 spent,
                 attempts: 0,
+                marker: lease::marker(u32::from(threshold)),
             });
         }
-        self.claimed.insert(subject, (window, fired));
+        self.claimed.insert((subject.clone(), window), fired);
+        let windows: Vec<i64> = self
+            .claimed
+            .range((subject.clone(), i64::MIN)..=(subject.clone(), i64::MAX))
+            .map(|((_, w), _)| *w)
+            .collect();
+        for old in windows.iter().rev().skip(2) {
+            self.claimed.remove(&(subject.clone(), *old));
+        }
     }
 
     /// The alert of a claim this node won, named as the single-Envoy alert is.
@@ -254,8 +265,8 @@ impl FleetAlerts {
     }
 }
 
-/// The node named in an alert key's value (`poll` writes it).
-fn claimed_by(value: &[u8]) -> Option<String> {
+/// The marker in an alert key's value (`poll` writes it).
+fn marker_of(value: &[u8]) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_slice(value).ok()?;
-    value.get("node")?.as_str().map(str::to_string)
+    u64::from_str_radix(value.get("claim")?.as_str()?, 16).ok()
 }

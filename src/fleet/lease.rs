@@ -188,6 +188,16 @@ pub fn write_body(pool_key: &str, claimed_key: &str, seen: &Claims, amount: Nano
     guarded_write(pool_key, claimed_key, seen, amount, None)
 }
 
+/// A marker for one write, unique with overwhelming odds, so that reading a key back tells
+/// whether it holds this very write: std's `RandomState` draws its keys from the host's random
+/// source (WASI `random_get` in the filter) once per VM and steps them at every call.
+pub fn marker(seed: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(seed);
+    hasher.finish()
+}
+
 /// A claim's write, as `write_body`, with a marker in this node's claim: when the reply is
 /// lost, reading the claim back tells whether this very write was applied (`Claims::node_marker`).
 pub fn claim_body(

@@ -787,10 +787,14 @@ impl PolicySync {
                     let mut windows = vec![(window_start, spent)];
                     // The end of the window that just turned: what was spent in it after the
                     // last flush before the turn, and by requests that ended after it.
-                    if now_ms < window_start.saturating_mul(1000) + PREVIOUS_WINDOW_FLUSH_MS {
+                    let turned_lately = now_ms
+                        < window_start
+                            .saturating_mul(1000)
+                            .saturating_add(PREVIOUS_WINDOW_FLUSH_MS);
+                    if turned_lately {
                         windows.extend(previous);
                     }
-                    for (window_start, spent) in windows {
+                    for &(window_start, spent) in &windows {
                         entries.push((
                             lease::spent_key(prefix, &self.node, &id, window_start),
                             lease::spent_value(spent),
@@ -801,7 +805,9 @@ impl PolicySync {
                         ));
                     }
                     if budgeted {
-                        budgets.push((id.clone(), window_start));
+                        // Each window written is checked for alerts: a threshold can be crossed
+                        // by the last spend of the window that turned.
+                        budgets.extend(windows.iter().map(|&(w, _)| (id.clone(), w)));
                     }
                 }
             }
@@ -871,9 +877,7 @@ impl PolicySync {
         body: &[u8],
     ) -> AlertStep {
         let retry_ms = self.settings.sync_interval_ms as i64;
-        let step = self
-            .alerts
-            .on_reply(store, &self.node, now_ms, retry_ms, status, body);
+        let step = self.alerts.on_reply(store, now_ms, retry_ms, status, body);
         if matches!(step, AlertStep::Failed | AlertStep::GaveUp { .. }) {
             self.failures += 1;
         }

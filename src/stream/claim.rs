@@ -28,15 +28,6 @@ enum Step {
     },
 }
 
-/// A marker for one claim write, unique with overwhelming odds: std's `RandomState` draws its
-/// keys from the host's random source (WASI `random_get`) once per VM and steps them per call.
-fn new_marker(call: Option<u32>) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(call.unwrap_or(0));
-    hasher.finish()
-}
-
 pub(super) struct Pending {
     pub(super) request: Reserving,
     /// The level whose budget is short.
@@ -122,7 +113,7 @@ impl Stream {
                     self.give_up(host, &active, pending, denial);
                     return;
                 };
-                let marker = new_marker(pending.call);
+                let marker = lease::marker(pending.call.unwrap_or(0));
                 pending.step = Step::Writing { amount, marker };
                 self.resend(host, &active, pending, Some((claims, amount, marker)));
             }

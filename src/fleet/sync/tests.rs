@@ -1620,3 +1620,72 @@ fn the_end_of_a_budget_window_is_flushed_after_it_turned() {
     spend_and_flush(&mut sync, &mut etcd, &store, "b", 1, midnight + 600_000);
     assert_eq!(node_spent(&etcd, &key), Some(1));
 }
+
+/// The alert key names the claim (a random marker), not only the node: a node restarted under
+/// its id must not take the alerts it sent before for claims it just won.
+#[test]
+fn a_restarted_node_does_not_send_again_the_alerts_it_sent() {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let now = 1_790_000_000_000;
+    let mut e2 = Node::start("e2", &etcd, now);
+    let sent = e2.spend(&mut etcd, "b", 600_000_000);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    // e2 restarts under the same node id; one more flush of its spend.
+    let mut e2 = Node::start("e2", &etcd, now + 1_000);
+    let again = e2.spend(&mut etcd, "b", 610_000_000);
+    assert!(again.is_empty(), "sent again after a restart: {again:?}");
+}
+
+/// A threshold crossed by the spend of a window's last sync interval (flushed after the
+/// turn, as the previous window's) is alerted.
+#[test]
+fn a_threshold_crossed_at_the_end_of_a_window_is_alerted() {
+    let midnight: i64 = 1_790_035_200_000;
+    let now = midnight - 500;
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    let mut e1 = Node::start("e1", &etcd, now);
+    spend_and_flush(&mut e1.sync, &mut etcd, &e1.store, "b", 400_000_000, now);
+    e1.now = now;
+    assert!(e1.alert_calls(&mut etcd).is_empty());
+    let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
+    let limits = policy_store::lookup_newest(&e1.store, "b")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
+    ledger
+        .grant(
+            "b",
+            limits.budget.map(|b| b.window),
+            day,
+            200_000_000,
+            1_000_000_000,
+            now + 50,
+        )
+        .unwrap();
+    let a = ledger.admit("b", &limits, 0, now + 50).unwrap();
+    ledger
+        .settle("b", &limits, &[], &a, 200_000_000, 0, now + 50)
+        .unwrap();
+    e1.sync.mark_dirty("b".into());
+    // A request of the new day rolls the counters before the next flush.
+    let _ = ledger.admit("b", &limits, 0, midnight + 10).unwrap();
+    let flush = e1.sync.poll_flush(&e1.store, midnight + 100).unwrap();
+    let (status, body) = etcd.answer_txn(&flush.body);
+    assert!(e1.sync.on_flush_reply(midnight + 100, status, &body));
+    assert_eq!(
+        node_spent(&etcd, &format!("shieldkey/ledger/spent/b/{day}/e1")),
+        Some(600_000_000),
+        "the previous window was flushed"
+    );
+    e1.now = midnight + 100;
+    let sent: Vec<u8> = e1
+        .alert_calls(&mut etcd)
+        .iter()
+        .map(|a| a.threshold_percent)
+        .collect();
+    assert_eq!(sent, vec![50], "the 50% crossing of the day that ended");
+}
