@@ -162,9 +162,10 @@ struct Counters {
     requests: RateWindow,
     tokens: RateWindow,
     /// Fleet mode: the budget limit the allowance was last granted under (0: not known). When
-    /// the policy lowers the limit below it, the allowance beyond what is committed no longer
-    /// counts until a claim under the new limit succeeds (the pool is then within the new limit,
-    /// and every allowance is backed by it) or the syncer gave the surplus back.
+    /// the policy's limit is another (lowered, or raised and lowered again while other Envoys
+    /// claimed under the higher one), the allowance beyond what is committed does not count
+    /// until a claim under the new limit succeeds (the pool is then within it, and every
+    /// allowance is backed by it) or the syncer gave the surplus back.
     lease_limit: NanoUsd,
     /// The window before this one and what was spent in it, kept when a window turns: a request
     /// admitted in it that ends after the turn is charged there, never to a window it reserved
@@ -429,11 +430,11 @@ impl<'a> SharedDataLedger<'a> {
                 if let Some(b) = budget {
                     c.roll(Some(b.window), now);
                 }
-                // A limit lowered below what the leases were claimed under: the surplus goes
-                // back at once, busy or not (until it does, this Envoy claims before spending).
-                let lowered = budget.is_some_and(|b| b.limit < c.lease_limit);
+                // A limit other than the one the leases were claimed under: the surplus goes back
+                // at once, busy or not (until it does, this Envoy claims before spending).
+                let changed = budget.is_some_and(|b| b.limit != c.lease_limit);
                 let committed = c.spent.saturating_add(c.reserved);
-                if lowered {
+                if changed {
                     c.lease_limit = budget.map_or(0, |b| b.limit);
                 } else if now_ms - c.last_use_ms < idle_ms {
                     return Ok(None);
@@ -653,9 +654,10 @@ impl Ledger for SharedDataLedger<'_> {
                         now,
                     });
                 }
-                // After the limit was lowered below what the leases were claimed under, only
-                // what is committed counts as held (see `lease_limit`).
-                let allowance = if budget.limit < c.lease_limit {
+                // After the limit changed from the one the leases were claimed under (or if that
+                // is not known), only what is committed counts as held (see `lease_limit`): the
+                // pool may hold claims made under another limit by other Envoys.
+                let allowance = if budget.limit != c.lease_limit {
                     c.allowance.min(committed)
                 } else {
                     c.allowance
@@ -1017,6 +1019,53 @@ mod tests {
         assert_eq!(e1.reserve("x", &new, &mut a, USD / 20, T0), Ok(()));
         // A raised limit takes nothing back from a busy token.
         assert_eq!(e2.take_unused("x", old.budget, 60_000, T0 + 1), Ok(None));
+    }
+
+    fn lifetime(limit: NanoUsd) -> Limits {
+        budget(limit, BudgetWindow::Lifetime)
+    }
+
+    /// $1 → $3 → $1.80: e1 holds $0.50 claimed under $1; e2 claimed and spent $1.50 under $3
+    /// (pool $2.00). e1 must claim under $1.80 before spending (which the pool refuses), not
+    /// spend its old lease: a limit other than the one a lease was claimed under, either way.
+    #[test]
+    fn a_limit_raised_then_lowered_holds_for_an_envoy_that_claimed_under_the_first() {
+        let (s1, s2) = (MemoryStore::new(), MemoryStore::new());
+        let (e1, e2) = (SharedDataLedger::fleet(&s1), SharedDataLedger::fleet(&s2));
+        e1.grant("x", None, 0, USD / 2, USD, T0).unwrap();
+        let three = lifetime(3 * USD);
+        e2.grant("x", None, 0, USD * 3 / 2, 3 * USD, T0).unwrap();
+        let mut a = e2.admit("x", &three, 0, T0).unwrap();
+        e2.reserve("x", &three, &mut a, USD * 3 / 2, T0).unwrap();
+        e2.settle("x", &three, &[], &a, USD * 3 / 2, 0, T0).unwrap();
+        let lowered = lifetime(USD * 18 / 10);
+        let mut b = e1.admit("x", &lowered, 0, T0).unwrap();
+        assert_eq!(
+            e1.reserve("x", &lowered, &mut b, USD / 2, T0),
+            Err(LedgerDenial::AllowanceShort { short: USD / 2 })
+        );
+    }
+
+    /// Leases carried over from the previous release (the limit they were claimed under is not
+    /// known) do not count once the limit is lowered: a claim first.
+    #[test]
+    fn leases_of_the_previous_release_do_not_outlive_a_lowered_limit() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::fleet(&s);
+        l.grant("x", None, 0, USD / 2, USD, T0).unwrap();
+        let (bytes, _) = s.get(&key("x")).unwrap();
+        let mut v3 = bytes.clone();
+        v3[0] = STATE_VERSION_3;
+        v3.truncate(v3.len() - 24);
+        let s = MemoryStore::new();
+        s.set(&legacy_key("x"), &v3, None).unwrap();
+        let l = SharedDataLedger::fleet(&s);
+        let lowered = lifetime(USD / 10);
+        let mut a = l.admit("x", &lowered, 0, T0).unwrap();
+        assert!(matches!(
+            l.reserve("x", &lowered, &mut a, USD / 10, T0),
+            Err(LedgerDenial::AllowanceShort { .. })
+        ));
     }
 
     #[test]

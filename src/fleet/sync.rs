@@ -357,9 +357,13 @@ impl PolicySync {
             self.next_reconcile_ms =
                 now_ms.saturating_add(self.settings.reconcile_interval_ms as i64);
         }
-        if matches!(outcome, Outcome::Applied { .. } | Outcome::Loaded { .. }) {
-            // A budget limit lowered below the leases this Envoy holds: their surplus goes back
-            // at the next return scan, so scan now rather than an idle interval later.
+        if matches!(
+            outcome,
+            Outcome::Loaded { .. } | Outcome::Applied { records: 1.., .. }
+        ) {
+            // A budget limit changed from the one the leases this Envoy holds were claimed under:
+            // their surplus goes back at the next return scan, so scan now rather than an idle
+            // interval later. (A probe that found nothing new changes nothing.)
             self.next_return_scan_ms = now_ms;
         }
         outcome

@@ -1689,3 +1689,21 @@ fn a_threshold_crossed_at_the_end_of_a_window_is_alerted() {
         .collect();
     assert_eq!(sent, vec![50], "the 50% crossing of the day that ended");
 }
+
+/// The return scan is due every `lease_idle_ms`, and when a change was applied; a probe that
+/// found nothing new does not make it due (each scan rewrites every leased token's counters).
+#[test]
+fn a_probe_with_no_change_does_not_scan_the_leases_again() {
+    let (etcd, store, mut sync, _) = holding_a_lease(300_000_000);
+    assert!(sync.poll_returns(&store, 100).is_none());
+    let cas = store.get("shieldkey/2/ledger/b").unwrap().1;
+    let outcomes = run(&mut sync, &etcd, &store, 200);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Applied { records: 0, .. })),
+        "{outcomes:?}"
+    );
+    assert!(sync.poll_returns(&store, 300).is_none());
+    assert_eq!(store.get("shieldkey/2/ledger/b").unwrap().1, cas);
+}
