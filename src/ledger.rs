@@ -264,8 +264,13 @@ impl Counters {
 
     /// Starts a new budget window when `now` has left the stored one. Outstanding reservations
     /// belong to the old window and are dropped with it (their settlements see the window changed).
+    /// Without a budget there are no windows: the stored one stays, so a budget taken off and put
+    /// back within its window finds that window's spend.
     fn roll(&mut self, window: Option<BudgetWindow>, now: i64) {
-        let start = window.map_or(0, |w| w.start(now));
+        let Some(window) = window else {
+            return;
+        };
+        let start = window.start(now);
         if start != self.window_start {
             self.start_window(start);
         }
@@ -590,7 +595,7 @@ impl Ledger for SharedDataLedger<'_> {
             token_id,
             |c| {
                 c.roll(limits.budget.map(|b| b.window), now);
-                if c.window_start == admission.window_start {
+                if c.window_start == admission.window_start || limits.budget.is_none() {
                     c.reserved = c.reserved.saturating_sub(admission.reserved);
                     c.spent = c.spent.saturating_add(cost);
                 } else if c.prev_window_start == admission.window_start {
@@ -1066,6 +1071,31 @@ mod tests {
             l.reserve("x", &lowered, &mut a, USD / 10, T0),
             Err(LedgerDenial::AllowanceShort { .. })
         ));
+    }
+
+    /// A budget taken off (a rate limit kept) and put back within the same day: the day's
+    /// spend is still there.
+    #[test]
+    fn a_budget_taken_off_and_put_back_the_same_day_keeps_the_days_spend() {
+        let s = MemoryStore::new();
+        let l = SharedDataLedger::new(&s);
+        let daily = Limits {
+            requests_per_minute: Some(1000),
+            ..budget(USD, BudgetWindow::Daily)
+        };
+        let off = Limits {
+            requests_per_minute: Some(1000),
+            ..Limits::default()
+        };
+        let a = l.admit("a", &daily, USD * 8 / 10, T0).unwrap();
+        l.settle("a", &daily, &[], &a, USD * 8 / 10, 0, T0).unwrap();
+        let b = l.admit("a", &off, 0, T0 + 1_000).unwrap();
+        l.settle("a", &off, &[], &b, 5, 0, T0 + 1_000).unwrap();
+        assert!(matches!(
+            l.admit("a", &daily, USD / 2, T0 + 2_000),
+            Err(LedgerDenial::Budget { .. })
+        ));
+        assert_eq!(l.balance("a"), Some((USD * 8 / 10 + 5, 0)));
     }
 
     #[test]

@@ -1707,3 +1707,66 @@ fn a_probe_with_no_change_does_not_scan_the_leases_again() {
     assert!(sync.poll_returns(&store, 300).is_none());
     assert_eq!(store.get("shieldkey/2/ledger/b").unwrap().1, cas);
 }
+
+/// A token whose budget is taken off (its rate limit stays) and put back the same day: the
+/// day's spend is never flushed lower than etcd holds, and no window-0 key is written.
+#[test]
+fn a_budget_taken_off_and_put_back_keeps_the_days_spend_in_etcd() {
+    let now = 1_790_000_000_000;
+    let with_budget = json!({"id": "b", "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
+        "budget": {"limit_usd": "1", "window": "daily"}, "rate_limit": {"requests_per_minute": 1000}});
+    let without = json!({"id": "b", "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
+        "rate_limit": {"requests_per_minute": 1000}});
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", with_budget.clone());
+    let store = MemoryStore::new();
+    let mut sync = PolicySync::new(settings(), "e1".into());
+    run(&mut sync, &etcd, &store, now);
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 300, now);
+    let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
+    let key = format!("shieldkey/ledger/node/e1/b/{day}/spent");
+    assert_eq!(node_spent(&etcd, &key), Some(300));
+    // The budget is taken off; a request runs (rate limit only).
+    etcd.put("shieldkey/policy/tokens/b", without);
+    bump_settings(&mut etcd);
+    let mut t = now + 1_000;
+    for _ in 0..3 {
+        t += 200;
+        run(&mut sync, &etcd, &store, t);
+    }
+    let ledger = crate::ledger::SharedDataLedger::fleet(&store);
+    let off = policy_store::lookup_newest(&store, "b")
+        .unwrap()
+        .0
+        .rules
+        .limits;
+    assert!(off.budget.is_none());
+    let a = ledger.admit("b", &off, 0, t).unwrap();
+    ledger.settle("b", &off, &[], &a, 7, 0, t).unwrap();
+    sync.mark_dirty("b".into());
+    let flush = sync.poll_flush(&store, t).unwrap();
+    let (status, body) = etcd.answer_txn(&flush.body);
+    assert!(sync.on_flush_reply(t, status, &body));
+    let spurious = node_spent(&etcd, "shieldkey/ledger/node/e1/b/0/spent");
+    // Put back the same day: one request of 10.
+    etcd.put("shieldkey/policy/tokens/b", with_budget);
+    bump_settings(&mut etcd);
+    for _ in 0..3 {
+        t += 200;
+        run(&mut sync, &etcd, &store, t);
+    }
+    assert!(policy_store::lookup_newest(&store, "b")
+        .unwrap()
+        .0
+        .rules
+        .limits
+        .budget
+        .is_some());
+    spend_and_flush(&mut sync, &mut etcd, &store, "b", 10, t);
+    assert_eq!(
+        spurious, None,
+        "a window-0 spend key for a token without a budget"
+    );
+    // The day's 300, the 7 spent while the budget was off, and the 10.
+    assert_eq!(node_spent(&etcd, &key), Some(317));
+}
