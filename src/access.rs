@@ -172,11 +172,11 @@ pub fn judge_body(
     let model = if stored_model { None } else { facts.model };
     let mut reservation = 0;
     if rules.limits.budget.is_some() {
-        // A stored model is priced as an unknown one (`pricing.unknown_model`).
         reservation = reserve(
             settings,
             kind,
             model.as_deref(),
+            stored_model,
             facts.pages,
             body.len() as u64,
             output_cap.worst,
@@ -236,10 +236,12 @@ fn output_cap(kind: RouteKind, facts: &RequestFacts, default_max_tokens: u64) ->
 }
 
 /// The worst case of one request, as the route table says to bound it.
+#[allow(clippy::too_many_arguments)]
 fn reserve(
     settings: &Settings,
     kind: RouteKind,
     model: Option<&str>,
+    stored_model: bool,
     pages: Option<u64>,
     body_len: u64,
     max_output: u64,
@@ -249,10 +251,18 @@ fn reserve(
         PromptSource::BodyAndStoredState => body_len.saturating_add(settings.max_context_tokens),
     };
     let price = || {
-        settings
+        let price = settings
             .prices
             .price_for(model)
-            .ok_or(Denial::ModelUnpriced)
+            .ok_or(Denial::ModelUnpriced)?;
+        // A model from stored state is charged at its own price, which the body does not tell:
+        // reserved at the most expensive, so its cost stays within the reservation. (Under
+        // `unknown_model: deny` it is refused, as an unknown model is.)
+        Ok(if stored_model {
+            settings.prices.highest()
+        } else {
+            price
+        })
     };
     Ok(match kind {
         RouteKind::Generation { prompt, .. } => {
@@ -651,8 +661,8 @@ mod tests {
             pricing::worst_case_cost(price, conv.len() as u64 + s.max_context_tokens, 10)
         );
         // Appended to a stored conversation, the model is the conversation's: a `model` in the
-        // body is not what runs, and the reservation is at the unknown-model price.
-        let unknown = s.prices.price_for(None).unwrap();
+        // body is not what runs, and the reservation is at the most expensive price.
+        let unknown = s.prices.highest();
         assert!(unknown.output_nano_per_mtok > price.output_nano_per_mtok);
         assert_eq!(
             body_judged(&r, &s, kind("POST", "/v1/conversations/c1"), Some(conv))

@@ -48,6 +48,22 @@ impl Prices {
         }
     }
 
+    /// The most any model can be charged: the table's highest input and output prices, or
+    /// the unknown-model price where that is higher.
+    pub fn highest(&self) -> ModelPrice {
+        match &self.unknown {
+            UnknownModel::Price(p) => ModelPrice {
+                input_nano_per_mtok: p
+                    .input_nano_per_mtok
+                    .max(self.max_price.input_nano_per_mtok),
+                output_nano_per_mtok: p
+                    .output_nano_per_mtok
+                    .max(self.max_price.output_nano_per_mtok),
+            },
+            _ => self.max_price,
+        }
+    }
+
     /// The price to charge for `model`; `None` only when unknown models are denied.
     pub fn price_for(&self, model: Option<&str>) -> Option<ModelPrice> {
         if let Some(price) = model.and_then(|m| self.table.lookup(m)) {
@@ -341,5 +357,17 @@ mod tests {
         };
         let own = Prices::new(PriceTable::builtin(), UnknownModel::Price(fixed));
         assert_eq!(own.price_for(None), Some(fixed));
+        // The most any model can cost: the table's highest, or a higher unknown-model price.
+        assert_eq!(own.highest(), PriceTable::builtin().max_price());
+        let dear = ModelPrice {
+            input_nano_per_mtok: 1,
+            output_nano_per_mtok: u64::MAX / 4,
+        };
+        let dear = Prices::new(PriceTable::builtin(), UnknownModel::Price(dear)).highest();
+        assert_eq!(dear.output_nano_per_mtok, u64::MAX / 4);
+        assert_eq!(
+            dear.input_nano_per_mtok,
+            PriceTable::builtin().max_price().input_nano_per_mtok
+        );
     }
 }
