@@ -114,6 +114,12 @@ pub fn needs_body(rules: &TokenRules, kind: RouteKind) -> bool {
     kind.reads_body() && (rules.needs_body() || (kind.generates() && rules.judges_server_tools()))
 }
 
+/// Whether a body cannot have a `tools` key: the word is nowhere in it, not even spelt with
+/// JSON escapes (which could spell any key: then it is parsed).
+fn cannot_name_tools(body: &[u8]) -> bool {
+    !body.windows(5).any(|w| w == b"tools") && !body.windows(2).any(|w| w == b"\\u")
+}
+
 /// Judges the request body of a route that reads one (see `needs_body`). `None` (or empty)
 /// means the request has no body: there is nothing to generate, so no model rule applies and
 /// nothing is reserved (the upstream refuses such a request).
@@ -131,6 +137,10 @@ pub fn judge_body(
         return Err(Denial::BodyTooLarge {
             limit: settings.max_body_bytes,
         });
+    }
+    if !rules.needs_body() && cannot_name_tools(body) {
+        // Read only for the tools it could name, and it names none: nothing else to judge.
+        return Ok(BodyVerdict::default());
     }
     let facts = parse_request_body(body).map_err(|e| match e {
         BodyError::BadModelName => Denial::ModelNameInvalid,
@@ -579,6 +589,34 @@ mod tests {
         assert_eq!(
             body_judged(&open, &s, kind("POST", "/v1/conversations"), Some(conv)),
             Err(Denial::ToolDenied)
+        );
+    }
+
+    #[test]
+    fn a_body_read_only_for_tools_is_parsed_only_when_it_could_name_one() {
+        let s = Settings::default();
+        let open = rules("{}");
+        // No `tools` anywhere: not parsed (not even for JSON validity, which no rule needs).
+        assert_eq!(
+            body_judged(&open, &s, chat(), Some(b"not json at all")),
+            Ok(BodyVerdict::default())
+        );
+        // Spelt with escapes, the key is still found and judged.
+        let escaped = br#"{"model":"m","\u0074ools":[{"type":"document_library"}]}"#;
+        assert_eq!(
+            body_judged(&open, &s, chat(), Some(escaped)),
+            Err(Denial::ToolDenied)
+        );
+        let plain = br#"{"model":"m","tools":[{"type":"connector"}]}"#;
+        assert_eq!(
+            body_judged(&open, &s, chat(), Some(plain)),
+            Err(Denial::ToolDenied)
+        );
+        // A token with body rules is always parsed.
+        let picky = rules(r#"{"models":{"allow":["m"]}}"#);
+        assert_eq!(
+            body_judged(&picky, &s, chat(), Some(b"not json at all")),
+            Err(Denial::BodyUnreadable)
         );
     }
 

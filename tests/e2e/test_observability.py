@@ -395,9 +395,10 @@ def test_the_traffic_moved_every_metric_and_the_values_are_the_runs(single):
     assert v("shieldkey_team_budget_remaining_nano_usd", team="ops") == 1_000_000 - 2 * cost
     assert v("shieldkey_team_spend_nano_usd", team="eng") == 3 * cost
     assert v("shieldkey_requests", token_id="plain") == 4
-    # The model outside the price table. (The unreadable response is counted under the model its
-    # request named: every body of a route that generates is read, for the tools it asks for.)
-    assert v("shieldkey_requests", model="unpriced") == 1
+    # The model outside the price table, and the unreadable response: its body was not parsed (no
+    # rule needs it, and it names no tools) and its response could not be read, so its model is
+    # not known either.
+    assert v("shieldkey_requests", model="unpriced") == 2
     assert v("shieldkey_denied", reason="shield_budget_exceeded", token_id="budgeted") == 1
     assert v("shieldkey_team_denied", reason="shield_team_budget_exceeded", team="eng") == 1
     assert v("shieldkey_denied", reason="shield_token_unknown") == 1
