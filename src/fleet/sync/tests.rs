@@ -1238,11 +1238,10 @@ fn budget_alerts_are_judged_on_the_fleets_spend_and_sent_by_one_node() {
     );
 }
 
-#[test]
-fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
+/// Token `b` ($1 lifetime): node e1 has spent $0.60 of it and flushed that, at `now`.
+fn sixty_percent_flushed(now: i64) -> (FakeEtcd, Node) {
     let mut etcd = etcd_with(0);
     etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
-    let now = 1_790_000_000_000;
     let mut e1 = Node::start("e1", &etcd, now);
     let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
     ledger.restore("b", None, 0, 600_000_000, now).unwrap();
@@ -1250,6 +1249,13 @@ fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
     let flush = e1.sync.poll_flush(&e1.store, now).unwrap();
     let (status, body) = etcd.answer_txn(&flush.body);
     assert!(e1.sync.on_flush_reply(now, status, &body));
+    (etcd, e1)
+}
+
+#[test]
+fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
+    let now = 1_790_000_000_000;
+    let (mut etcd, mut e1) = sixty_percent_flushed(now);
     // The check fails: it is made again, a sync interval (100 ms here) later, not at once.
     let check = e1.sync.poll_alerts(now).unwrap();
     assert_eq!(
@@ -1282,16 +1288,8 @@ fn a_fleet_alert_check_that_fails_is_made_again_and_a_claim_is_retried() {
 
 #[test]
 fn a_won_alert_claim_whose_reply_was_lost_is_sent_on_the_retry() {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
     let now = 1_790_000_000_000;
-    let mut e1 = Node::start("e1", &etcd, now);
-    let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
-    ledger.restore("b", None, 0, 600_000_000, now).unwrap();
-    e1.sync.mark_dirty("b".into());
-    let flush = e1.sync.poll_flush(&e1.store, now).unwrap();
-    let (status, body) = etcd.answer_txn(&flush.body);
-    assert!(e1.sync.on_flush_reply(now, status, &body));
+    let (mut etcd, mut e1) = sixty_percent_flushed(now);
     let check = e1.sync.poll_alerts(now).unwrap();
     let (status, body) = etcd.answer_txn(&check.body);
     assert_eq!(
