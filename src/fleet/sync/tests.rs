@@ -196,6 +196,15 @@ fn token(id: &str, status: &str) -> Value {
 }
 
 /// What every CLI change also does: rewrite the settings with the next revision.
+/// The limits of `id`'s record as the syncer wrote it into shared data.
+fn limits_of(store: &MemoryStore, id: &str) -> crate::ledger::Limits {
+    policy_store::lookup_newest(store, id)
+        .expect("the record is in shared data")
+        .0
+        .rules
+        .limits
+}
+
 fn bump_settings(etcd: &mut FakeEtcd) {
     let revision = etcd.revision;
     etcd.put(
@@ -480,11 +489,7 @@ fn rate_counts_are_shared_and_the_other_envoys_read_back() {
     let now = 1_790_000_000_000;
     run(&mut sync, &etcd, &store, now);
     let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let limits = policy_store::lookup_newest(&store, "r")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(&store, "r");
     ledger.admit("r", &limits, 0, now).unwrap();
     sync.mark_dirty("r".into());
     let flush = sync.poll_flush(&store, now).unwrap();
@@ -657,11 +662,7 @@ fn holding_a_lease(pool: u64) -> (FakeEtcd, MemoryStore, PolicySync, crate::ledg
     let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, 0);
     let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let limits = policy_store::lookup_newest(&store, "b")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(&store, "b");
     ledger
         .grant("b", None, 0, 300_000_000, 1_000_000_000, 0)
         .unwrap();
@@ -1010,11 +1011,7 @@ fn a_teams_spend_is_flushed_restored_after_a_restart_and_its_idle_lease_returned
         json!({"claimed": 300_000_000u64}),
     );
     let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let limits = policy_store::lookup_newest(&store, "team.eng")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(&store, "team.eng");
     ledger
         .grant("team.eng", None, 0, 300_000_000, 1_000_000_000, 0)
         .unwrap();
@@ -1071,11 +1068,7 @@ fn a_teams_rate_counts_are_shared_like_a_tokens() {
     let now = 1_790_000_000_000;
     run(&mut sync, &etcd, &store, now);
     let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let limits = policy_store::lookup_newest(&store, "team.eng")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(&store, "team.eng");
     ledger.admit("team.eng", &limits, 0, now).unwrap();
     sync.mark_dirty("team.eng".into());
     let flush = sync.poll_flush(&store, now).unwrap();
@@ -1499,11 +1492,7 @@ fn spend_and_flush(
     now: i64,
 ) {
     let ledger = crate::ledger::SharedDataLedger::fleet(store);
-    let limits = policy_store::lookup_newest(store, id)
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(store, id);
     let window = limits.budget.unwrap().window;
     let limit = limits.budget.unwrap().limit;
     ledger
@@ -1519,14 +1508,11 @@ fn spend_and_flush(
     assert!(sync.on_flush_reply(now, status, &body));
 }
 
-/// README: a token removed and minted again under its id continues its spend. Neither the
-/// idle-lease scan while it is out of the policy nor a restart in that time may lose it, and
-/// no flush may write less than etcd holds.
-#[test]
-fn a_token_removed_and_minted_again_continues_its_spend_in_the_ledger() {
-    let now = 1_790_000_000_000;
+/// Token `b` with `record` (a daily budget): this node (e1) spent 300 of it today and flushed
+/// it; the etcd key of that spend.
+fn spent_300_today(record: Value, now: i64) -> (FakeEtcd, MemoryStore, PolicySync, String) {
     let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    etcd.put("shieldkey/policy/tokens/b", record);
     let store = MemoryStore::new();
     let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, now);
@@ -1534,6 +1520,17 @@ fn a_token_removed_and_minted_again_continues_its_spend_in_the_ledger() {
     let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
     let key = format!("shieldkey/ledger/node/e1/b/{day}/spent");
     assert_eq!(node_spent(&etcd, &key), Some(300));
+    (etcd, store, sync, key)
+}
+
+/// README: a token removed and minted again under its id continues its spend. Neither the
+/// idle-lease scan while it is out of the policy nor a restart in that time may lose it, and
+/// no flush may write less than etcd holds.
+#[test]
+fn a_token_removed_and_minted_again_continues_its_spend_in_the_ledger() {
+    let now = 1_790_000_000_000;
+    let (mut etcd, store, mut sync, key) = spent_300_today(budgeted_daily("b", "1"), now);
+    let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
 
     // Removed; the idle-lease scan runs while it is out of the policy.
     etcd.delete("shieldkey/policy/tokens/b");
@@ -1589,11 +1586,7 @@ fn the_end_of_a_budget_window_is_flushed_after_it_turned() {
     assert_eq!(day * 1000, midnight - 86_400_000);
     spend_and_flush(&mut sync, &mut etcd, &store, "b", 300, now);
     let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let limits = policy_store::lookup_newest(&store, "b")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(&store, "b");
     // 200 more just before midnight, and a stream admitted then that ends after it.
     let a = ledger.admit("b", &limits, 0, now + 50).unwrap();
     ledger
@@ -1648,11 +1641,7 @@ fn a_threshold_crossed_at_the_end_of_a_window_is_alerted() {
     e1.now = now;
     assert!(e1.alert_calls(&mut etcd).is_empty());
     let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
-    let limits = policy_store::lookup_newest(&e1.store, "b")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let limits = limits_of(&e1.store, "b");
     let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
     ledger
         .grant(
@@ -1715,15 +1704,7 @@ fn a_budget_taken_off_and_put_back_keeps_the_days_spend_in_etcd() {
         "budget": {"limit_usd": "1", "window": "daily"}, "rate_limit": {"requests_per_minute": 1000}});
     let without = json!({"id": "b", "digest": STANDARD.encode([9u8; 32]), "upstream_key": "prod",
         "rate_limit": {"requests_per_minute": 1000}});
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", with_budget.clone());
-    let store = MemoryStore::new();
-    let mut sync = PolicySync::new(settings(), "e1".into());
-    run(&mut sync, &etcd, &store, now);
-    spend_and_flush(&mut sync, &mut etcd, &store, "b", 300, now);
-    let day = crate::budget_window::BudgetWindow::Daily.start(now / 1000);
-    let key = format!("shieldkey/ledger/node/e1/b/{day}/spent");
-    assert_eq!(node_spent(&etcd, &key), Some(300));
+    let (mut etcd, store, mut sync, key) = spent_300_today(with_budget.clone(), now);
     // The budget is taken off; a request runs (rate limit only).
     etcd.put("shieldkey/policy/tokens/b", without);
     bump_settings(&mut etcd);
@@ -1733,11 +1714,7 @@ fn a_budget_taken_off_and_put_back_keeps_the_days_spend_in_etcd() {
         run(&mut sync, &etcd, &store, t);
     }
     let ledger = crate::ledger::SharedDataLedger::fleet(&store);
-    let off = policy_store::lookup_newest(&store, "b")
-        .unwrap()
-        .0
-        .rules
-        .limits;
+    let off = limits_of(&store, "b");
     assert!(off.budget.is_none());
     let a = ledger.admit("b", &off, 0, t).unwrap();
     ledger.settle("b", &off, &[], &a, 7, 0, t).unwrap();
@@ -1753,13 +1730,7 @@ fn a_budget_taken_off_and_put_back_keeps_the_days_spend_in_etcd() {
         t += 200;
         run(&mut sync, &etcd, &store, t);
     }
-    assert!(policy_store::lookup_newest(&store, "b")
-        .unwrap()
-        .0
-        .rules
-        .limits
-        .budget
-        .is_some());
+    assert!(limits_of(&store, "b").budget.is_some());
     spend_and_flush(&mut sync, &mut etcd, &store, "b", 10, t);
     assert_eq!(
         spurious, None,
