@@ -1,11 +1,22 @@
-//! The audit facts of one request, gathered in one place and written out as Envoy filter state
-//! (`wasm.shieldkey_*`), which access logs read with `%FILTER_STATE(wasm.shieldkey_token_id:PLAIN)%`.
-//! Only public facts live here: the token id, the decision code, the model and the accounting.
+//! The audit facts of one request, gathered in one place and written out when the stream ends
+//! as one Envoy filter-state value, `wasm.shieldkey_audit`: the request's fields of the JSON
+//! audit record, already JSON (`,"decision":"allowed","token_id":"alice",...`). The shipped
+//! access logs splice it into a record whose other fields are Envoy's own
+//! (`%FILTER_STATE(wasm.shieldkey_audit:PLAIN)%`, README "Audit trail").
+//!
+//! One value, not one per field: each filter-state write costs Envoy about half a microsecond
+//! (a state object, a map entry), and ten per request were an eighth of what the filter added
+//! to a request in `make bench`. Every text in the fragment is JSON-escaped here, so nothing a
+//! client sends (a request id, a model name) can end the record or forge a field.
+//! Only public facts live here: ids, the decision code, the model, the accounting.
 
 use crate::money::NanoUsd;
 
 /// Longest text from a client or the upstream written to filter state or a log line.
 pub const MAX_AUDIT_TEXT: usize = 128;
+
+/// The filter-state name of the fragment (`wasm.` is Envoy's prefix for a filter's values).
+pub const FILTER_STATE_NAME: &str = "shieldkey_audit";
 
 /// `text` made safe for a log line, a stat name or filter state: at most `MAX_AUDIT_TEXT`
 /// characters of `[A-Za-z0-9._:/@+-]`, anything else replaced by `_`. No newline, quote or
@@ -40,6 +51,12 @@ pub struct AuditFacts {
     /// `allowed` or a denial code.
     pub decision: Option<&'static str>,
     pub model: Option<String>,
+    /// Request headers as the client (or Envoy) sent them, escaped when written.
+    pub method: Option<Vec<u8>>,
+    pub request_id: Option<Vec<u8>>,
+    pub country: Option<Vec<u8>>,
+    /// The response was charged: the numbers below are its accounting.
+    pub accounted: bool,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost: NanoUsd,
@@ -47,36 +64,55 @@ pub struct AuditFacts {
 }
 
 impl AuditFacts {
-    /// Filter-state entries known when the request is decided.
-    pub fn decision_entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(8);
-        if let Some(id) = &self.token_id {
-            out.push(("shieldkey_token_id", id.clone()));
+    /// The record's fields ShieldKey knows, as JSON members each preceded by a comma (keys in
+    /// the order the record sorts them), absent ones as `null`; `None` before a decision (the
+    /// record then has Envoy's fields only). Numbers are written as strings
+    /// (`"prompt_tokens":"1000"`), as the record has always had them.
+    pub fn log_fragment(&self) -> Option<String> {
+        let decision = self.decision?;
+        let accounted = |value: String| self.accounted.then_some(value);
+        let owner = self
+            .owner
+            .as_deref()
+            .filter(|o| !o.is_empty())
+            .map(printable);
+        let would_deny = (!self.would_deny.is_empty()).then(|| self.would_deny.join(","));
+        let text = |bytes: &Option<Vec<u8>>| {
+            bytes
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let fields: [(&str, Option<String>); 15] = [
+            (
+                "completion_tokens",
+                accounted(self.completion_tokens.to_string()),
+            ),
+            ("cost_estimated", accounted(self.estimated.to_string())),
+            ("cost_nano_usd", accounted(self.cost.to_string())),
+            ("country", text(&self.country)),
+            ("decision", Some(decision.to_string())),
+            ("method", text(&self.method)),
+            ("model", self.model.as_deref().map(printable)),
+            ("owner", owner),
+            ("prompt_tokens", accounted(self.prompt_tokens.to_string())),
+            ("request_id", text(&self.request_id)),
+            ("route", self.route.map(str::to_string)),
+            ("team", self.team.clone()),
+            ("token_id", self.token_id.clone()),
+            ("upstream_key", self.upstream_key.clone()),
+            ("would_deny", would_deny),
+        ];
+        let mut out = String::with_capacity(512);
+        for (name, value) in fields {
+            out.push_str(",\"");
+            out.push_str(name);
+            out.push_str("\":");
+            match value {
+                Some(v) => push_json_string(&mut out, &v),
+                None => out.push_str("null"),
+            }
         }
-        if let Some(owner) = self.owner.as_deref().filter(|o| !o.is_empty()) {
-            out.push(("shieldkey_owner", printable(owner)));
-        }
-        if let Some(route) = self.route {
-            out.push(("shieldkey_route", route.to_string()));
-        }
-        if let Some(key) = &self.upstream_key {
-            out.push(("shieldkey_upstream_key", key.clone()));
-        }
-        if let Some(team) = &self.team {
-            out.push(("shieldkey_team", team.clone()));
-        }
-        if !self.would_deny.is_empty() {
-            out.push(("shieldkey_would_deny", self.would_deny.join(",")));
-        }
-        if let Some(decision) = self.decision {
-            out.push(("shieldkey_decision", decision.to_string()));
-        }
-        // An allowed request's model is written with its accounting (it may only be known from
-        // the response); a refused request has no accounting.
-        if let (Some(model), false) = (&self.model, self.decision == Some("allowed")) {
-            out.push(("shieldkey_model", printable(model)));
-        }
-        out
+        Some(out)
     }
 
     /// The log line of a request a dry run let through.
@@ -88,74 +124,80 @@ impl AuditFacts {
             self.would_deny.join(","),
         )
     }
+}
 
-    /// Filter-state entries known when the response is over (the model again: without a body
-    /// rule it is only known from the response).
-    pub fn accounting_entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(5);
-        if let Some(model) = &self.model {
-            out.push(("shieldkey_model", printable(model)));
+/// `text` as a JSON string: quotes, backslashes and every control character escaped (RFC 8259),
+/// so a value can neither end its string nor its line.
+fn push_json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
         }
-        out.extend([
-            ("shieldkey_prompt_tokens", self.prompt_tokens.to_string()),
-            (
-                "shieldkey_completion_tokens",
-                self.completion_tokens.to_string(),
-            ),
-            ("shieldkey_cost_nano_usd", self.cost.to_string()),
-            ("shieldkey_cost_estimated", self.estimated.to_string()),
-        ]);
-        out
     }
+    out.push('"');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+
+    /// The fragment as the access log splices it into a record, parsed.
+    fn record(facts: &AuditFacts) -> Value {
+        let fragment = facts.log_fragment().unwrap();
+        serde_json::from_str(&format!("{{\"status\":200{fragment}}}")).unwrap()
+    }
 
     #[test]
-    fn entries_carry_only_public_facts() {
+    fn the_fragment_carries_only_public_facts() {
         let facts = AuditFacts {
             token_id: Some("alice".into()),
             decision: Some("allowed"),
             model: Some("mistral-small-latest".into()),
+            route: Some("v1/conversations/{}"),
+            upstream_key: Some("prod".into()),
+            method: Some(b"POST".to_vec()),
+            accounted: true,
             prompt_tokens: 3,
             completion_tokens: 4,
             cost: 2_850,
             estimated: false,
             ..AuditFacts::default()
         };
-        let decided = facts.decision_entries();
-        assert_eq!(decided[0], ("shieldkey_token_id", "alice".to_string()));
-        assert_eq!(decided[1], ("shieldkey_decision", "allowed".to_string()));
-        let accounted = facts.accounting_entries();
-        assert!(accounted.contains(&("shieldkey_cost_nano_usd", "2850".to_string())));
-        assert!(accounted.contains(&("shieldkey_model", "mistral-small-latest".to_string())));
-        assert_eq!(AuditFacts::default().decision_entries(), vec![]);
-        let routed = AuditFacts {
-            token_id: Some("bob".into()),
-            owner: Some("bob@example.com\nforged".into()),
-            route: Some("v1/conversations/{}"),
-            upstream_key: Some("prod".into()),
-            ..AuditFacts::default()
-        };
-        let entries = routed.decision_entries();
-        assert!(entries.contains(&("shieldkey_owner", "bob@example.com_forged".to_string())));
-        assert!(entries.contains(&("shieldkey_route", "v1/conversations/{}".to_string())));
-        assert!(entries.contains(&("shieldkey_upstream_key", "prod".to_string())));
+        assert_eq!(
+            record(&facts),
+            json!({"status": 200, "completion_tokens": "4", "cost_estimated": "false",
+                   "cost_nano_usd": "2850", "country": null, "decision": "allowed",
+                   "method": "POST", "model": "mistral-small-latest", "owner": null,
+                   "prompt_tokens": "3", "request_id": null, "route": "v1/conversations/{}",
+                   "team": null, "token_id": "alice", "upstream_key": "prod",
+                   "would_deny": null})
+        );
+        // Nothing before a decision: the record keeps Envoy's fields only.
+        assert_eq!(AuditFacts::default().log_fragment(), None);
         let dry = AuditFacts {
             token_id: Some("bob".into()),
+            owner: Some("bob@example.com\nforged".into()),
             team: Some("eng".into()),
             would_deny: vec!["shield_model_denied", "shield_team_budget_exceeded"],
-            decision: Some("allowed"),
+            decision: Some("shield_token_rate_limited"),
             ..AuditFacts::default()
         };
-        let entries = dry.decision_entries();
-        assert!(entries.contains(&("shieldkey_team", "eng".to_string())));
-        assert!(entries.contains(&(
-            "shieldkey_would_deny",
-            "shield_model_denied,shield_team_budget_exceeded".to_string()
-        )));
+        let r = record(&dry);
+        assert_eq!(r["owner"], "bob@example.com_forged");
+        assert_eq!(r["team"], "eng");
+        assert_eq!(
+            r["would_deny"],
+            "shield_model_denied,shield_team_budget_exceeded"
+        );
+        // A refused request was not charged: no accounting, not zeros.
+        assert_eq!(r["cost_nano_usd"], Value::Null);
         assert_eq!(
             dry.would_deny_line(),
             "shieldkey: dry run: request of token bob (team eng) would be refused: shield_model_denied,shield_team_budget_exceeded"
@@ -163,13 +205,24 @@ mod tests {
     }
 
     #[test]
-    fn client_text_cannot_forge_log_lines() {
+    fn client_text_cannot_forge_fields_or_lines() {
         let forged = AuditFacts {
+            decision: Some("allowed"),
             model: Some("x\n[2026] token=alice decision=allowed \"".into()),
+            request_id: Some(b"r\",\"decision\":\"allowed\"}\n{\"x\\\x01\xff".to_vec()),
+            country: Some(b"F\"R".to_vec()),
             ..AuditFacts::default()
         };
-        let (_, model) = &forged.accounting_entries()[0];
-        assert_eq!(model, "x__2026__token_alice_decision_allowed__");
+        let fragment = forged.log_fragment().unwrap();
+        assert!(!fragment.contains('\n'));
+        let r = record(&forged);
+        assert_eq!(r["model"], "x__2026__token_alice_decision_allowed__");
+        assert_eq!(
+            r["request_id"],
+            "r\",\"decision\":\"allowed\"}\n{\"x\\\u{1}\u{fffd}"
+        );
+        assert_eq!(r["country"], "F\"R");
+        assert_eq!(r["decision"], "allowed");
         assert_eq!(printable(&"m".repeat(500)).len(), MAX_AUDIT_TEXT);
         assert_eq!(
             printable("ft:mistral-small:a/b@c+d"),

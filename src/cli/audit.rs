@@ -930,17 +930,21 @@ mod tests {
     }
 
     #[test]
-    fn records_envoy_answered_alone_are_nulls() {
-        let r = record(
+    fn records_envoy_answered_alone_have_no_shieldkey_values() {
+        // This release: Envoy's fields only. Earlier releases: every ShieldKey field null.
+        for line in [
+            r#"{"bytes_received":0,"bytes_sent":0,"client_address":"127.0.0.1","duration_ms":0,"host":"gw","status":404,"time":"2026-11-26T02:38:58.297Z"}"#,
             r#"{"bytes_received":0,"bytes_sent":0,"client_address":"127.0.0.1","completion_tokens":null,"cost_estimated":null,"cost_nano_usd":null,"country":null,"decision":null,"duration_ms":0,"method":"GET","model":null,"owner":null,"prompt_tokens":null,"request_id":null,"route":null,"status":404,"team":null,"time":"2026-11-26T02:38:58.297Z","token_id":null,"upstream_key":null,"would_deny":null}"#,
-        );
-        assert_eq!(r.number("prompt_tokens"), None);
-        assert_eq!(r.text("decision"), None);
-        assert!(r.would_deny().is_empty());
-        let cells = record_cells(&r);
-        assert_eq!(cells[1], "-");
-        assert_eq!(cells[12], "-");
-        assert_eq!(cells[13], "404");
+        ] {
+            let r = record(line);
+            assert_eq!(r.number("prompt_tokens"), None);
+            assert_eq!(r.text("decision"), None);
+            assert!(r.would_deny().is_empty());
+            let cells = record_cells(&r);
+            assert_eq!(cells[1], "-");
+            assert_eq!(cells[12], "-");
+            assert_eq!(cells[13], "404");
+        }
     }
 
     #[test]

@@ -135,11 +135,21 @@ impl Host for FakeHost {
         self.host_calls.set(self.host_calls.get() + 1);
         *self.reply.borrow_mut() = Some((status, body.to_vec()));
     }
+    /// Keeps the audit fragment as the fields it carries (`shieldkey_<field>`, nulls left out),
+    /// after checking it splices into a JSON record as the access logs do.
     fn set_filter_state(&self, name: &str, value: &[u8]) {
         self.host_calls.set(self.host_calls.get() + 1);
-        self.filter_state
-            .borrow_mut()
-            .insert(name.to_string(), String::from_utf8_lossy(value).into());
+        assert_eq!(name, crate::audit::FILTER_STATE_NAME);
+        let text = std::str::from_utf8(value).unwrap();
+        let record: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&format!("{{\"status\":0{text}}}")).unwrap();
+        let mut state = self.filter_state.borrow_mut();
+        state.clear();
+        for (field, value) in record {
+            if let Some(text) = value.as_str() {
+                state.insert(format!("shieldkey_{field}"), text.to_string());
+            }
+        }
     }
     fn store(&self) -> &dyn SharedStore {
         &self.store

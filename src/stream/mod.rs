@@ -102,6 +102,7 @@ impl Stream {
             return self.deny(host, &Denial::PolicyUnavailable);
         };
         let headers = Headers::new(host.request_headers());
+        self.note_request(&active, &headers);
         let kind = match self.check_headers(host, &active, &headers, now_ms) {
             Ok(kind) => kind,
             Err(denial) => return self.deny(host, &denial),
@@ -206,6 +207,19 @@ impl Stream {
             }
         }
         self.account(host);
+        // The audit record's fields, in one filter-state value, once: the access log reads it
+        // after this callback (`audit.rs`).
+        if let Some(fragment) = self.audit.log_fragment() {
+            host.set_filter_state(crate::audit::FILTER_STATE_NAME, fragment.as_bytes());
+        }
+    }
+
+    /// The request's own facts for the audit record: read here, from the headers already read.
+    fn note_request(&mut self, active: &Active, headers: &Headers) {
+        let copy = |name: &str| headers.get(name).map(<[u8]>::to_vec);
+        self.audit.method = copy(":method");
+        self.audit.request_id = copy("x-request-id");
+        self.audit.country = copy(&active.policy.settings.country_header);
     }
 
     fn deny(&mut self, host: &dyn Host, denial: &Denial) -> Flow {
@@ -218,7 +232,6 @@ impl Stream {
         self.audit.decision = Some(denial.code());
         // What a dry run let through before an enforced rule refused is part of the record.
         self.audit.would_deny = self.would_deny.iter().map(Denial::code).collect();
-        self.write_decision(host);
         let extra = denial.headers();
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
@@ -226,12 +239,6 @@ impl Stream {
         // Refusals are the rare path, and an operator watching one expects to see it counted.
         host.flush_metrics();
         Flow::Pause
-    }
-
-    fn write_decision(&self, host: &dyn Host) {
-        for (name, value) in self.audit.decision_entries() {
-            host.set_filter_state(name, value.as_bytes());
-        }
     }
 
     /// Records who is asking (audit facts and the token's stats), once the secret verified.
@@ -595,7 +602,6 @@ impl Stream {
     fn forward(&mut self, host: &dyn Host, active: &Active, exchange: Exchange) -> Flow {
         self.audit.decision = Some("allowed");
         self.audit.would_deny = self.would_deny.iter().map(Denial::code).collect();
-        self.write_decision(host);
         active.metrics.allowed(host);
         for (_, subject) in self.subjects() {
             subject.metrics.allowed(host);
@@ -716,11 +722,9 @@ impl Stream {
         self.audit.completion_tokens = charge.completion_tokens;
         self.audit.cost = charge.cost;
         self.audit.estimated = charge.estimated;
+        self.audit.accounted = true;
         if self.audit.model.is_none() {
             self.audit.model = scan.model.clone();
-        }
-        for (name, value) in self.audit.accounting_entries() {
-            host.set_filter_state(name, value.as_bytes());
         }
 
         let Some(now_ms) = host.now_unix_ms() else {

@@ -390,19 +390,22 @@ fn refusals_are_audited_with_who_and_what() {
         code(&gw).as_deref(),
         Some("shield_team_max_tokens_exceeded")
     );
+    s.on_log(&gw.host);
     {
         let state = gw.host.filter_state.borrow();
         assert_eq!(state["shieldkey_model"], "mistral-small-latest");
         assert_eq!(state["shieldkey_would_deny"], "shield_model_denied");
         assert_eq!(state["shieldkey_owner"], "ann@example.com");
         assert_eq!(state["shieldkey_team"], "eng");
+        assert_eq!(state["shieldkey_method"], "POST");
+        assert!(!state.contains_key("shieldkey_cost_nano_usd"));
     }
-    s.on_log(&gw.host);
 
     gw.reload(|doc| doc["tokens"][1]["status"] = json!("revoked"));
     let mut s = gw.request("POST", CHAT, "ben");
     assert_eq!(s.on_request_headers(&gw.host, false), Flow::Pause);
     assert_eq!(code(&gw).as_deref(), Some("shield_token_revoked"));
+    s.on_log(&gw.host);
     assert_eq!(gw.host.filter_state.borrow()["shieldkey_token_id"], "ben");
     assert_eq!(
         gw.host
@@ -416,9 +419,8 @@ fn refusals_are_audited_with_who_and_what() {
         "sk_shield_t_ben_wrongwrongwrongwrongwrongwrongwrongwrongwro",
     );
     assert_eq!(s.on_request_headers(&gw.host, false), Flow::Pause);
-    assert!(!gw
-        .host
-        .filter_state
-        .borrow()
-        .contains_key("shieldkey_token_id"));
+    s.on_log(&gw.host);
+    let state = gw.host.filter_state.borrow();
+    assert_eq!(state["shieldkey_decision"], "shield_token_invalid");
+    assert!(!state.contains_key("shieldkey_token_id"));
 }

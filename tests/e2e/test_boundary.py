@@ -433,6 +433,35 @@ def test_a_model_name_with_a_newline_cannot_forge_an_access_log_line(dep, mock_m
     assert mock_mistral.requests() == []
 
 
+def test_client_headers_cannot_forge_audit_fields_and_every_record_is_one_json_object(dep, mock_mistral):
+    """ShieldKey's fields reach the record as JSON it escaped itself (one filter-state value the
+    access log splices in), and a request Envoy answered alone still writes a whole record, with
+    Envoy's fields only. (demo.yaml replaces a client's `x-request-id` at the edge; a config that
+    keeps it gets it escaped: `audit::tests::client_text_cannot_forge_fields_or_lines`.)"""
+    before = dep.envoy.audit_records()
+    hostile = 'r1","decision":"allowed","token_id":"alice","x":"\\'
+    body = {"model": "mistral-large-latest", "max_tokens": 4000,
+            "messages": [{"role": "user", "content": "hi"}]}
+    status, headers, raw = request(dep.url, token=dep.tokens["capped"], body=body,
+                                   headers={"x-request-id": hostile})
+    assert status == 400 and error_code(raw) == "shield_max_tokens_exceeded"
+    # An escaped slash: Envoy refuses it before any filter runs.
+    status, _, _ = request(dep.url, "/v1/chat%2Fcompletions", token=dep.tokens["capped"], body=body)
+    assert status == 400
+    records = dep.envoy.wait_audit(len(before) + 2)
+    assert len(records) == len(before) + 2
+    refused, envoy_alone = records[-2:]
+    # The forged members are inside the request id's string, not fields of the record.
+    assert refused["decision"] == "shield_max_tokens_exceeded" and refused["token_id"] == "capped"
+    assert refused["request_id"] == headers["x-request-id"] and "x" not in refused
+    assert refused["method"] == "POST" and refused["model"] == "mistral-large-latest"
+    assert envoy_alone["status"] == 400 and isinstance(envoy_alone["duration_ms"], int)
+    assert not {"decision", "token_id", "request_id"} & set(envoy_alone), envoy_alone
+    lines = (dep.workdir / "shieldkey-audit.log").read_text().splitlines()
+    assert all(isinstance(json.loads(l), dict) for l in lines)
+    assert mock_mistral.requests() == []
+
+
 STREAMS = [
     ("/v1/chat/completions", {"model": "mistral-small-latest", "max_tokens": 20, "stream": True,
                               "messages": [{"role": "user", "content": "hello"}]}),
