@@ -462,6 +462,36 @@ def test_client_headers_cannot_forge_audit_fields_and_every_record_is_one_json_o
     assert mock_mistral.requests() == []
 
 
+def test_clients_that_go_away_leave_whole_records(dep, mock_mistral):
+    """A client gone before its body was complete (nothing decided: Envoy's fields only) and one
+    gone mid-stream (allowed, charged an estimate): each still one whole JSON record."""
+    before = dep.envoy.audit_records()
+    payload = json.dumps({"model": "mistral-small-latest", "max_tokens": 20, "stream": True,
+                          "messages": [{"role": "user", "content": "hello"}]}).encode()
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {dep.tokens['capped']}\r\ncontent-length: {len(payload)}\r\n\r\n")
+    host, port = dep.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.encode() + payload[:10])
+        time.sleep(0.3)
+    mock_mistral.behaviour(stream_chunks=50, chunk_delay_ms=50)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head.encode() + payload)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        time.sleep(0.5)
+        mock_mistral.reset()
+    records = dep.envoy.wait_audit(len(before) + 2)
+    assert len(records) == len(before) + 2, records[len(before):]
+    undecided = next(r for r in records[len(before):] if "decision" not in r)
+    assert set(undecided) == {"bytes_received", "bytes_sent", "client_address", "duration_ms",
+                              "host", "status", "time"}, undecided
+    assert isinstance(undecided["status"], int) and isinstance(undecided["duration_ms"], int)
+    cut = next(r for r in records[len(before):] if "decision" in r)
+    assert cut["decision"] == "allowed" and cut["cost_estimated"] == "true", cut
+
+
 STREAMS = [
     ("/v1/chat/completions", {"model": "mistral-small-latest", "max_tokens": 20, "stream": True,
                               "messages": [{"role": "user", "content": "hello"}]}),
