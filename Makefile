@@ -1,5 +1,5 @@
 # The two commands: `make run` (ShieldKey with a demo policy) and `make test` (everything).
-.PHONY: run test setup build soak fuzz fleet bench profile
+.PHONY: run test setup build soak fuzz fleet bench profile host-costs
 
 run:
 	scripts/run.sh
@@ -34,3 +34,8 @@ bench: build
 # functions it calls), sampled with perf (installed if missing); README "Benchmarks".
 profile: build
 	scripts/profile.sh $(PROFILE_ARGS)
+
+# What each kind of proxy-wasm host operation (filter state, shared data, body reads, ...) costs
+# Envoy per request, measured on the minimal filter; README "Benchmarks".
+host-costs: setup
+	scripts/host_costs.sh $(HOST_COSTS_ARGS)

@@ -259,8 +259,10 @@ def shieldkey_front(name: str, workdir: Path, upstream: Upstream, real_key: str,
     return Front(name, dep.envoy, f"Bearer {dep.tokens['bench']}", workdir, tokens)
 
 
-def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1) -> Front:
-    """envoy/demo.yaml with the minimal filter delivered by ECDS in ShieldKey's place."""
+def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1,
+                  extra: str = "") -> Front:
+    """envoy/demo.yaml with the minimal filter delivered by ECDS in ShieldKey's place; `extra`:
+    the kind of extra work it does per request (`host_costs.py`), none by default."""
     (workdir / "filter").mkdir(parents=True, exist_ok=True)
     ecds = {
         "version_info": "1",
@@ -275,7 +277,7 @@ def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency:
                     "vm_config": {"vm_id": "minimal", "runtime": "envoy.wasm.runtime.v8",
                                   "code": {"local": {"filename": str(MINIMAL_WASM)}}},
                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                      "value": f"Bearer {real_key}"},
+                                      "value": f"Bearer {real_key}" + (f"\n{extra}" if extra else "")},
                     "fail_open": False,
                 },
             },
@@ -290,7 +292,7 @@ def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency:
     envoy.start()
     # The client sends a shield-shaped token, not the real key: a 200 proves the filter swapped it.
     fake = "sk_shield_t_bench_" + "A" * 43
-    return Front("minimal", envoy, f"Bearer {fake}", workdir)
+    return Front(f"minimal+{extra}" if extra else "minimal", envoy, f"Bearer {fake}", workdir)
 
 
 def plain_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1) -> Front:
