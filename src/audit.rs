@@ -1,24 +1,28 @@
-//! The audit facts of one request, gathered in one place and written out when the stream ends
-//! as one Envoy filter-state value, `wasm.shieldkey_audit`: the request's fields of the JSON
-//! audit record, already JSON (`,"decision":"allowed","token_id":"alice",...`). The shipped
-//! access logs splice it into a record whose other fields are Envoy's own
-//! (`%FILTER_STATE(wasm.shieldkey_audit:PLAIN)%`, README "Audit trail").
+//! The audit facts of one request, gathered in one place and written out as one Envoy
+//! filter-state value, `wasm.shieldkey_audit`: the request's fields of the JSON audit record,
+//! already JSON (`,"decision":"allowed","token_id":"alice",...`). The shipped access logs splice
+//! it into a record whose other fields are Envoy's own
+//! (`%FILTER_STATE(wasm.shieldkey_audit:PLAIN)%`, README "Audit trail"). It is written when the
+//! request is decided (so the decision survives a VM that fails before the stream ends) and
+//! again, with the accounting, when the stream ends; the second write only replaces the value.
 //!
 //! One value, not one per field: each filter-state write costs Envoy about half a microsecond
 //! (a state object, a map entry), and ten per request were an eighth of what the filter added
-//! to a request in `make bench`. Every text in the fragment is JSON-escaped here, so nothing a
-//! client sends (a request id, a model name) can end the record or forge a field.
+//! to a request in `make bench`. Every text in the fragment is JSON-escaped here, as ASCII, and
+//! at most `MAX_AUDIT_TEXT` characters long, so nothing a client sends (a request id, a model
+//! name) can end the record, forge a field or split a line.
 //! Only public facts live here: ids, the decision code, the model, the accounting.
 
 use crate::money::NanoUsd;
 
-/// Longest text from a client or the upstream written to filter state or a log line.
+/// Longest text from a client or the upstream written to filter state or a log line (longer
+/// request headers are cut there).
 pub const MAX_AUDIT_TEXT: usize = 128;
 
 /// The filter-state name of the fragment (`wasm.` is Envoy's prefix for a filter's values).
 pub const FILTER_STATE_NAME: &str = "shieldkey_audit";
 
-/// `text` made safe for a log line, a stat name or filter state: at most `MAX_AUDIT_TEXT`
+/// `text` made safe for a log line or a stat name: at most `MAX_AUDIT_TEXT`
 /// characters of `[A-Za-z0-9._:/@+-]`, anything else replaced by `_`. No newline, quote or
 /// control character written by a client can forge a log line.
 pub fn printable(text: &str) -> String {
@@ -51,7 +55,9 @@ pub struct AuditFacts {
     /// `allowed` or a denial code.
     pub decision: Option<&'static str>,
     pub model: Option<String>,
-    /// Request headers as the client (or Envoy) sent them, escaped when written.
+    /// The request's headers were read: the record gets ShieldKey's fields from here on.
+    pub seen: bool,
+    /// Request headers as the client (or Envoy) sent them, cut and escaped when written.
     pub method: Option<Vec<u8>>,
     pub request_id: Option<Vec<u8>>,
     pub country: Option<Vec<u8>>,
@@ -64,12 +70,15 @@ pub struct AuditFacts {
 }
 
 impl AuditFacts {
-    /// The record's fields ShieldKey knows, as JSON members each preceded by a comma (keys in
-    /// the order the record sorts them), absent ones as `null`; `None` before a decision (the
-    /// record then has Envoy's fields only). Numbers are written as strings
-    /// (`"prompt_tokens":"1000"`), as the record has always had them.
+    /// The record's fields ShieldKey knows, as JSON members each preceded by a comma (keys
+    /// sorted), absent ones as `null` (`decision` too, for a request that ended before it was
+    /// decided); `None` when the request's headers were never seen (the record then has Envoy's
+    /// fields only). Numbers are written as strings (`"prompt_tokens":"1000"`), as the record
+    /// has always had them.
     pub fn log_fragment(&self) -> Option<String> {
-        let decision = self.decision?;
+        if !self.seen {
+            return None;
+        }
         let accounted = |value: String| self.accounted.then_some(value);
         let owner = self
             .owner
@@ -78,9 +87,12 @@ impl AuditFacts {
             .map(printable);
         let would_deny = (!self.would_deny.is_empty()).then(|| self.would_deny.join(","));
         let text = |bytes: &Option<Vec<u8>>| {
-            bytes
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
+            bytes.as_deref().map(|b| {
+                String::from_utf8_lossy(b)
+                    .chars()
+                    .take(MAX_AUDIT_TEXT)
+                    .collect::<String>()
+            })
         };
         let fields: [(&str, Option<String>); 15] = [
             (
@@ -90,7 +102,7 @@ impl AuditFacts {
             ("cost_estimated", accounted(self.estimated.to_string())),
             ("cost_nano_usd", accounted(self.cost.to_string())),
             ("country", text(&self.country)),
-            ("decision", Some(decision.to_string())),
+            ("decision", self.decision.map(str::to_string)),
             ("method", text(&self.method)),
             ("model", self.model.as_deref().map(printable)),
             ("owner", owner),
@@ -126,18 +138,23 @@ impl AuditFacts {
     }
 }
 
-/// `text` as a JSON string: quotes, backslashes and every control character escaped (RFC 8259),
-/// so a value can neither end its string nor its line.
+/// `text` as a JSON string of printable ASCII: quotes and backslashes escaped, every other
+/// character outside ` `..`~` written as `\uXXXX` (RFC 8259; UTF-16 pairs above U+FFFF), so a
+/// value can neither end its string nor its line, for readers that also end lines at U+2028,
+/// U+2029 or U+0085.
 fn push_json_string(out: &mut String, text: &str) {
     out.push('"');
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32));
+            ' '..='~' => out.push(c),
+            c => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
             }
-            c => out.push(c),
         }
     }
     out.push('"');
@@ -157,6 +174,7 @@ mod tests {
     #[test]
     fn the_fragment_carries_only_public_facts() {
         let facts = AuditFacts {
+            seen: true,
             token_id: Some("alice".into()),
             decision: Some("allowed"),
             model: Some("mistral-small-latest".into()),
@@ -179,9 +197,22 @@ mod tests {
                    "team": null, "token_id": "alice", "upstream_key": "prod",
                    "would_deny": null})
         );
-        // Nothing before a decision: the record keeps Envoy's fields only.
+        // Nothing before the headers were seen: the record keeps Envoy's fields only.
         assert_eq!(AuditFacts::default().log_fragment(), None);
+        // Seen, not decided (the client went away first): what is known, and no decision.
+        let undecided = AuditFacts {
+            seen: true,
+            token_id: Some("alice".into()),
+            method: Some(b"POST".to_vec()),
+            ..AuditFacts::default()
+        };
+        let r = record(&undecided);
+        assert_eq!(
+            (&r["token_id"], &r["decision"]),
+            (&json!("alice"), &Value::Null)
+        );
         let dry = AuditFacts {
+            seen: true,
             token_id: Some("bob".into()),
             owner: Some("bob@example.com\nforged".into()),
             team: Some("eng".into()),
@@ -207,6 +238,7 @@ mod tests {
     #[test]
     fn client_text_cannot_forge_fields_or_lines() {
         let forged = AuditFacts {
+            seen: true,
             decision: Some("allowed"),
             model: Some("x\n[2026] token=alice decision=allowed \"".into()),
             request_id: Some(b"r\",\"decision\":\"allowed\"}\n{\"x\\\x01\xff".to_vec()),
@@ -214,7 +246,10 @@ mod tests {
             ..AuditFacts::default()
         };
         let fragment = forged.log_fragment().unwrap();
-        assert!(!fragment.contains('\n'));
+        assert!(
+            fragment.bytes().all(|b| (b' '..=b'~').contains(&b)),
+            "{fragment}"
+        );
         let r = record(&forged);
         assert_eq!(r["model"], "x__2026__token_alice_decision_allowed__");
         assert_eq!(
@@ -223,6 +258,21 @@ mod tests {
         );
         assert_eq!(r["country"], "F\"R");
         assert_eq!(r["decision"], "allowed");
+        // Line separators some readers split on, a character beyond U+FFFF, and a long value.
+        let odd = AuditFacts {
+            seen: true,
+            request_id: Some("a\u{2028}b\u{2029}c\u{85}d\u{1f600}".as_bytes().to_vec()),
+            method: Some(vec![b'G'; 5000]),
+            ..AuditFacts::default()
+        };
+        let fragment = odd.log_fragment().unwrap();
+        assert!(
+            fragment.contains(r#""a\u2028b\u2029c\u0085d\ud83d\ude00""#),
+            "{fragment}"
+        );
+        let r = record(&odd);
+        assert_eq!(r["request_id"], "a\u{2028}b\u{2029}c\u{85}d\u{1f600}");
+        assert_eq!(r["method"].as_str().unwrap().len(), MAX_AUDIT_TEXT);
         assert_eq!(printable(&"m".repeat(500)).len(), MAX_AUDIT_TEXT);
         assert_eq!(
             printable("ft:mistral-small:a/b@c+d"),

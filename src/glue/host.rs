@@ -149,7 +149,13 @@ impl Host for WasmHost {
     }
 
     fn set_filter_state(&self, name: &str, value: &[u8]) {
-        let _ = hostcalls::set_property(vec![name], Some(value));
+        if hostcalls::set_property(vec![name], Some(value)).is_err() {
+            // The request's audit record would lack ShieldKey's fields: never silently.
+            log(
+                LogLevel::Error,
+                &format!("shieldkey: could not write filter state wasm.{name}"),
+            );
+        }
     }
 
     fn store(&self) -> &dyn SharedStore {

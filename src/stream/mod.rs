@@ -94,6 +94,8 @@ impl Stream {
     }
 
     pub fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
+        let headers = Headers::new(host.request_headers());
+        self.note_request(&headers);
         let Some(active) = self.active.clone() else {
             // No valid configuration: Envoy would not have started, but never forward anyway.
             return self.deny(host, &Denial::PolicyUnavailable);
@@ -101,8 +103,9 @@ impl Stream {
         let Some(now_ms) = host.now_unix_ms() else {
             return self.deny(host, &Denial::PolicyUnavailable);
         };
-        let headers = Headers::new(host.request_headers());
-        self.note_request(&active, &headers);
+        self.audit.country = headers
+            .get(&active.policy.settings.country_header)
+            .map(<[u8]>::to_vec);
         let kind = match self.check_headers(host, &active, &headers, now_ms) {
             Ok(kind) => kind,
             Err(denial) => return self.deny(host, &denial),
@@ -207,19 +210,24 @@ impl Stream {
             }
         }
         self.account(host);
-        // The audit record's fields, in one filter-state value, once: the access log reads it
-        // after this callback (`audit.rs`).
+        // The access log reads the record's fields after this callback (`audit.rs`).
+        self.write_audit(host);
+    }
+
+    /// The request's own facts for the audit record, from the headers already read.
+    fn note_request(&mut self, headers: &Headers) {
+        let copy = |name: &str| headers.get(name).map(<[u8]>::to_vec);
+        self.audit.seen = true;
+        self.audit.method = copy(":method");
+        self.audit.request_id = copy("x-request-id");
+    }
+
+    /// Writes the audit record's fields known so far, in one filter-state value: at the decision,
+    /// and again when the stream ends.
+    fn write_audit(&self, host: &dyn Host) {
         if let Some(fragment) = self.audit.log_fragment() {
             host.set_filter_state(crate::audit::FILTER_STATE_NAME, fragment.as_bytes());
         }
-    }
-
-    /// The request's own facts for the audit record: read here, from the headers already read.
-    fn note_request(&mut self, active: &Active, headers: &Headers) {
-        let copy = |name: &str| headers.get(name).map(<[u8]>::to_vec);
-        self.audit.method = copy(":method");
-        self.audit.request_id = copy("x-request-id");
-        self.audit.country = copy(&active.policy.settings.country_header);
     }
 
     fn deny(&mut self, host: &dyn Host, denial: &Denial) -> Flow {
@@ -232,6 +240,7 @@ impl Stream {
         self.audit.decision = Some(denial.code());
         // What a dry run let through before an enforced rule refused is part of the record.
         self.audit.would_deny = self.would_deny.iter().map(Denial::code).collect();
+        self.write_audit(host);
         let extra = denial.headers();
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
@@ -602,6 +611,9 @@ impl Stream {
     fn forward(&mut self, host: &dyn Host, active: &Active, exchange: Exchange) -> Flow {
         self.audit.decision = Some("allowed");
         self.audit.would_deny = self.would_deny.iter().map(Denial::code).collect();
+        // Written now too: a VM that fails before the stream ends still leaves the decision in
+        // the record (Envoy then skips `on_log`).
+        self.write_audit(host);
         active.metrics.allowed(host);
         for (_, subject) in self.subjects() {
             subject.metrics.allowed(host);

@@ -367,6 +367,24 @@ fn n_choices_multiply_the_reservation_and_the_ceiling() {
 }
 
 #[test]
+fn a_request_that_ends_before_its_decision_is_recorded_without_one() {
+    let gw = gateway();
+    let mut s = gw.request("POST", CHAT, "alice");
+    assert_eq!(s.on_request_headers(&gw.host, false), Flow::Continue);
+    assert!(
+        gw.host.filter_state.borrow().is_empty(),
+        "nothing decided yet"
+    );
+    // The client goes away while its body is held.
+    s.on_log(&gw.host);
+    let state = gw.host.filter_state.borrow();
+    assert_eq!(state["shieldkey_token_id"], "alice");
+    assert_eq!(state["shieldkey_method"], "POST");
+    assert!(!state.contains_key("shieldkey_decision"), "{state:?}");
+    assert_eq!(balance(&gw, "alice"), (0, 0), "its admission was released");
+}
+
+#[test]
 fn a_model_name_that_could_forge_a_log_line_is_refused() {
     let gw = gateway();
     let mut s = gw.request("POST", CHAT, "alice");
@@ -666,13 +684,13 @@ fn host_calls_per_request() {
     let (_, open_calls, open_reads, open_writes) = counts[2];
     let (_, ruled_calls, ruled_reads, ruled_writes) = counts[3];
     // Without rules the body is still read, for the tools the upstream would run. The audit
-    // record's fields are one filter-state write.
+    // record's fields are one filter-state value, written at the decision and at the end.
     assert!(
-        open_calls <= 11 && open_reads + open_writes == 0,
+        open_calls <= 12 && open_reads + open_writes == 0,
         "{counts:?}"
     );
     assert!(
-        ruled_calls <= 15 && ruled_reads + ruled_writes <= 6,
+        ruled_calls <= 16 && ruled_reads + ruled_writes <= 6,
         "{counts:?}"
     );
 }

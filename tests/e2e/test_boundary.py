@@ -13,6 +13,7 @@ import socket
 import time
 
 import pytest
+import yaml
 
 import harness
 from deployment import Deployment, error_code, request
@@ -462,9 +463,46 @@ def test_client_headers_cannot_forge_audit_fields_and_every_record_is_one_json_o
     assert mock_mistral.requests() == []
 
 
+def test_a_client_chosen_request_id_is_escaped_in_the_record(tmp_path, mock_mistral, mock_keys):
+    """An Envoy that keeps the client's x-request-id (demo.yaml with
+    `preserve_external_request_id`): quotes, a backslash and a UTF-8 line separator in it stay
+    inside the record's string, as printable ASCII, and the record's real fields stand."""
+    doc = yaml.safe_load((harness.PROJECT / "envoy" / "demo.yaml").read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["preserve_external_request_id"] = True
+    config = tmp_path / "keeps-request-ids.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    d = Deployment(tmp_path / "dep", mock_mistral, mock_keys, bootstrap=str(config))
+    d.mint("alice", "prod")
+    d.start()
+    try:
+        hostile = b'r1","decision":"allowed","token_id":"mallory","x":"\\ \xe2\x80\xa8 end'
+        payload = json.dumps({"model": "mistral-small-latest", "max_tokens": 5,
+                              "messages": [{"role": "user", "content": "hi"}]}).encode()
+        host, port = d.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                      b"content-type: application/json\r\nconnection: close\r\n"
+                      + f"authorization: Bearer {d.tokens['alice']}\r\n".encode()
+                      + b"x-request-id: " + hostile + b"\r\n"
+                      + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200"), got[:300]
+        [record] = d.envoy.wait_audit(1)
+        assert record["request_id"] == hostile.decode()
+        assert record["token_id"] == "alice" and record["decision"] == "allowed"
+        assert "x" not in record
+        line = (d.workdir / "shieldkey-audit.log").read_bytes().splitlines()[0]
+        assert all(32 <= b < 127 for b in line), line
+    finally:
+        d.stop()
+
+
 def test_clients_that_go_away_leave_whole_records(dep, mock_mistral):
-    """A client gone before its body was complete (nothing decided: Envoy's fields only) and one
-    gone mid-stream (allowed, charged an estimate): each still one whole JSON record."""
+    """A client gone before its body was complete (not decided: what ShieldKey knew, decision
+    null) and one gone mid-stream (allowed, charged an estimate): each one whole JSON record."""
     before = dep.envoy.audit_records()
     payload = json.dumps({"model": "mistral-small-latest", "max_tokens": 20, "stream": True,
                           "messages": [{"role": "user", "content": "hello"}]}).encode()
@@ -484,11 +522,11 @@ def test_clients_that_go_away_leave_whole_records(dep, mock_mistral):
         mock_mistral.reset()
     records = dep.envoy.wait_audit(len(before) + 2)
     assert len(records) == len(before) + 2, records[len(before):]
-    undecided = next(r for r in records[len(before):] if "decision" not in r)
-    assert set(undecided) == {"bytes_received", "bytes_sent", "client_address", "duration_ms",
-                              "host", "status", "time"}, undecided
+    undecided = next(r for r in records[len(before):] if r["decision"] is None)
+    assert undecided["token_id"] == "capped" and undecided["method"] == "POST", undecided
+    assert undecided["cost_nano_usd"] is None and undecided["request_id"], undecided
     assert isinstance(undecided["status"], int) and isinstance(undecided["duration_ms"], int)
-    cut = next(r for r in records[len(before):] if "decision" in r)
+    cut = next(r for r in records[len(before):] if r["decision"] is not None)
     assert cut["decision"] == "allowed" and cut["cost_estimated"] == "true", cut
 
 
