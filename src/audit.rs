@@ -2,9 +2,8 @@
 //! filter-state value, `wasm.shieldkey_audit`: the request's fields of the JSON audit record,
 //! already JSON (`,"decision":"allowed","token_id":"alice",...`). The shipped access logs splice
 //! it into a record whose other fields are Envoy's own
-//! (`%FILTER_STATE(wasm.shieldkey_audit:PLAIN)%`, README "Audit trail"). It is written when the
-//! request is decided (so the decision survives a VM that fails before the stream ends) and
-//! again, with the accounting, when the stream ends; the second write only replaces the value.
+//! (`%FILTER_STATE(wasm.shieldkey_audit:PLAIN)%`, README "Audit trail"). It is written once,
+//! when the stream ends.
 //!
 //! One value, not one per field: each filter-state write costs Envoy about half a microsecond
 //! (a state object, a map entry), and ten per request were an eighth of what the filter added
