@@ -139,7 +139,7 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   on loopback only unless --allow-remote (then put TLS in front).
                                   Login: the one-time secret printed on stderr at start (a new
                                   one is printed after each login), or the password in
-                                  SHIELDKEY_CONSOLE_PASSWORD (never argv); see CONSOLE_README.md
+                                  SHIELDKEY_CONSOLE_PASSWORD (never argv); README, The web console
 
 Changing commands (seal, mint, limit, revoke, unrevoke, remove, team create|limit|remove,
 enforce true|false) also take --publish PATH [filter settings] [--admin URL [--wait-secs N]]

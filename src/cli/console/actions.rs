@@ -36,6 +36,10 @@ pub struct LimitsForm {
     /// The team; empty: none.
     #[serde(default)]
     pub team: String,
+    /// The limits the form showed (`limits_baseline`): a form opened before another change to
+    /// the token is refused instead of silently undoing that change.
+    #[serde(default)]
+    pub baseline: String,
 }
 
 /// The mint form of the overview.
@@ -101,8 +105,34 @@ fn rule_flags(pairs: &[(&str, String)]) -> Result<RuleFlags, CliError> {
     Ok(rules)
 }
 
-/// The current values of a token's limits, as the form shows them.
+/// The current values of a token's limits, as the form shows them (with their baseline).
 pub fn current_limits(token: &RawToken) -> LimitsForm {
+    let mut form = shown_limits(token);
+    form.baseline = limits_baseline(&form);
+    form
+}
+
+/// A fingerprint of the limits a form shows: every field, SHA-256, hex.
+fn limits_baseline(form: &LimitsForm) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for field in [
+        &form.budget_usd,
+        &form.budget_window,
+        &form.rpm,
+        &form.tpm,
+        &form.models,
+        &form.max_tokens,
+        &form.team,
+    ] {
+        // Length-prefixed: no two different forms hash the same text.
+        hash.update((field.len() as u64).to_le_bytes());
+        hash.update(field.as_bytes());
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn shown_limits(token: &RawToken) -> LimitsForm {
     let num = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
     let rate = token.rate_limit.as_ref();
     let models = token.models.as_ref();
@@ -126,13 +156,22 @@ pub fn current_limits(token: &RawToken) -> LimitsForm {
             .unwrap_or_default(),
         max_tokens: num(models.and_then(|m| m.max_tokens)),
         team: token.team.clone().unwrap_or_default(),
+        baseline: String::new(),
     }
 }
 
 /// What the limits form changes: only the fields that differ from the token as it is (an
-/// emptied field removes that limit, `none` to the CLI).
+/// emptied field removes that limit, `none` to the CLI). Refused when the token's limits are no
+/// longer those the form showed (changed from the CLI or another page meanwhile): the form's
+/// other fields would put back what was there.
 pub fn limits_change(token: &RawToken, form: &LimitsForm) -> Result<TokenChange, CliError> {
     let now = current_limits(token);
+    if form.baseline != now.baseline {
+        return Err(super::super::error::usage(
+            "the token's limits changed since this page was opened (from the CLI or another \
+             page): nothing was changed; reload the page to see them, then change them again",
+        ));
+    }
     let mut pairs: Vec<(&str, String)> = Vec::new();
     let mut simple = |flag: &'static str, old: &str, new: &str| {
         if old.trim() != new.trim() {
@@ -400,6 +439,33 @@ mod tests {
         let mut form = current_limits(&t);
         form.budget_window = "monthly".into();
         assert_eq!(apply(&t, &form).budget.unwrap().window, "monthly");
+    }
+
+    #[test]
+    fn a_form_opened_before_another_change_is_refused_not_applied() {
+        let t = token();
+        // The page is opened; then the CLI tightens the rate limit.
+        let mut form = current_limits(&t);
+        let mut changed = t.clone();
+        changed.rate_limit.as_mut().unwrap().requests_per_minute = Some(5);
+        // Saving the old page (another field edited) would put the old rate limit back.
+        form.max_tokens = "256".into();
+        let err = limits_change(&changed, &form).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("changed since this page was opened"),
+            "{err}"
+        );
+        // A form without a baseline (crafted, or from an older console) is refused too.
+        let mut bare = current_limits(&changed);
+        bare.baseline = String::new();
+        assert!(limits_change(&changed, &bare).is_err());
+        // Reloaded, the same edit applies and keeps the CLI's change.
+        let mut form = current_limits(&changed);
+        form.max_tokens = "256".into();
+        let out = apply(&changed, &form);
+        assert_eq!(out.rate_limit.unwrap().requests_per_minute, Some(5));
+        assert_eq!(out.models.unwrap().max_tokens, Some(256));
     }
 
     #[test]

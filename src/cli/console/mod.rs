@@ -125,8 +125,12 @@ pub fn console(target: Target, mut args: Args) -> Result<(), CliError> {
         .policy
         .revision;
 
-    let credential = match env_var(PASSWORD_ENV) {
-        Some(password) => Credential::Password(SecretBytes::new(password.into_bytes())),
+    // Compared as typed into the login form, which is trimmed: surrounding spaces of the
+    // configured password would otherwise make it impossible to enter.
+    let credential = match env_var(PASSWORD_ENV).filter(|p| !p.trim().is_empty()) {
+        Some(password) => {
+            Credential::Password(SecretBytes::new(password.trim().as_bytes().to_vec()))
+        }
         None => Credential::OneTime(None),
     };
     let mut gate = LoginGate::new(credential);
@@ -203,8 +207,11 @@ pub fn console(target: Target, mut args: Args) -> Result<(), CliError> {
         sessions: Mutex::new(session::Sessions::default()),
         gate: Mutex::new(gate),
     });
+    // Timers too: the server sleeps and retries when accepting a connection fails (say, out of
+    // file descriptors under a flood of idle connections); without a timer that sleep panics
+    // and the console exits.
     let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()
         .map_err(|e| failed(format!("cannot start the console's runtime: {e}")))?;
     runtime.block_on(async move {

@@ -507,7 +507,8 @@ fn limits_form(h: &mut Html, token: &RawToken, csrf: &str, teams: &[String]) {
     h.raw("<section class=\"card\"><h2>Change limits</h2><form method=\"post\" action=\"")
         .text(&format!("/tokens/{}/limits", path_segment(&token.id)))
         .raw("\" class=\"grid\">")
-        .hidden("csrf", csrf);
+        .hidden("csrf", csrf)
+        .hidden("baseline", &v.baseline);
     text_input(h, "budget_usd", "Budget (USD)", &v.budget_usd, "none");
     window_input(h, &v.budget_window);
     text_input(h, "rpm", "Requests / minute", &v.rpm, "none");
