@@ -1,7 +1,9 @@
 //! Logging in to the console: a one-time login secret printed at start (consumed by the first
 //! login that uses it; a fresh one is then printed for the next login), or a configured password
-//! (`SHIELDKEY_CONSOLE_PASSWORD`, reusable). Compared in constant time; repeated failures lock
-//! logins out for a while. Nothing here ever logs or returns what was typed.
+//! (`SHIELDKEY_CONSOLE_PASSWORD`, reusable). Compared in constant time; with a password,
+//! repeated failures lock logins out for a while (a one-time secret, 256 random bits, cannot be
+//! guessed, and a lockout would only let anyone who reaches the port keep the operator out).
+//! Nothing here ever logs or returns what was typed.
 
 use std::time::{Duration, Instant};
 
@@ -103,7 +105,7 @@ impl LoginGate {
         };
         if !matches {
             self.failures = self.failures.saturating_add(1);
-            let locked = self.failures >= MAX_FAILURES;
+            let locked = self.is_password() && self.failures >= MAX_FAILURES;
             if locked {
                 self.locked_until = Some(now + LOCKOUT);
             }
@@ -196,8 +198,27 @@ mod tests {
     }
 
     #[test]
-    fn failures_lock_logins_out_even_for_the_right_secret() {
+    fn failures_never_lock_out_a_one_time_secret() {
         let mut gate = one_time("right");
+        let start = Instant::now();
+        for n in 1..=3 * MAX_FAILURES {
+            assert_eq!(
+                gate.attempt(b"wrong", start, || Ok(String::new())),
+                Attempt::Refused {
+                    failures: n,
+                    locked: false
+                }
+            );
+        }
+        assert!(matches!(
+            gate.attempt(b"right", start, || Ok("next".to_string())),
+            Attempt::Granted { .. }
+        ));
+    }
+
+    #[test]
+    fn failures_lock_password_logins_out_even_for_the_right_password() {
+        let mut gate = LoginGate::new(Credential::Password(SecretBytes::new(b"right".to_vec())));
         let start = Instant::now();
         for n in 1..MAX_FAILURES {
             assert_eq!(

@@ -861,7 +861,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn the_login_secret_works_once_and_failures_lock_out() {
+    async fn the_login_secret_works_once_and_password_failures_lock_out() {
         let f = fixture("login");
         log_in(&f.app).await;
         let r = send(
@@ -874,10 +874,23 @@ mod tests {
             StatusCode::UNAUTHORIZED,
             "the secret was consumed"
         );
-        for _ in 1..super::super::auth::MAX_FAILURES {
+        // A one-time secret cannot be guessed: failures never lock the operator out.
+        for _ in 0..2 * super::super::auth::MAX_FAILURES {
+            let r = send(&f.app, request("POST", "/login", None, "secret=wrong")).await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
+        // A password can be: failures in a row lock logins out.
+        *f.app.gate.lock().unwrap() = LoginGate::new(super::super::auth::Credential::Password(
+            SecretBytes::new(b"a long password".to_vec()),
+        ));
+        for _ in 0..super::super::auth::MAX_FAILURES {
             send(&f.app, request("POST", "/login", None, "secret=wrong")).await;
         }
-        let r = send(&f.app, request("POST", "/login", None, "secret=wrong")).await;
+        let r = send(
+            &f.app,
+            request("POST", "/login", None, "secret=a long password"),
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     }
 }
