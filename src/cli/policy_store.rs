@@ -61,8 +61,10 @@ pub enum Scope {
     Whole,
 }
 
-/// What a save is based on: the keys and `mod_revision`s read (etcd), or nothing (the file).
-pub struct Base(Option<Keys>);
+/// What a save is based on: the keys and `mod_revision`s read (etcd); for the file, the
+/// revision it had when read (`None`: a save that replaces whatever is there, `init` and
+/// `import`).
+pub struct Base(Option<Keys>, Option<u64>);
 
 /// A policy as read, with what a save of it is based on.
 pub struct Loaded {
@@ -139,10 +141,14 @@ impl PolicyStore {
 
     pub fn load(&mut self) -> Result<Loaded, CliError> {
         match self {
-            PolicyStore::File(path) => Ok(Loaded {
-                policy: policy_file::load(path)?,
-                base: Base(None),
-            }),
+            PolicyStore::File(path) => {
+                let policy = policy_file::load(path)?;
+                let revision = policy.revision;
+                Ok(Loaded {
+                    policy,
+                    base: Base(None, Some(revision)),
+                })
+            }
             PolicyStore::Etcd(e) => e.load(),
         }
     }
@@ -161,7 +167,7 @@ impl PolicyStore {
             PolicyStore::File(path) => Ok(Existing {
                 found: path.exists().then(|| format!("{} exists", path.display())),
                 revision: 0,
-                base: Base(None),
+                base: Base(None, None),
             }),
             PolicyStore::Etcd(e) => e.existing(),
         }
@@ -177,6 +183,14 @@ impl PolicyStore {
     ) -> Result<Saved, CliError> {
         match self {
             PolicyStore::File(path) => {
+                // Another writer (the CLI, the console) saved since this change was read: its
+                // change would be lost under this one. Read again and redo, as with etcd. (Checked
+                // just before the write; only a lock would close the last microseconds.)
+                if let Some(read) = base.1 {
+                    if policy_file::load(path)?.revision != read {
+                        return Ok(Saved::Conflict { steps_applied: 0 });
+                    }
+                }
                 policy_file::save(path, policy, master)?;
                 Ok(Saved::Written { steps: 1 })
             }
@@ -329,7 +343,7 @@ impl EtcdPolicy {
         let policy = self.assemble(&kvs)?;
         Ok(Loaded {
             policy,
-            base: Base(Some(kvs)),
+            base: Base(Some(kvs), None),
         })
     }
 
@@ -338,7 +352,7 @@ impl EtcdPolicy {
         let policy = self.assemble(&kvs)?;
         Ok(Loaded {
             policy,
-            base: Base(Some(kvs)),
+            base: Base(Some(kvs), None),
         })
     }
 
@@ -416,7 +430,7 @@ impl EtcdPolicy {
         Ok(Existing {
             found,
             revision: settings.map_or(0, |s| s.revision),
-            base: Base(Some(kvs)),
+            base: Base(Some(kvs), None),
         })
     }
 
@@ -641,6 +655,48 @@ mod tests {
     use super::*;
     use crate::config::raw::RawStatus;
 
+    #[test]
+    fn a_file_save_based_on_an_older_read_is_a_conflict_not_a_lost_change() {
+        let dir = std::env::temp_dir().join(format!("shieldkey-store-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policy.json");
+        let mut empty =
+            raw::parse(format!(r#"{{"version":{}}}"#, raw::POLICY_FORMAT_VERSION).as_bytes())
+                .unwrap();
+        policy_file::save(&path, &mut empty, None).unwrap();
+        let (mut cli, mut console) = (
+            PolicyStore::File(path.clone()),
+            PolicyStore::File(path.clone()),
+        );
+        // Both read revision 1; the CLI saves first.
+        let (read_by_cli, read_by_console) = (cli.load().unwrap(), console.load().unwrap());
+        let mut p = read_by_cli.policy;
+        p.master_key_env = Some("CLI_WAS_HERE".into());
+        let saved = cli.save(&read_by_cli.base, &mut p, None).unwrap();
+        assert_eq!(saved, Saved::Written { steps: 1 });
+        // The console's save would drop the CLI's change: a conflict, nothing written.
+        let mut p = read_by_console.policy;
+        let saved = console.save(&read_by_console.base, &mut p, None).unwrap();
+        assert_eq!(saved, Saved::Conflict { steps_applied: 0 });
+        let on_disk = console.load().unwrap();
+        assert_eq!(on_disk.policy.revision, 2);
+        assert_eq!(
+            on_disk.policy.master_key_env.as_deref(),
+            Some("CLI_WAS_HERE")
+        );
+        // Read again, the save goes through and keeps the CLI's change.
+        let mut p = on_disk.policy;
+        assert_eq!(
+            console.save(&on_disk.base, &mut p, None).unwrap(),
+            Saved::Written { steps: 1 }
+        );
+        assert_eq!(
+            console.load().unwrap().policy.master_key_env.as_deref(),
+            Some("CLI_WAS_HERE")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn store(fake: &Fake, prefix: &str) -> PolicyStore {
         PolicyStore::Etcd(EtcdPolicy {
             etcd: etcd(fake, 5000),
@@ -687,7 +743,7 @@ mod tests {
         p.tokens.push(token("zed"));
         p.tokens.push(token("amy"));
         assert_eq!(
-            save(&mut s, &Base(Some(BTreeMap::new())), &mut p),
+            save(&mut s, &Base(Some(BTreeMap::new()), None), &mut p),
             Saved::Written { steps: 1 }
         );
         {
@@ -750,7 +806,7 @@ mod tests {
         let mut p = empty();
         p.upstream_keys.push(sealed_key());
         p.tokens.push(token("amy"));
-        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        save(&mut s, &Base(Some(BTreeMap::new()), None), &mut p);
         // Another tool wrote amy with spaces and an explicit default status.
         let digest = &p.tokens[0].digest;
         let text = format!(
@@ -774,7 +830,7 @@ mod tests {
         let mut p = empty();
         p.upstream_keys.push(sealed_key());
         p.tokens.push(token("amy"));
-        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        save(&mut s, &Base(Some(BTreeMap::new()), None), &mut p);
         let loaded = s.load().unwrap();
         let mut p = loaded.policy;
         p.tokens.clear();
@@ -869,7 +925,7 @@ mod tests {
         bad.upstream_key = "nope".into();
         p.tokens.push(bad);
         let e = s
-            .save(&Base(Some(BTreeMap::new())), &mut p, None)
+            .save(&Base(Some(BTreeMap::new()), None), &mut p, None)
             .err()
             .unwrap()
             .to_string();
@@ -889,7 +945,7 @@ mod tests {
         p.upstream_keys.push(sealed_key());
         p.tokens.push(token("amy"));
         p.tokens.push(token("zed"));
-        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        save(&mut s, &Base(Some(BTreeMap::new()), None), &mut p);
         let ids = |scope: Scope, s: &mut PolicyStore| -> Vec<String> {
             let loaded = s.load_scoped(&scope).unwrap();
             assert_eq!(loaded.policy.upstream_keys.len(), 1);
@@ -932,7 +988,7 @@ mod tests {
         p.tokens.push(amy);
         p.tokens.push(token("zed"));
         p.enforce = Some(false);
-        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        save(&mut s, &Base(Some(BTreeMap::new()), None), &mut p);
         assert_eq!(
             key_names(&fake),
             [
@@ -1010,7 +1066,7 @@ mod tests {
         let mut amy = token("amy");
         amy.team = Some("old".into());
         p.tokens.push(amy);
-        save(&mut s, &Base(Some(BTreeMap::new())), &mut p);
+        save(&mut s, &Base(Some(BTreeMap::new()), None), &mut p);
         let loaded = s.load().unwrap();
         // Move amy to a new team and remove the old one, in one change.
         let mut p = loaded.policy;
@@ -1034,7 +1090,7 @@ mod tests {
         let mut p = s.load().unwrap().policy;
         p.teams.clear();
         let e = s
-            .save(&Base(Some(BTreeMap::new())), &mut p, None)
+            .save(&Base(Some(BTreeMap::new()), None), &mut p, None)
             .err()
             .unwrap()
             .to_string();
@@ -1087,7 +1143,7 @@ mod tests {
         bad.source_cidrs = Some(vec!["10.0.0.0/33".into()]);
         p.teams.push(bad);
         let e = s
-            .save(&Base(Some(BTreeMap::new())), &mut p, None)
+            .save(&Base(Some(BTreeMap::new()), None), &mut p, None)
             .err()
             .unwrap()
             .to_string();
