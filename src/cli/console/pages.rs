@@ -265,6 +265,29 @@ fn team_tr(h: &mut Html, row: &Row) {
     h.raw("</td><td></td></tr>");
 }
 
+/// What a revoked token's page can say of Envoy: it refuses the token only once it serves the
+/// policy revision that revoked it (a publish can fail, or not have been asked for).
+fn revoked_line(overview: &Overview) -> String {
+    let revision = overview.revision;
+    match &overview.source {
+        Source::Envoy {
+            served: Some(v), ..
+        } if *v == revision.to_string() => {
+            format!("This token is revoked in policy revision {revision}, which Envoy serves: Envoy refuses it.")
+        }
+        Source::Envoy {
+            served: Some(v), ..
+        } if !v.is_empty() => format!(
+            "This token is revoked in policy revision {revision}, but Envoy serves revision {v}: \
+             it refuses the token only once it serves this one (publish it)."
+        ),
+        _ => format!(
+            "This token is revoked in policy revision {revision}: Envoy refuses it once it serves \
+             that revision (not checked: start the console with --admin to see what Envoy serves)."
+        ),
+    }
+}
+
 fn source_line(h: &mut Html, overview: &Overview) {
     h.raw("<p class=\"source\">");
     match &overview.source {
@@ -584,7 +607,8 @@ pub fn token(
     b.raw("</section><section class=\"card\"><h2>Access</h2>");
     let path = format!("/tokens/{}", path_segment(&token.id));
     if status == "revoked" {
-        b.raw("<p>This token is revoked: Envoy refuses it.</p><a class=\"button\" id=\"unrevoke\" href=\"")
+        b.raw("<p>").text(&revoked_line(overview)).raw("</p>");
+        b.raw("<a class=\"button\" id=\"unrevoke\" href=\"")
             .text(&format!("{path}/unrevoke"))
             .raw("\">Re-enable&hellip;</a>");
     } else {
@@ -709,6 +733,23 @@ mod tests {
             upstream_keys: vec!["prod".into()],
             teams: vec![],
         }
+    }
+
+    #[test]
+    fn a_revoked_token_is_said_refused_only_when_envoy_serves_that_revision() {
+        let mut o = overview();
+        o.revision = 7;
+        let envoy = |served: &str| Source::Envoy {
+            url: "http://127.0.0.1:9901".into(),
+            served: Some(served.into()),
+        };
+        o.source = envoy("7");
+        assert!(revoked_line(&o).contains("which Envoy serves: Envoy refuses it"));
+        o.source = envoy("6");
+        assert!(revoked_line(&o).contains("but Envoy serves revision 6"));
+        o.source = Source::None;
+        assert!(revoked_line(&o).contains("not checked"));
+        assert!(!revoked_line(&o).contains("Envoy refuses it."));
     }
 
     #[test]
