@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -292,3 +293,42 @@ def test_the_console_in_a_browser_revokes_mints_and_never_shows_a_secret(
             assert secret not in text, f"{what} found in {where}"
     # The console said what it did, and nothing more.
     assert "Revoked token 'ann'" in console.stderr and "refused" in console.stderr
+
+
+def test_slow_and_flooding_clients_neither_hold_nor_kill_the_console(dep):
+    """A client that never finishes its request headers is closed after the header timeout
+    (10 s); a flood of such connections beyond the connection cap is refused at once, and the
+    console serves again once they are closed."""
+    console = Console(dep)
+    try:
+        host, port = urllib.parse.urlsplit(console.url).netloc.split(":")
+
+        def login_page() -> int:
+            with urllib.request.urlopen(console.url + "/login", timeout=5) as r:
+                return r.status
+
+        assert login_page() == 200
+        slow = [socket.create_connection((host, int(port)), timeout=20) for _ in range(80)]
+        for s in slow:
+            s.sendall(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        # The first of them is closed by the console, without an answer, within the timeout.
+        try:
+            closed = slow[0].recv(100) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed and time.monotonic() - started < 15
+        for s in slow:
+            s.close()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert login_page() == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert console.proc.poll() is None
+    finally:
+        console.stop()

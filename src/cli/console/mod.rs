@@ -22,6 +22,7 @@ mod csrf;
 mod data;
 mod html;
 mod pages;
+mod serve;
 mod server;
 mod session;
 
@@ -217,10 +218,8 @@ pub fn console(target: Target, mut args: Args) -> Result<(), CliError> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| failed(format!("cannot listen on {bound}: {e}")))?;
-        let service = server::router(app).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, service)
-            .await
-            .map_err(|e| failed(format!("the console stopped: {e}")))
+        serve::serve(listener, server::router(app)).await;
+        Ok(())
     })
 }
 
