@@ -1051,6 +1051,17 @@ mod tests {
         );
     }
 
+    /// A store holding `counters` (this release's encoding) as the previous release wrote them:
+    /// format 3, the same fields before `lease_limit`, under its own key.
+    fn store_of_the_previous_release(id: &str, counters: &[u8]) -> MemoryStore {
+        let mut v3 = counters.to_vec();
+        v3[0] = STATE_VERSION_3;
+        v3.truncate(v3.len() - 24);
+        let s = MemoryStore::new();
+        s.set(&legacy_key(id), &v3, None).unwrap();
+        s
+    }
+
     /// Leases carried over from the previous release (the limit they were claimed under is not
     /// known) do not count once the limit is lowered: a claim first.
     #[test]
@@ -1059,11 +1070,7 @@ mod tests {
         let l = SharedDataLedger::fleet(&s);
         l.grant("x", None, 0, USD / 2, USD, T0).unwrap();
         let (bytes, _) = s.get(&key("x")).unwrap();
-        let mut v3 = bytes.clone();
-        v3[0] = STATE_VERSION_3;
-        v3.truncate(v3.len() - 24);
-        let s = MemoryStore::new();
-        s.set(&legacy_key("x"), &v3, None).unwrap();
+        let s = store_of_the_previous_release("x", &bytes);
         let l = SharedDataLedger::fleet(&s);
         let lowered = lifetime(USD / 10);
         let mut a = l.admit("x", &lowered, 0, T0).unwrap();
@@ -1111,12 +1118,7 @@ mod tests {
             prev_spent: 77,
             ..Counters::default()
         };
-        // The previous format: the same fields up to `lease_limit`, under its own key.
-        let mut v3 = c.encode();
-        v3[0] = STATE_VERSION_3;
-        v3.truncate(v3.len() - 24);
-        let s = MemoryStore::new();
-        s.set(&legacy_key("a"), &v3, None).unwrap();
+        let s = store_of_the_previous_release("a", &c.encode());
         let l = SharedDataLedger::new(&s);
         // Its outstanding reservation settles on the old key, never read again: counted as spent.
         assert_eq!(l.balance("a"), Some((127, 0)));

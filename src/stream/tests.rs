@@ -501,21 +501,32 @@ fn a_revocation_reaches_the_next_request_and_a_straggler_keeps_its_own_view() {
 const NOTHING_CLAIMED: &[u8] = br#"{"header":{"revision":"5"},"succeeded":true,"responses":[{"response_range":{"header":{}}},{"response_range":{"header":{}}}]}"#;
 const WRITTEN: &[u8] = br#"{"header":{"revision":"6"},"succeeded":true}"#;
 
-#[test]
-fn fleet_a_request_short_of_its_share_waits_for_one_claim_then_goes_on() {
+/// A fleet gateway and alice's small request, its whole body in, held while this Envoy claims a
+/// lease (it holds none): the first callout, reading the pool, is out.
+fn fleet_request_waiting_for_a_claim() -> (Gateway, super::Stream) {
     let gw = gateway().into_fleet();
     let mut s = gw.request("POST", CHAT, "alice");
     assert_eq!(s.on_request_headers(&gw.host, false), Flow::Continue);
-    // The whole body is in, but this Envoy holds no lease: held while it claims one.
     assert_eq!(gw.body(&mut s, SMALL, true), Flow::Pause);
+    (gw, s)
+}
+
+/// etcd answers callout `call` of `s` with `status` and `body`.
+fn etcd_answers(gw: &Gateway, s: &mut super::Stream, call: u32, status: u32, body: &[u8]) {
+    *gw.host.call_reply.borrow_mut() = (status, body.to_vec());
+    s.on_call_response(&gw.host, call, 0);
+}
+
+#[test]
+fn fleet_a_request_short_of_its_share_waits_for_one_claim_then_goes_on() {
+    // The whole body is in, but this Envoy holds no lease: held while it claims one.
+    let (gw, mut s) = fleet_request_waiting_for_a_claim();
     assert_eq!(code(&gw), None);
     assert_eq!(gw.host.calls.borrow().len(), 1, "read the pool");
-    *gw.host.call_reply.borrow_mut() = (200, NOTHING_CLAIMED.to_vec());
-    s.on_call_response(&gw.host, 1, 0);
+    etcd_answers(&gw, &mut s, 1, 200, NOTHING_CLAIMED);
     let write: Value = serde_json::from_slice(&gw.host.calls.borrow()[1].1).unwrap();
     assert_eq!(write["compare"][0]["mod_revision"], "0");
-    *gw.host.call_reply.borrow_mut() = (200, WRITTEN.to_vec());
-    s.on_call_response(&gw.host, 2, 0);
+    etcd_answers(&gw, &mut s, 2, 200, WRITTEN);
     assert_eq!(gw.host.resumed.get(), 1, "forwarded");
     assert_eq!(gw.host.stat("shieldkey.fleet.lease_claims"), 1);
     assert_eq!(code(&gw), None);
@@ -536,12 +547,8 @@ fn fleet_a_request_short_of_its_share_waits_for_one_claim_then_goes_on() {
 /// of another write (or none) is claimed again, never granted twice.
 #[test]
 fn fleet_a_claim_applied_whose_reply_was_lost_is_read_back_and_granted() {
-    let gw = gateway().into_fleet();
-    let mut s = gw.request("POST", CHAT, "alice");
-    s.on_request_headers(&gw.host, false);
-    assert_eq!(gw.body(&mut s, SMALL, true), Flow::Pause);
-    *gw.host.call_reply.borrow_mut() = (200, NOTHING_CLAIMED.to_vec());
-    s.on_call_response(&gw.host, 1, 0);
+    let (gw, mut s) = fleet_request_waiting_for_a_claim();
+    etcd_answers(&gw, &mut s, 1, 200, NOTHING_CLAIMED);
     let write: Value = serde_json::from_slice(&gw.host.calls.borrow()[1].1).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD;
     let node_value = base64::Engine::decode(
@@ -552,8 +559,7 @@ fn fleet_a_claim_applied_whose_reply_was_lost_is_read_back_and_granted() {
     )
     .unwrap();
     // The write is lost: a timeout.
-    *gw.host.call_reply.borrow_mut() = (504, b"upstream request timeout".to_vec());
-    s.on_call_response(&gw.host, 2, 0);
+    etcd_answers(&gw, &mut s, 2, 504, b"upstream request timeout");
     assert_eq!(gw.host.calls.borrow().len(), 3, "the claim read back");
     assert_eq!(gw.host.resumed.get(), 0);
     // What etcd holds: exactly that write.
@@ -561,8 +567,7 @@ fn fleet_a_claim_applied_whose_reply_was_lost_is_read_back_and_granted() {
     let reply = format!(
         r#"{{"header":{{"revision":"6"}},"succeeded":true,"responses":[{{"response_range":{{}}}},{{"response_range":{{"kvs":[{{"key":"c","mod_revision":"6","value":"{stored}"}}]}}}}]}}"#
     );
-    *gw.host.call_reply.borrow_mut() = (200, reply.into_bytes());
-    s.on_call_response(&gw.host, 3, 0);
+    etcd_answers(&gw, &mut s, 3, 200, reply.as_bytes());
     assert_eq!(gw.host.resumed.get(), 1, "forwarded");
     assert_eq!(gw.host.stat("shieldkey.fleet.lease_claims"), 1);
 
@@ -577,17 +582,14 @@ fn fleet_a_claim_applied_whose_reply_was_lost_is_read_back_and_granted() {
     assert_eq!(gw.body(&mut t, huge.as_bytes(), true), Flow::Pause);
     {
         let n = gw.host.calls.borrow().len();
-        *gw.host.call_reply.borrow_mut() = (200, NOTHING_CLAIMED.to_vec());
-        t.on_call_response(&gw.host, n as u32, 0);
-        *gw.host.call_reply.borrow_mut() = (0, Vec::new());
-        t.on_call_response(&gw.host, n as u32 + 1, 0);
+        etcd_answers(&gw, &mut t, n as u32, 200, NOTHING_CLAIMED);
+        etcd_answers(&gw, &mut t, n as u32 + 1, 0, b"");
         let other =
             base64::Engine::encode(&b64, r#"{"claimed":100000000,"claim":"00000000000000ff"}"#);
         let reply = format!(
             r#"{{"header":{{"revision":"7"}},"succeeded":true,"responses":[{{"response_range":{{}}}},{{"response_range":{{"kvs":[{{"key":"c","mod_revision":"7","value":"{other}"}}]}}}}]}}"#
         );
-        *gw.host.call_reply.borrow_mut() = (200, reply.into_bytes());
-        t.on_call_response(&gw.host, n as u32 + 2, 0);
+        etcd_answers(&gw, &mut t, n as u32 + 2, 200, reply.as_bytes());
         // Not this write's: claimed again (a fresh read), not granted.
         assert_eq!(gw.host.stat("shieldkey.fleet.lease_claims"), 1);
         let last: Value =
@@ -598,12 +600,8 @@ fn fleet_a_claim_applied_whose_reply_was_lost_is_read_back_and_granted() {
 
 #[test]
 fn fleet_without_etcd_a_request_short_of_its_share_is_refused_and_gives_its_admission_back() {
-    let gw = gateway().into_fleet();
-    let mut s = gw.request("POST", CHAT, "alice");
-    s.on_request_headers(&gw.host, false);
-    assert_eq!(gw.body(&mut s, SMALL, true), Flow::Pause);
-    *gw.host.call_reply.borrow_mut() = (503, b"upstream connect error".to_vec());
-    s.on_call_response(&gw.host, 1, 0);
+    let (gw, mut s) = fleet_request_waiting_for_a_claim();
+    etcd_answers(&gw, &mut s, 1, 503, b"upstream connect error");
     assert_eq!(code(&gw), Some((503, "shield_ledger_busy".to_string())));
     assert_eq!(gw.host.resumed.get(), 0);
     assert_eq!(gw.host.stat("shieldkey.fleet.lease_claim_failures"), 1);
@@ -613,10 +611,7 @@ fn fleet_without_etcd_a_request_short_of_its_share_is_refused_and_gives_its_admi
 
 #[test]
 fn fleet_a_spent_pool_refuses_with_the_budget_code() {
-    let gw = gateway().into_fleet();
-    let mut s = gw.request("POST", CHAT, "alice");
-    s.on_request_headers(&gw.host, false);
-    gw.body(&mut s, SMALL, true);
+    let (gw, mut s) = fleet_request_waiting_for_a_claim();
     // Other Envoys claimed all of the $1 already.
     let full = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
@@ -625,17 +620,13 @@ fn fleet_a_spent_pool_refuses_with_the_budget_code() {
     let reply = format!(
         r#"{{"header":{{"revision":"5"}},"succeeded":true,"responses":[{{"response_range":{{"kvs":[{{"key":"a","mod_revision":"3","value":"{full}"}}]}}}},{{"response_range":{{}}}}]}}"#
     );
-    *gw.host.call_reply.borrow_mut() = (200, reply.into_bytes());
-    s.on_call_response(&gw.host, 1, 0);
+    etcd_answers(&gw, &mut s, 1, 200, reply.as_bytes());
     assert_eq!(code(&gw), Some((429, "shield_budget_exceeded".to_string())));
 }
 
 #[test]
 fn fleet_a_client_gone_while_its_request_waits_for_a_claim_leaves_nothing_held() {
-    let gw = gateway().into_fleet();
-    let mut s = gw.request("POST", CHAT, "alice");
-    s.on_request_headers(&gw.host, false);
-    gw.body(&mut s, SMALL, true);
+    let (gw, mut s) = fleet_request_waiting_for_a_claim();
     s.on_log(&gw.host);
     assert_eq!(balance(&gw, "alice"), (0, 0));
 }

@@ -197,19 +197,28 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn failures_never_lock_out_a_one_time_secret() {
-        let mut gate = one_time("right");
-        let start = Instant::now();
-        for n in 1..=3 * MAX_FAILURES {
+    /// Wrong attempts `failures` (counted from 1) refused without a lockout.
+    fn refused_without_lockout(
+        gate: &mut LoginGate,
+        failures: std::ops::RangeInclusive<u32>,
+        now: Instant,
+    ) {
+        for n in failures {
             assert_eq!(
-                gate.attempt(b"wrong", start, || Ok(String::new())),
+                gate.attempt(b"wrong", now, || Ok(String::new())),
                 Attempt::Refused {
                     failures: n,
                     locked: false
                 }
             );
         }
+    }
+
+    #[test]
+    fn failures_never_lock_out_a_one_time_secret() {
+        let mut gate = one_time("right");
+        let start = Instant::now();
+        refused_without_lockout(&mut gate, 1..=3 * MAX_FAILURES, start);
         assert!(matches!(
             gate.attempt(b"right", start, || Ok("next".to_string())),
             Attempt::Granted { .. }
@@ -220,15 +229,7 @@ mod tests {
     fn failures_lock_password_logins_out_even_for_the_right_password() {
         let mut gate = LoginGate::new(Credential::Password(SecretBytes::new(b"right".to_vec())));
         let start = Instant::now();
-        for n in 1..MAX_FAILURES {
-            assert_eq!(
-                gate.attempt(b"wrong", start, || Ok(String::new())),
-                Attempt::Refused {
-                    failures: n,
-                    locked: false
-                }
-            );
-        }
+        refused_without_lockout(&mut gate, 1..=MAX_FAILURES - 1, start);
         assert_eq!(
             gate.attempt(b"wrong", start, || Ok(String::new())),
             Attempt::Refused {

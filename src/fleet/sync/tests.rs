@@ -213,6 +213,22 @@ fn bump_settings(etcd: &mut FakeEtcd) {
     );
 }
 
+/// A UTC midnight, half a second before it, and the policy of `etcd_with(0)` with one token,
+/// `b`, with a daily $1 budget: the last sync interval of a budget window.
+fn half_a_second_before_midnight_with_b_daily() -> (i64, i64, FakeEtcd) {
+    let midnight: i64 = 1_790_035_200_000;
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    (midnight, midnight - 500, etcd)
+}
+
+/// The policy of `etcd_with(0)` and one token, `b`, with a $1 budget.
+fn etcd_with_b_budgeted_one_usd() -> FakeEtcd {
+    let mut etcd = etcd_with(0);
+    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    etcd
+}
+
 fn etcd_with(tokens: usize) -> FakeEtcd {
     let mut etcd = FakeEtcd::default();
     etcd.put(
@@ -416,8 +432,7 @@ fn budgeted(id: &str, limit: &str) -> Value {
 
 #[test]
 fn spend_flushed_before_a_restart_comes_back_before_the_policy_is_served() {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let mut etcd = etcd_with_b_budgeted_one_usd();
     etcd.put("shieldkey/ledger/node/e1/b/0/spent", json!({"spent": 300}));
     etcd.put("shieldkey/ledger/node/e2/b/0/spent", json!({"spent": 999}));
     let store = MemoryStore::new();
@@ -446,8 +461,7 @@ fn spend_flushed_before_a_restart_comes_back_before_the_policy_is_served() {
 
 #[test]
 fn spend_is_flushed_as_absolute_values_and_kept_until_etcd_takes_it() {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let etcd = etcd_with_b_budgeted_one_usd();
     let store = MemoryStore::new();
     let mut sync = PolicySync::new(settings(), "e1".into());
     // Nothing is flushed before the restore.
@@ -651,8 +665,7 @@ fn answer_txn(etcd: &mut FakeEtcd, body: &[u8]) -> (u32, Vec<u8>) {
 /// Token `b` ($1 lifetime): this node (e1) holds a $0.30 lease of a pool holding `pool` in all,
 /// spent $0.10 of it just now (at 0), and flushed.
 fn holding_a_lease(pool: u64) -> (FakeEtcd, MemoryStore, PolicySync, crate::ledger::Limits) {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let mut etcd = etcd_with_b_budgeted_one_usd();
     etcd.put("shieldkey/ledger/pool/b/0", json!({"claimed": pool}));
     etcd.put(
         "shieldkey/ledger/node/e1/b/0/claimed",
@@ -1184,8 +1197,7 @@ impl Node {
 
 #[test]
 fn budget_alerts_are_judged_on_the_fleets_spend_and_sent_by_one_node() {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let mut etcd = etcd_with_b_budgeted_one_usd();
     let now = 1_790_000_000_000;
     let mut e1 = Node::start("e1", &etcd, now);
     let mut e2 = Node::start("e2", &etcd, now);
@@ -1233,8 +1245,7 @@ fn budget_alerts_are_judged_on_the_fleets_spend_and_sent_by_one_node() {
 
 /// Token `b` ($1 lifetime): node e1 has spent $0.60 of it and flushed that, at `now`.
 fn sixty_percent_flushed(now: i64) -> (FakeEtcd, Node) {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let mut etcd = etcd_with_b_budgeted_one_usd();
     let mut e1 = Node::start("e1", &etcd, now);
     let ledger = crate::ledger::SharedDataLedger::fleet(&e1.store);
     ledger.restore("b", None, 0, 600_000_000, now).unwrap();
@@ -1575,10 +1586,7 @@ fn a_token_removed_and_minted_again_continues_its_spend_in_the_ledger() {
 /// rolled the counters.
 #[test]
 fn the_end_of_a_budget_window_is_flushed_after_it_turned() {
-    let midnight: i64 = 1_790_035_200_000;
-    let now = midnight - 500;
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    let (midnight, now, mut etcd) = half_a_second_before_midnight_with_b_daily();
     let store = MemoryStore::new();
     let mut sync = PolicySync::new(settings(), "e1".into());
     run(&mut sync, &etcd, &store, now);
@@ -1616,8 +1624,7 @@ fn the_end_of_a_budget_window_is_flushed_after_it_turned() {
 /// its id must not take the alerts it sent before for claims it just won.
 #[test]
 fn a_restarted_node_does_not_send_again_the_alerts_it_sent() {
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted("b", "1"));
+    let mut etcd = etcd_with_b_budgeted_one_usd();
     let now = 1_790_000_000_000;
     let mut e2 = Node::start("e2", &etcd, now);
     let sent = e2.spend(&mut etcd, "b", 600_000_000);
@@ -1632,10 +1639,7 @@ fn a_restarted_node_does_not_send_again_the_alerts_it_sent() {
 /// turn, as the previous window's) is alerted.
 #[test]
 fn a_threshold_crossed_at_the_end_of_a_window_is_alerted() {
-    let midnight: i64 = 1_790_035_200_000;
-    let now = midnight - 500;
-    let mut etcd = etcd_with(0);
-    etcd.put("shieldkey/policy/tokens/b", budgeted_daily("b", "1"));
+    let (midnight, now, mut etcd) = half_a_second_before_midnight_with_b_daily();
     let mut e1 = Node::start("e1", &etcd, now);
     spend_and_flush(&mut e1.sync, &mut etcd, &e1.store, "b", 400_000_000, now);
     e1.now = now;
