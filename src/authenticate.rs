@@ -9,7 +9,7 @@ use std::rc::Rc;
 use crate::denial::Denial;
 use crate::policy::TokenPolicy;
 use crate::token::{self, TokenError};
-use crate::token_digest::TokenVerifier;
+use crate::verified_secrets::SecretCheck;
 
 pub struct Credentials<'a> {
     pub authorization: Option<&'a [u8]>,
@@ -39,7 +39,7 @@ impl From<Denial> for Refusal {
 /// change, a new policy is a new configuration).
 pub fn authenticate(
     lookup: &dyn Fn(&str) -> Option<Rc<TokenPolicy>>,
-    verifier: &TokenVerifier,
+    verifier: &dyn SecretCheck,
     credentials: &Credentials<'_>,
     now_unix: i64,
 ) -> Result<Rc<TokenPolicy>, Refusal> {
@@ -75,6 +75,7 @@ mod tests {
     use crate::policy_store;
     use crate::store::MemoryStore;
     use crate::token::format_token;
+    use crate::token_digest::TokenVerifier;
 
     const FP: &str = "fp01";
 

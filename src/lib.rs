@@ -36,6 +36,7 @@ pub mod token;
 pub mod token_digest;
 pub mod token_record;
 pub mod usage;
+pub mod verified_secrets;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;

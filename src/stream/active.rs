@@ -19,6 +19,7 @@ use crate::policy::{Policy, TokenPolicy};
 use crate::policy_store::{self, Publisher, Started};
 use crate::token_digest::TokenVerifier;
 use crate::token_record;
+use crate::verified_secrets::RememberingVerifier;
 
 /// A decoded token record and the shared-data version it was decoded from.
 type VersionedRecord = (u32, Rc<TokenPolicy>);
@@ -27,7 +28,8 @@ pub struct Active {
     pub policy: Policy,
     /// The shared-data generation this configuration reads its token records at.
     generation: u64,
-    pub verifier: TokenVerifier,
+    /// Remembers the secrets that verified on this worker (`verified_secrets.rs`).
+    pub verifier: RememberingVerifier,
     pub metrics: Metrics,
     /// Records of this configuration already read from shared data by this worker. Records of
     /// one configuration never change (a policy change is a new configuration), so the cache
@@ -52,7 +54,7 @@ impl Active {
         Active {
             policy,
             generation,
-            verifier,
+            verifier: RememberingVerifier::new(verifier),
             metrics,
             tokens: RefCell::new(HashMap::new()),
             fleet_records: None,

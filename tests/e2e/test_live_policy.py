@@ -109,6 +109,29 @@ def test_unrevoke_and_mint_apply_live(dep):
     assert request(dep.url, token=dave)[0] == 200
 
 
+def test_a_token_minted_again_under_its_id_refuses_the_old_secret_at_once(dep):
+    """Workers remember secrets that verified (`verified_secrets.rs`): that memory must never let
+    a wrong secret through, nor the old secret of a token removed and minted again."""
+    old = dep.tokens["alice"]
+    # Several connections, so that both workers verified (and remember) the secret.
+    for _ in range(8):
+        assert request(dep.url, token=old)[0] == 200
+    wrong = old[:-1] + ("A" if old[-1] != "A" else "B")
+    for _ in range(8):
+        status, _, body = request(dep.url, token=wrong)
+        assert (status, error_code(body)) == (401, "shield_token_invalid")
+    assert request(dep.url, token=old)[0] == 200
+    dep.cli("remove", "alice")
+    new = dep.mint("alice")
+    assert new != old
+    dep.publish()
+    dep.wait_for_config_version(dep.revision())
+    for _ in range(8):
+        status, _, body = request(dep.url, token=old)
+        assert (status, error_code(body)) == (401, "shield_token_invalid")
+        assert request(dep.url, token=new)[0] == 200
+
+
 def test_changing_a_limit_applies_live(dep):
     wasm = str(__import__("deployment").WASM)
     large = {"model": "mistral-large-latest", "messages": [{"role": "user", "content": "hi"}]}
