@@ -10,6 +10,9 @@ bench/upstream.yaml):
                       delivered the same way (ECDS file, V8): reads `authorization`, sets it to the
                       real key. The floor any proxy-wasm filter pays. Its client sends a
                       shield-shaped token, so a 200 proves the swap happened.
+  minimal-native      the same header swap as a native Envoy dynamic module (bench/minimal-module,
+                      a Rust cdylib Envoy loads with dlopen) in ShieldKey's place: the floor of a
+                      filter that runs in Envoy's process instead of a Wasm VM, for comparison
   shieldkey-norules   ShieldKey, a token without rules (token check, key swap, usage scan, stats)
   shieldkey-allrules  ShieldKey, a token with every rule on, none of them refusing: budget,
                       requests and tokens per minute (very high), source CIDR, model allow-list,
@@ -61,6 +64,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -71,13 +76,15 @@ from deployment import CLI, WASM, Deployment, request  # noqa: E402
 PROJECT = harness.PROJECT
 MINIMAL_CRATE = PROJECT / "bench" / "minimal-filter"
 MINIMAL_WASM = MINIMAL_CRATE / "target" / "wasm32-wasip1" / "release" / "minimal_filter.wasm"
+NATIVE_CRATE = PROJECT / "bench" / "minimal-module"
+NATIVE_MODULE = NATIVE_CRATE / "target" / "release" / "libminimal_module.so"
 UPSTREAM_TEMPLATE = PROJECT / "bench" / "upstream.yaml"
 PATH = "/v1/chat/completions"
 
 # The logs are truncated between runs (every request writes two audit lines).
 harness.EnvoyProcess.log_mode = "ab"
 
-SETUPS = ["plain", "minimal", "shieldkey-norules", "shieldkey-allrules", "shieldkey-100k"]
+SETUPS = ["plain", "minimal", "minimal-native", "shieldkey-norules", "shieldkey-allrules", "shieldkey-100k"]
 CONNECTIONS = [1, 8, 32]
 H2_SETUPS = ["plain", "shieldkey-allrules"]
 H2_CONNECTIONS, H2_STREAMS = 8, 4
@@ -138,6 +145,16 @@ def build_minimal_filter() -> None:
                           capture_output=True, text=True)
     if proc.returncode != 0 or not MINIMAL_WASM.exists():
         raise BenchError(f"building bench/minimal-filter failed:\n{proc.stderr}")
+
+
+def build_native_module() -> None:
+    # Its own target directory, so the path above holds whatever CARGO_TARGET_DIR says.
+    proc = subprocess.run(["cargo", "build", "--quiet", "--release",
+                           "--manifest-path", str(NATIVE_CRATE / "Cargo.toml"),
+                           "--target-dir", str(NATIVE_CRATE / "target")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not NATIVE_MODULE.exists():
+        raise BenchError(f"building bench/minimal-module failed:\n{proc.stderr}")
 
 
 # --- the upstream ----------------------------------------------------------------------------
@@ -295,6 +312,40 @@ def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency:
     return Front(f"minimal+{extra}" if extra else "minimal", envoy, f"Bearer {fake}", workdir)
 
 
+def native_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1) -> Front:
+    """envoy/demo.yaml with the minimal native module (bench/minimal-module) in ShieldKey's place,
+    configured inline (a dynamic module has no ECDS delivery to compare: its configuration is
+    read once, when Envoy starts)."""
+    doc = yaml.safe_load((PROJECT / "envoy" / "demo.yaml").read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    native = {
+        "name": "minimal-native",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                     "DynamicModuleFilter",
+            "dynamic_module_config": {"module": {"local": {"filename": str(NATIVE_MODULE)}}},
+            "filter_name": "minimal",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                              "value": f"Bearer {real_key}"},
+        },
+    }
+    filters = hcm["http_filters"]
+    hcm["http_filters"] = [native if f["name"] == "shieldkey" else f for f in filters]
+    if hcm["http_filters"] == filters:
+        raise BenchError("envoy/demo.yaml has no filter named shieldkey to replace")
+    workdir.mkdir(parents=True, exist_ok=True)
+    bootstrap = workdir / "native.yaml"
+    bootstrap.write_text(yaml.safe_dump(doc))
+    envoy = harness.EnvoyProcess(bootstrap, workdir, admin_port=harness.free_port(),
+                                 listener_ports={"shieldkey": harness.free_port()},
+                                 cluster_endpoints={"mistral": ("127.0.0.1", upstream.port)},
+                                 concurrency=concurrency, env={})
+    envoy.start()
+    # A shield-shaped token, as for the minimal filter: a 200 proves the module swapped it.
+    fake = "sk_shield_t_bench_" + "A" * 43
+    return Front("minimal-native", envoy, f"Bearer {fake}", workdir)
+
+
 def plain_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1) -> Front:
     envoy = plain_envoy(workdir, upstream, concurrency=concurrency)
     return Front("plain", envoy, f"Bearer {real_key}", workdir)
@@ -307,6 +358,8 @@ def start_front(name: str, tmp: Path, upstream: Upstream, real_key: str,
         return plain_front(work, upstream, real_key, concurrency)
     if name == "minimal":
         return minimal_front(work, upstream, real_key, concurrency)
+    if name == "minimal-native":
+        return native_front(work, upstream, real_key, concurrency)
     if name == "shieldkey-norules":
         return shieldkey_front(name, work, upstream, real_key, TOKENS_SMALL, None, concurrency)
     if name == "shieldkey-allrules":
@@ -814,6 +867,8 @@ def main() -> int:
     try:
         require_tools()
         build_minimal_filter()
+        if "minimal-native" in args.setups:
+            build_native_module()
         tmp = Path(tempfile.mkdtemp(prefix="shieldkey-bench-"))
         try:
             res = run(args, tmp)
