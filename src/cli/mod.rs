@@ -124,8 +124,8 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   (requests, allowed, denied by code, would_deny, tokens, cost,
                                   first/last seen, client addresses), --json for one document.
                                   Lines that are not JSON records are skipped, counted on stderr
-  console [--listen ADDR] [--allow-remote] [--admin URL] [--audit-log PATH]
-       [--publish PATH [filter settings] [--wait-secs N]]
+  console [--listen ADDR] [--allow-remote [--public-host NAMES]] [--admin URL]
+       [--audit-log PATH] [--publish PATH [filter settings] [--wait-secs N]]
                                   the web console (default http://127.0.0.1:8484/): tokens by
                                   team with owner, status, spend against limit (a bar), window
                                   reset, requests, denials and last use; a token's rules and
@@ -136,7 +136,9 @@ usage: shieldkey [--policy PATH | --etcd URLS [--etcd-prefix P] [--etcd-user NAM
                                   also gives spend and counters), or written to etcd in fleet
                                   mode (spend from the ledger). --audit-log PATH: Envoy's
                                   shieldkey-audit.log, for last use and recent records. Listens
-                                  on loopback only unless --allow-remote (then put TLS in front).
+                                  on loopback only unless --allow-remote (then put TLS in front;
+                                  --public-host a.example,192.0.2.7: the only Host names answered
+                                  besides loopback ones).
                                   Login: the one-time secret printed on stderr at start (a new
                                   one is printed after each login), or the password in
                                   SHIELDKEY_CONSOLE_PASSWORD (never argv); README, The web console

@@ -332,3 +332,36 @@ def test_slow_and_flooding_clients_neither_hold_nor_kill_the_console(dep):
         assert console.proc.poll() is None
     finally:
         console.stop()
+
+
+def test_a_remote_console_answers_only_its_public_host_names(dep):
+    """With --allow-remote, --public-host names the hosts the console is reached under: a page
+    that rebinds its own name to the console's address gets 421, not the login page."""
+    refused = subprocess.run([str(CLI), "console", "--public-host", "console.example"],
+                             env={**os.environ, "SHIELDKEY_POLICY": str(dep.policy)},
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=20)
+    assert refused.returncode == 2 and "--allow-remote" in refused.stderr
+    console = Console(dep, "--allow-remote", "--public-host", "Console.Example,192.0.2.7")
+    try:
+        assert "no --public-host" not in console.stderr
+
+        def status_for(host: str) -> int:
+            req = urllib.request.Request(console.url + "/login", headers={"host": host})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        for host in ("console.example", "CONSOLE.EXAMPLE:443", "192.0.2.7:8484", "127.0.0.1"):
+            assert status_for(host) == 200, host
+        for host in ("evil.example", "console.example.evil.example", "192.0.2.8"):
+            assert status_for(host) == 421, host
+    finally:
+        console.stop()
+    # Without --public-host every name is answered, and the console says so when it starts.
+    anyhost = Console(dep, "--allow-remote")
+    try:
+        assert "warning: no --public-host" in anyhost.stderr
+    finally:
+        anyhost.stop()

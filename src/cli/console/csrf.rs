@@ -21,25 +21,55 @@ fn host_of(authority: &str) -> &str {
         .map_or(authority, |(host, _port)| host)
 }
 
-/// A `Host` this console answers: any when remote access was allowed, else a loopback name.
-pub fn host_allowed(host: Option<&str>, allow_remote: bool) -> Result<(), Refusal> {
+/// The names this console answers to in `Host`, from its command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hosts {
+    /// `--allow-remote`: not only loopback names.
+    pub allow_remote: bool,
+    /// `--public-host`: with `allow_remote`, the names (lower case, no port) besides loopback
+    /// ones; none means any name.
+    pub public: Vec<String>,
+}
+
+/// A `Host` this console answers: a loopback name; with remote access allowed, one of the public
+/// names it was given (any name when none was given).
+pub fn host_allowed(host: Option<&str>, hosts: &Hosts) -> Result<(), Refusal> {
     let Some(host) = host.filter(|h| !h.is_empty()) else {
         return Err(Refusal::BadHost);
     };
-    if allow_remote {
-        return Ok(());
-    }
     let name = host_of(host).to_ascii_lowercase();
     let loopback = name == "localhost"
         || name.ends_with(".localhost")
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
+    let public = hosts.allow_remote && (hosts.public.is_empty() || hosts.public.contains(&name));
+    if loopback || public {
         Ok(())
     } else {
         Err(Refusal::BadHost)
     }
+}
+
+/// `--public-host` values: comma-separated names (or addresses), each without a port.
+pub fn parse_public_hosts(text: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let bracketed = part.starts_with('[') && part.ends_with(']');
+        let name = part.trim_start_matches('[').trim_end_matches(']');
+        let valid = !name.is_empty()
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || (bracketed && b == b':')
+            });
+        if !valid {
+            return Err(format!(
+                "--public-host {text}: give the names the console is reached under, comma-separated \
+                 and without a port, e.g. console.example.com or 192.0.2.7 or [2001:db8::7]"
+            ));
+        }
+        names.push(name.to_ascii_lowercase());
+    }
+    Ok(names)
 }
 
 /// A POST from this console's own pages. Browsers say where a request comes from in
@@ -79,6 +109,7 @@ mod tests {
 
     #[test]
     fn only_loopback_hosts_unless_remote_is_allowed() {
+        let local = Hosts::default();
         for ok in [
             "127.0.0.1:8484",
             "localhost:8484",
@@ -87,18 +118,84 @@ mod tests {
             "127.1.2.3",
             "console.localhost:1",
         ] {
-            assert_eq!(host_allowed(Some(ok), false), Ok(()), "{ok}");
+            assert_eq!(host_allowed(Some(ok), &local), Ok(()), "{ok}");
         }
         for bad in ["evil.example:8484", "10.0.0.1:8484", "", "[::2]:1"] {
             assert_eq!(
-                host_allowed(Some(bad), false),
+                host_allowed(Some(bad), &local),
                 Err(Refusal::BadHost),
                 "{bad}"
             );
         }
-        assert_eq!(host_allowed(None, false), Err(Refusal::BadHost));
-        assert_eq!(host_allowed(Some("console.example.com"), true), Ok(()));
-        assert_eq!(host_allowed(None, true), Err(Refusal::BadHost));
+        assert_eq!(host_allowed(None, &local), Err(Refusal::BadHost));
+        let any = Hosts {
+            allow_remote: true,
+            public: Vec::new(),
+        };
+        assert_eq!(host_allowed(Some("console.example.com"), &any), Ok(()));
+        assert_eq!(host_allowed(None, &any), Err(Refusal::BadHost));
+    }
+
+    #[test]
+    fn public_hosts_are_the_only_remote_names_answered() {
+        let hosts = Hosts {
+            allow_remote: true,
+            public: parse_public_hosts("Console.Example.com, 192.0.2.7,[2001:db8::7]").unwrap(),
+        };
+        for ok in [
+            "console.example.com",
+            "CONSOLE.example.com:443",
+            "192.0.2.7:8484",
+            "[2001:db8::7]:8484",
+            "127.0.0.1:8484",
+            "localhost",
+        ] {
+            assert_eq!(host_allowed(Some(ok), &hosts), Ok(()), "{ok}");
+        }
+        // A name rebound to the console by a hostile page, or a near miss.
+        for bad in [
+            "evil.example",
+            "console.example.com.evil.example",
+            "example.com",
+            "192.0.2.8",
+            "[2001:db8::8]:1",
+            "",
+        ] {
+            assert_eq!(
+                host_allowed(Some(bad), &hosts),
+                Err(Refusal::BadHost),
+                "{bad}"
+            );
+        }
+        // Without --allow-remote the public names are not answered (the flag is refused then).
+        let local = Hosts {
+            allow_remote: false,
+            public: hosts.public.clone(),
+        };
+        assert_eq!(
+            host_allowed(Some("console.example.com"), &local),
+            Err(Refusal::BadHost)
+        );
+    }
+
+    #[test]
+    fn public_host_values_are_names_without_ports() {
+        assert_eq!(
+            parse_public_hosts("a.example,B.example").unwrap(),
+            vec!["a.example", "b.example"]
+        );
+        assert_eq!(parse_public_hosts("[::7]").unwrap(), vec!["::7"]);
+        for bad in [
+            "",
+            "a.example:443",
+            "a.example,",
+            "a b",
+            "*.example",
+            "::7",
+            "a/b",
+        ] {
+            assert!(parse_public_hosts(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -60,7 +60,8 @@ pub struct Config {
     /// The ECDS filter whose served revision is checked.
     pub filter_name: String,
     pub audit_log: Option<PathBuf>,
-    pub allow_remote: bool,
+    /// The `Host` names answered (`--allow-remote`, `--public-host`).
+    pub hosts: csrf::Hosts,
     pub fleet: Option<Fleet>,
     /// Where the policy is, for the top bar.
     pub describe: String,
@@ -90,6 +91,15 @@ pub fn console(target: Target, mut args: Args) -> Result<(), CliError> {
         .option("listen")?
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let allow_remote = args.flag("allow-remote");
+    let public_hosts =
+        match args.option("public-host")? {
+            Some(_) if !allow_remote => return Err(usage(
+                "--public-host names the hosts a remote console is reached under: give it with \
+                 --allow-remote (on loopback the console answers loopback names only)",
+            )),
+            Some(text) => csrf::parse_public_hosts(&text).map_err(usage)?,
+            None => Vec::new(),
+        };
     let admin_flag = args.option("admin")?;
     let audit_log = args.option("audit-log")?.map(PathBuf::from);
     let mut publish = publish_options(&mut args, "publish")?;
@@ -189,6 +199,12 @@ pub fn console(target: Target, mut args: Args) -> Result<(), CliError> {
              proxy in front of it (the session cookie is marked Secure and needs HTTPS)"
         );
     }
+    if allow_remote && public_hosts.is_empty() {
+        eprintln!(
+            "warning: no --public-host: every Host name is answered, so a page that rebinds its \
+             own name to this console reaches its login page; give the names it is reached under"
+        );
+    }
     match &one_time {
         Some(secret) => eprintln!("login secret (one-time): {secret}"),
         None => eprintln!("log in with the password from {PASSWORD_ENV}"),
@@ -200,7 +216,10 @@ pub fn console(target: Target, mut args: Args) -> Result<(), CliError> {
             admin,
             filter_name,
             audit_log,
-            allow_remote,
+            hosts: csrf::Hosts {
+                allow_remote,
+                public: public_hosts,
+            },
             fleet,
             describe,
         },

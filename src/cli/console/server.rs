@@ -89,7 +89,7 @@ async fn guard(State(app): State<Shared>, request: Request, next: Next) -> Respo
         .headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok());
-    let mut response = if host_allowed(host, app.config.allow_remote).is_err() {
+    let mut response = if host_allowed(host, &app.config.hosts).is_err() {
         (
             StatusCode::MISDIRECTED_REQUEST,
             HtmlBody(pages::message_page(
@@ -529,7 +529,7 @@ async fn login(
             if let Some(next) = next_secret {
                 eprintln!("login secret (one-time, for the next login): {next}");
             }
-            let cookie = session::cookie(&id, app.config.allow_remote);
+            let cookie = session::cookie(&id, app.config.hosts.allow_remote);
             let mut response = Redirect::to("/").into_response();
             if let Ok(value) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().insert(header::SET_COOKIE, value);
@@ -592,7 +592,9 @@ async fn logout(
     }
     lock(&app.sessions).remove(&authed.id);
     let mut response = Redirect::to("/login").into_response();
-    if let Ok(value) = HeaderValue::from_str(&session::cleared_cookie(app.config.allow_remote)) {
+    if let Ok(value) =
+        HeaderValue::from_str(&session::cleared_cookie(app.config.hosts.allow_remote))
+    {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
@@ -683,7 +685,7 @@ mod tests {
                 admin: None,
                 filter_name: "shieldkey".into(),
                 audit_log: None,
-                allow_remote: false,
+                hosts: Default::default(),
                 fleet: None,
                 describe: "policy.json".into(),
             },
