@@ -6,14 +6,17 @@
 //! Why this is as strong as verifying every time: the HMAC is deterministic, so a secret equal
 //! byte for byte to one that verified against the same digest verifies again. An entry is used
 //! only while the record's digest is the one it verified against (a token re-minted under the
-//! same id, or changed in place by fleet mode, has a new digest), and a different secret for the
+//! same id, or changed in place by fleet mode, has a new digest, and the entry is then dropped),
+//! and a different secret for the
 //! same id is verified in full, never accepted from memory. The comparison takes the same time
-//! wherever the bytes differ. Only secrets that verified are kept (a client guessing fills
+//! wherever the bytes differ (`subtle`). Only secrets that verified are kept (a client guessing fills
 //! nothing), at most `CAPACITY` of them per worker and configuration, in `SecretBytes` (wiped
 //! when dropped, never printed).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+use subtle::ConstantTimeEq;
 
 use crate::secret::SecretBytes;
 use crate::token_digest::{TokenVerifier, DIGEST_LEN};
@@ -42,6 +45,9 @@ struct Verified {
 pub struct RememberingVerifier {
     verifier: TokenVerifier,
     verified: RefCell<HashMap<String, Verified>>,
+    /// Full verifications done, for the tests that show the memory is used.
+    #[cfg(test)]
+    hashed: std::cell::Cell<usize>,
 }
 
 impl RememberingVerifier {
@@ -49,14 +55,27 @@ impl RememberingVerifier {
         RememberingVerifier {
             verifier,
             verified: RefCell::new(HashMap::new()),
+            #[cfg(test)]
+            hashed: std::cell::Cell::new(0),
         }
     }
 
+    /// Whether `secret_text` is the one that verified against `expected` for `id`. An entry for
+    /// another digest is dropped: its record changed (fleet mode changes records in place), and a
+    /// secret of a record that is gone is not kept.
     fn remembers(&self, id: &str, secret_text: &[u8], expected: &[u8; DIGEST_LEN]) -> bool {
-        self.verified.borrow().get(id).is_some_and(|v| {
+        let mut verified = self.verified.borrow_mut();
+        match verified.get(id) {
             // The digest is public (it is in the record); the secret is compared in constant time.
-            v.digest == *expected && constant_time_eq(v.secret_text.expose(), secret_text)
-        })
+            Some(v) if v.digest == *expected => {
+                bool::from(v.secret_text.expose().ct_eq(secret_text))
+            }
+            Some(_) => {
+                verified.remove(id);
+                false
+            }
+            None => false,
+        }
     }
 
     fn remember(&self, id: &str, secret_text: &[u8], expected: &[u8; DIGEST_LEN]) {
@@ -84,24 +103,14 @@ impl SecretCheck for RememberingVerifier {
         if self.remembers(id, secret_text, expected) {
             return true;
         }
+        #[cfg(test)]
+        self.hashed.set(self.hashed.get() + 1);
         let verified = self.verifier.verify(id, secret_text, expected);
         if verified {
             self.remember(id, secret_text, expected);
         }
         verified
     }
-}
-
-/// Equal lengths and bytes, in a time that depends only on the lengths (token secrets have one
-/// fixed length, so the length says nothing).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // The branch on the result is after every byte was looked at; `black_box` keeps the
-    // compiler from turning the fold into an early exit.
-    std::hint::black_box(difference) == 0
 }
 
 #[cfg(test)]
@@ -169,11 +178,30 @@ mod tests {
     }
 
     #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(constant_time_eq(b"", b""));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(!constant_time_eq(b"xbc", b"abc"));
+    fn a_secret_presented_again_is_compared_not_hashed() {
+        let (remembering, plain) = verifier();
+        let digest = plain.digest("alice", b"right-secret");
+        for _ in 0..5 {
+            assert!(remembering.verify("alice", b"right-secret", &digest));
+        }
+        assert_eq!(remembering.hashed.get(), 1, "hashed once, then compared");
+        // A wrong secret is always hashed: memory never answers for it.
+        assert!(!remembering.verify("alice", b"wrong-secret", &digest));
+        assert!(!remembering.verify("alice", b"wrong-secret", &digest));
+        assert_eq!(remembering.hashed.get(), 3);
+    }
+
+    #[test]
+    fn a_changed_record_drops_the_remembered_secret() {
+        let (remembering, plain) = verifier();
+        let old = plain.digest("alice", b"old-secret");
+        assert!(remembering.verify("alice", b"old-secret", &old));
+        let new = plain.digest("alice", b"new-secret");
+        assert!(!remembering.verify("alice", b"someone-else", &new));
+        assert_eq!(
+            remembering.remembered(),
+            0,
+            "the old record's secret is not kept"
+        );
     }
 }

@@ -726,3 +726,35 @@ fn a_configuration_with_an_invalid_token_writes_nothing() {
         .last()
         .is_some_and(|l| l.contains("records published by another root context")));
 }
+
+/// Fleet mode keeps one configuration while records change in place: a worker's memory of the
+/// secrets that verified (`verified_secrets.rs`) must not outlive the record they verified
+/// against. A token removed and minted again under its id refuses the old secret at once, and
+/// a revocation in place refuses the remembered new one.
+#[test]
+fn fleet_a_token_minted_again_in_place_refuses_its_old_secret_though_remembered() {
+    use crate::token::format_token;
+    use crate::token_digest::TokenVerifier;
+    let gw = gateway().into_fleet();
+    let old = gw.tokens["open"].clone();
+    assert_eq!(serve(&gw, &old), None);
+    assert_eq!(serve(&gw, &old), None, "served again from memory");
+
+    let (new, secret) = format_token("open", &[42u8; 32]);
+    let new = String::from_utf8(new.expose().to_vec()).unwrap();
+    let verifier = TokenVerifier::new(gw.master.digest_key()).unwrap();
+    let (mut record, _) = crate::policy_store::lookup_newest(&gw.host.store, "open").unwrap();
+    record.digest = verifier.digest("open", secret.expose());
+    let encoded = crate::token_record::encode(&record);
+    crate::policy_store::put_newest(&gw.host.store, "open", 2, Some(&encoded)).unwrap();
+    assert_eq!(serve(&gw, &old), Some(401), "old secret after the re-mint");
+    assert_eq!(code(&gw), Some((401, "shield_token_invalid".into())));
+    assert_eq!(serve(&gw, &new), None);
+    assert_eq!(serve(&gw, &old), Some(401));
+
+    record.revoked = true;
+    let encoded = crate::token_record::encode(&record);
+    crate::policy_store::put_newest(&gw.host.store, "open", 3, Some(&encoded)).unwrap();
+    assert_eq!(serve(&gw, &new), Some(401), "remembered, but revoked");
+    assert_eq!(code(&gw), Some((401, "shield_token_revoked".into())));
+}
