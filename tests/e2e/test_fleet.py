@@ -108,6 +108,24 @@ def test_a_removed_token_is_refused_after_the_reconcile_listing(fleet):
         wait_status(fleet, i, "dave", 401, timeout=4)
 
 
+def test_a_token_minted_again_under_its_id_refuses_the_old_secret_on_every_envoy(fleet):
+    """An Envoy follows etcd with one configuration, records changing in place: the secrets its
+    workers remember (`verified_secrets.rs`) must not outlive the record they verified against."""
+    old = fleet.mint("erin")
+    for i in range(2):
+        wait_status(fleet, i, "erin", 200, timeout=3)
+        for _ in range(6):  # new connections: both workers verify (and remember) the secret
+            assert status(fleet, i, "erin") == 200
+    fleet.cli("remove", "erin")
+    new = fleet.mint("erin")
+    assert new != old
+    for i in range(2):
+        wait_status(fleet, i, "erin", 200, timeout=4)
+        for _ in range(6):
+            status_code, _, body = request(fleet.url(i), token=old)
+            assert (status_code, error_code(body)) == (401, "shield_token_invalid")
+
+
 def test_a_restarted_envoy_reads_the_policy_back_and_refuses_until_it_has(fleet):
     fleet.stop(1)
     fleet.etcd.stop_all()
