@@ -19,6 +19,10 @@ bench/upstream.yaml):
                       max_tokens ceiling (the body is read and judged, reservation and settlement
                       in shared data)
   shieldkey-100k      shieldkey-allrules in a policy of 100,000 tokens
+  shieldkey-native    shieldkey-allrules' policy and token, run by bench/shieldkey-module:
+                      ShieldKey's unchanged core (src/stream) as a native dynamic module, a
+                      prototype for comparison, not the product (no ECDS reload, stats kept in
+                      the module, shared data in process memory)
 The ShieldKey setups have 10 tokens (the one used and 9 others with the same rules), the 100k
 setup 100,000; ShieldKey is delivered as `shieldkey publish` writes it (tests/e2e/deployment.py).
 
@@ -78,13 +82,16 @@ MINIMAL_CRATE = PROJECT / "bench" / "minimal-filter"
 MINIMAL_WASM = MINIMAL_CRATE / "target" / "wasm32-wasip1" / "release" / "minimal_filter.wasm"
 NATIVE_CRATE = PROJECT / "bench" / "minimal-module"
 NATIVE_MODULE = NATIVE_CRATE / "target" / "release" / "libminimal_module.so"
+SHIELDKEY_NATIVE_CRATE = PROJECT / "bench" / "shieldkey-module"
+SHIELDKEY_NATIVE_MODULE = SHIELDKEY_NATIVE_CRATE / "target" / "release" / "libshieldkey_module.so"
 UPSTREAM_TEMPLATE = PROJECT / "bench" / "upstream.yaml"
 PATH = "/v1/chat/completions"
 
 # The logs are truncated between runs (every request writes two audit lines).
 harness.EnvoyProcess.log_mode = "ab"
 
-SETUPS = ["plain", "minimal", "minimal-native", "shieldkey-norules", "shieldkey-allrules", "shieldkey-100k"]
+SETUPS = ["plain", "minimal", "minimal-native", "shieldkey-norules", "shieldkey-allrules",
+          "shieldkey-100k", "shieldkey-native"]
 CONNECTIONS = [1, 8, 32]
 H2_SETUPS = ["plain", "shieldkey-allrules"]
 H2_CONNECTIONS, H2_STREAMS = 8, 4
@@ -147,14 +154,15 @@ def build_minimal_filter() -> None:
         raise BenchError(f"building bench/minimal-filter failed:\n{proc.stderr}")
 
 
-def build_native_module() -> None:
-    # Its own target directory, so the path above holds whatever CARGO_TARGET_DIR says.
+def build_native_module(crate: Path, module: Path) -> None:
+    # Its own target directory, so the module is where NATIVE_MODULE says whatever
+    # CARGO_TARGET_DIR says.
     proc = subprocess.run(["cargo", "build", "--quiet", "--release",
-                           "--manifest-path", str(NATIVE_CRATE / "Cargo.toml"),
-                           "--target-dir", str(NATIVE_CRATE / "target")],
+                           "--manifest-path", str(crate / "Cargo.toml"),
+                           "--target-dir", str(crate / "target")],
                           capture_output=True, text=True)
-    if proc.returncode != 0 or not NATIVE_MODULE.exists():
-        raise BenchError(f"building bench/minimal-module failed:\n{proc.stderr}")
+    if proc.returncode != 0 or not module.exists():
+        raise BenchError(f"building bench/{crate.name} failed:\n{proc.stderr}")
 
 
 # --- the upstream ----------------------------------------------------------------------------
@@ -262,8 +270,11 @@ def filler_tokens(policy: dict, count: int, template_id: str, with_rules: bool =
         })
 
 
-def shieldkey_front(name: str, workdir: Path, upstream: Upstream, real_key: str, tokens: int,
-                    rules: dict | None, concurrency: int = 1, filler_rules: bool = True) -> Front:
+def shieldkey_deployment(workdir: Path, upstream: Upstream, real_key: str, tokens: int,
+                         rules: dict | None, concurrency: int = 1,
+                         filler_rules: bool = True) -> Deployment:
+    """A policy of `tokens` tokens, the benchmark's `bench` with `rules`, published by the CLI
+    into the ECDS file (not started)."""
     dep = Deployment(workdir, upstream, {"prod": real_key}, concurrency=concurrency)
     dep.mint("bench", "prod")
 
@@ -272,8 +283,65 @@ def shieldkey_front(name: str, workdir: Path, upstream: Upstream, real_key: str,
             next(t for t in policy["tokens"] if t["id"] == "bench").update(rules)
         filler_tokens(policy, tokens - 1, "bench", filler_rules)
     dep.edit_policy(shape)
-    dep.start()
+    dep.publish()
+    return dep
+
+
+def shieldkey_front(name: str, workdir: Path, upstream: Upstream, real_key: str, tokens: int,
+                    rules: dict | None, concurrency: int = 1, filler_rules: bool = True) -> Front:
+    dep = shieldkey_deployment(workdir, upstream, real_key, tokens, rules, concurrency,
+                               filler_rules)
+    dep.start(publish=False)
     return Front(name, dep.envoy, f"Bearer {dep.tokens['bench']}", workdir, tokens)
+
+
+def in_shieldkeys_place(workdir: Path, upstream: Upstream, filter_: dict, concurrency: int,
+                        env: dict) -> "harness.EnvoyProcess":
+    """envoy/demo.yaml with `filter_` in the `shieldkey` filter's place, started."""
+    doc = yaml.safe_load((PROJECT / "envoy" / "demo.yaml").read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    hcm["http_filters"] = [filter_ if f["name"] == "shieldkey" else f for f in filters]
+    if hcm["http_filters"] == filters:
+        raise BenchError("envoy/demo.yaml has no filter named shieldkey to replace")
+    workdir.mkdir(parents=True, exist_ok=True)
+    bootstrap = workdir / f"{filter_['name']}.yaml"
+    bootstrap.write_text(yaml.safe_dump(doc))
+    envoy = harness.EnvoyProcess(bootstrap, workdir, admin_port=harness.free_port(),
+                                 listener_ports={"shieldkey": harness.free_port()},
+                                 cluster_endpoints={"mistral": ("127.0.0.1", upstream.port)},
+                                 concurrency=concurrency, env=env)
+    envoy.start()
+    return envoy
+
+
+def dynamic_module(name: str, module: Path, config: dict) -> dict:
+    """An HTTP filter running `module` (a native Envoy dynamic module) with `config`."""
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                     "DynamicModuleFilter",
+            "dynamic_module_config": {"module": {"local": {"filename": str(module)}}},
+            "filter_name": name,
+            "filter_config": config,
+        },
+    }
+
+
+def shieldkey_native_front(workdir: Path, upstream: Upstream, real_key: str,
+                           concurrency: int = 1) -> Front:
+    """shieldkey-allrules' policy and token, run by bench/shieldkey-module (ShieldKey's core as
+    a native dynamic module, a prototype) in the filter's place, given the plugin configuration
+    `shieldkey publish` wrote for the wasm filter."""
+    dep = shieldkey_deployment(workdir, upstream, real_key, TOKENS_SMALL, ALL_RULES, concurrency)
+    ecds = json.loads(dep.ecds.read_text())
+    configuration = ecds["resources"][0]["typed_config"]["config"]["configuration"]
+    envoy = in_shieldkeys_place(workdir, upstream,
+                                dynamic_module("shieldkey", SHIELDKEY_NATIVE_MODULE, configuration),
+                                concurrency, dep.env)
+    return Front("shieldkey-native", envoy, f"Bearer {dep.tokens['bench']}", workdir,
+                 TOKENS_SMALL)
 
 
 def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1,
@@ -314,33 +382,12 @@ def minimal_front(workdir: Path, upstream: Upstream, real_key: str, concurrency:
 
 def native_front(workdir: Path, upstream: Upstream, real_key: str, concurrency: int = 1) -> Front:
     """envoy/demo.yaml with the minimal native module (bench/minimal-module) in ShieldKey's place,
-    configured inline (a dynamic module has no ECDS delivery to compare: its configuration is
-    read once, when Envoy starts)."""
-    doc = yaml.safe_load((PROJECT / "envoy" / "demo.yaml").read_text())
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    native = {
-        "name": "minimal-native",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
-                     "DynamicModuleFilter",
-            "dynamic_module_config": {"module": {"local": {"filename": str(NATIVE_MODULE)}}},
-            "filter_name": "minimal",
-            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                              "value": f"Bearer {real_key}"},
-        },
-    }
-    filters = hcm["http_filters"]
-    hcm["http_filters"] = [native if f["name"] == "shieldkey" else f for f in filters]
-    if hcm["http_filters"] == filters:
-        raise BenchError("envoy/demo.yaml has no filter named shieldkey to replace")
-    workdir.mkdir(parents=True, exist_ok=True)
-    bootstrap = workdir / "native.yaml"
-    bootstrap.write_text(yaml.safe_dump(doc))
-    envoy = harness.EnvoyProcess(bootstrap, workdir, admin_port=harness.free_port(),
-                                 listener_ports={"shieldkey": harness.free_port()},
-                                 cluster_endpoints={"mistral": ("127.0.0.1", upstream.port)},
-                                 concurrency=concurrency, env={})
-    envoy.start()
+    configured inline (a dynamic module's configuration is read when Envoy starts)."""
+    config = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+              "value": f"Bearer {real_key}"}
+    envoy = in_shieldkeys_place(workdir, upstream,
+                                dynamic_module("minimal-native", NATIVE_MODULE, config),
+                                concurrency, {})
     # A shield-shaped token, as for the minimal filter: a 200 proves the module swapped it.
     fake = "sk_shield_t_bench_" + "A" * 43
     return Front("minimal-native", envoy, f"Bearer {fake}", workdir)
@@ -360,6 +407,8 @@ def start_front(name: str, tmp: Path, upstream: Upstream, real_key: str,
         return minimal_front(work, upstream, real_key, concurrency)
     if name == "minimal-native":
         return native_front(work, upstream, real_key, concurrency)
+    if name == "shieldkey-native":
+        return shieldkey_native_front(work, upstream, real_key, concurrency)
     if name == "shieldkey-norules":
         return shieldkey_front(name, work, upstream, real_key, TOKENS_SMALL, None, concurrency)
     if name == "shieldkey-allrules":
@@ -757,6 +806,14 @@ class Results:
             if {"plain", "shieldkey-allrules"} <= set(rows):
                 d = rows["shieldkey-allrules"]["ttfb_ms"] - rows["plain"]["ttfb_ms"]
                 line("stream_ttfb", d <= 0.5, f"{d:+.3f} ms ({mode})")
+        if {"plain", "minimal", "shieldkey-native"} <= have:
+            # Not the product: what the same core does as a native module, against the same bars.
+            r8, r32 = ratio("shieldkey-native", 8), ratio("shieldkey-native", 32)
+            d1 = self.m("shieldkey-native", 1, "p50_us") - self.m("plain", 1, "p50_us")
+            d32 = self.m("shieldkey-native", 32, "cpu_us") - self.m("minimal", 32, "cpu_us")
+            out.append(f"  (shieldkey-native, the prototype, on the every-rule bars: "
+                       f"{r8:.2f}x @8, {r32:.2f}x @32; {d1:+.0f} us p50 at 1 connection; "
+                       f"{d32:+.1f} us CPU/req over the minimal filter @32)")
         return out
 
     @classmethod
@@ -868,7 +925,9 @@ def main() -> int:
         require_tools()
         build_minimal_filter()
         if "minimal-native" in args.setups:
-            build_native_module()
+            build_native_module(NATIVE_CRATE, NATIVE_MODULE)
+        if "shieldkey-native" in args.setups:
+            build_native_module(SHIELDKEY_NATIVE_CRATE, SHIELDKEY_NATIVE_MODULE)
         tmp = Path(tempfile.mkdtemp(prefix="shieldkey-bench-"))
         try:
             res = run(args, tmp)
