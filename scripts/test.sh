@@ -12,7 +12,7 @@ cargo clippy --quiet --all-targets -- -D warnings
 echo "== clippy (wasm filter)"
 cargo clippy --quiet --target wasm32-wasip1 --lib -- -D warnings
 echo "== rustfmt and clippy (the benchmark's comparison crates, so they keep building)"
-for crate in bench/minimal-module bench/shieldkey-module; do
+for crate in bench/envoy-module-abi bench/minimal-module bench/shieldkey-module; do
   cargo fmt --check --manifest-path "$crate/Cargo.toml"
   # The main target directory: shieldkey-module builds the core and its dependencies again.
   cargo clippy --quiet --manifest-path "$crate/Cargo.toml" --target-dir target -- -D warnings

@@ -4,91 +4,22 @@
 //! the `DynamicModuleFilter`, a `google.protobuf.StringValue`, which Envoy passes without the
 //! wrapper) is the upstream `authorization` value to set, e.g. `Bearer <real key>`.
 //!
-//! The ABI is Envoy's `source/extensions/dynamic_modules/abi/abi.h`, checked against the Envoy
-//! 1.40.0 binary (its exported callbacks, the hook names it resolves, the two callbacks' argument
-//! registers, and a load that logs "ABI version v0.2.0 matched"). Only the declarations this module
-//! needs are written out below, by hand: the event hooks Envoy 1.40 requires of an HTTP filter
-//! module (it refuses the filter config if one is missing: "Failed to resolve symbol ...") and the
-//! two callbacks it calls. Hooks Envoy treats as optional (config-level scheduling and callouts,
-//! local reply, per-route config) are left out, so Envoy skips them.
+//! The ABI declarations are `../envoy-module-abi`'s (Envoy 1.40's, checked against its binary).
+//! The module defines every HTTP filter hook Envoy 1.40 requires (it refuses the filter config if
+//! one is missing: "Failed to resolve symbol ..."); hooks Envoy treats as optional (config-level
+//! scheduling and callouts, local reply, per-route config) are left out, so Envoy skips them.
 
 use std::ffi::{c_char, c_void};
 use std::ptr;
 
-// ---------------------------------------------------------------------------------------------
-// ABI types (abi.h). Every `*_ptr` is an opaque pointer; the enums are C enums, i.e. 32-bit.
-// ---------------------------------------------------------------------------------------------
-
-/// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy.
-#[repr(C)]
-pub struct EnvoyBuffer {
-    ptr: *const c_char,
-    length: usize,
-}
-
-/// `envoy_dynamic_module_type_module_buffer`: bytes owned by the module.
-#[repr(C)]
-pub struct ModuleBuffer {
-    ptr: *const c_char,
-    length: usize,
-}
-
-/// `envoy_dynamic_module_type_envoy_http_header`: only passed to hooks this module ignores.
-#[repr(C)]
-pub struct EnvoyHttpHeader {
-    key_ptr: *const c_char,
-    key_length: usize,
-    value_ptr: *const c_char,
-    value_length: usize,
-}
-
-/// `envoy_dynamic_module_type_http_header_type`.
-type HeaderType = u32;
-const REQUEST_HEADER: HeaderType = 0;
-
-/// Every `envoy_dynamic_module_type_on_http_filter_*_status` enum: `Continue` is 0 in each.
-type Status = u32;
-const CONTINUE: Status = 0;
-
-/// `envoy_dynamic_module_type_http_callout_result` and
-/// `envoy_dynamic_module_type_http_stream_reset_reason`, only passed to ignored hooks.
-type CalloutResult = u32;
-type StreamResetReason = u32;
-
-// ---------------------------------------------------------------------------------------------
-// Callbacks: functions Envoy's binary exports and the module calls (resolved when Envoy
-// `dlopen`s the module; the `envoy` executable exports them dynamically).
-// ---------------------------------------------------------------------------------------------
-
-extern "C" {
-    /// Writes the `index`th value of header `key` into `result_buffer` (a null buffer when absent);
-    /// `optional_size` (nullable) receives the number of values. The value is Envoy's memory,
-    /// valid until the end of the current hook or the next header write.
-    fn envoy_dynamic_module_callback_http_get_header(
-        filter_envoy_ptr: *mut c_void,
-        header_type: HeaderType,
-        key: ModuleBuffer,
-        result_buffer: *mut EnvoyBuffer,
-        index: usize,
-        optional_size: *mut usize,
-    ) -> bool;
-
-    /// Replaces every value of header `key` with `value` (Envoy copies both).
-    fn envoy_dynamic_module_callback_http_set_header(
-        filter_envoy_ptr: *mut c_void,
-        header_type: HeaderType,
-        key: ModuleBuffer,
-        value: ModuleBuffer,
-    ) -> bool;
-}
+use envoy_module_abi::{
+    envoy_dynamic_module_callback_http_get_header, envoy_dynamic_module_callback_http_set_header,
+    EnvoyBuffer, ModuleBuffer, Status, ABI_VERSION, CONTINUE, REQUEST_HEADER,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Module state.
 // ---------------------------------------------------------------------------------------------
-
-/// `ENVOY_DYNAMIC_MODULES_ABI_VERSION` of Envoy 1.40 (it logs "... v0.2.0 matched."). Envoy only
-/// compares it, logging a warning on a mismatch; it must outlive `on_program_init`.
-static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
 const AUTHORIZATION: &[u8] = b"authorization";
 
@@ -97,13 +28,6 @@ const AUTHORIZATION: &[u8] = b"authorization";
 /// holds a reference to its config, so the config outlives every stream created from it.
 struct Config {
     authorization: Box<[u8]>,
-}
-
-fn module_buffer(bytes: &[u8]) -> ModuleBuffer {
-    ModuleBuffer {
-        ptr: bytes.as_ptr().cast(),
-        length: bytes.len(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,16 +105,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     let Some(config) = (unsafe { filter_module_ptr.cast::<Config>().as_ref() }) else {
         return CONTINUE;
     };
-    let mut current = EnvoyBuffer {
-        ptr: ptr::null(),
-        length: 0,
-    };
+    let mut current = EnvoyBuffer::EMPTY;
     // SAFETY: the key and result buffers are valid for the call; the count is not wanted (null).
     let found = unsafe {
         envoy_dynamic_module_callback_http_get_header(
             filter_envoy_ptr,
             REQUEST_HEADER,
-            module_buffer(AUTHORIZATION),
+            ModuleBuffer::of(AUTHORIZATION),
             &mut current,
             0,
             ptr::null_mut(),
@@ -202,8 +123,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             envoy_dynamic_module_callback_http_set_header(
                 filter_envoy_ptr,
                 REQUEST_HEADER,
-                module_buffer(AUTHORIZATION),
-                module_buffer(&config.authorization),
+                ModuleBuffer::of(AUTHORIZATION),
+                ModuleBuffer::of(&config.authorization),
             );
         }
     }
@@ -263,90 +184,5 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 ) {
 }
 
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _event_id: u64,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-) {
-}
-
-// Callout and stream hooks: never called, since the module starts no callout or stream, but
-// Envoy 1.40 requires the symbols.
-
-#[no_mangle]
-#[allow(clippy::too_many_arguments)] // abi.h's signature.
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _callout_id: u64,
-    _result: CalloutResult,
-    _headers: *mut EnvoyHttpHeader,
-    _headers_size: usize,
-    _body_chunks: *mut EnvoyBuffer,
-    _body_chunks_size: usize,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _headers: *mut EnvoyHttpHeader,
-    _headers_size: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _trailers: *mut EnvoyHttpHeader,
-    _trailers_size: usize,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _reason: StreamResetReason,
-) {
-}
+// The hooks Envoy 1.40 requires that this filter never needs.
+envoy_module_abi::unused_http_filter_hooks!();

@@ -7,8 +7,8 @@ use std::ffi::c_void;
 use shieldkey::store::SharedStore;
 use shieldkey::stream::host::{Host, LogLevel, MetricKind};
 
-use crate::abi::{self, envoy_bytes, EnvoyBuffer, EnvoyHttpHeader, ModuleBuffer};
 use crate::shared::{self, ProcessStore};
+use envoy_module_abi::{self as abi, envoy_bytes, EnvoyBuffer, EnvoyHttpHeader, ModuleBuffer};
 
 /// The host of one stream: Envoy's filter pointer (null while a configuration loads, when there
 /// is no stream: then every stream call answers "nothing").

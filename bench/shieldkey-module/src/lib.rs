@@ -13,7 +13,6 @@
 //! Every `extern "C"` function below is total: no unwrap, expect or panic (an unwind across the
 //! FFI boundary is undefined, and the release profile aborts on panic: an abort takes Envoy down).
 
-mod abi;
 mod host;
 mod shared;
 
@@ -34,15 +33,11 @@ use shieldkey::stream::host::LogLevel;
 use shieldkey::stream::metrics::MetricIds;
 use shieldkey::stream::{Flow, Stream};
 
-use abi::{
-    CalloutResult, EnvoyBuffer, EnvoyHttpHeader, Status, StreamResetReason, CONTINUE,
-    STOP_ITERATION, STOP_ITERATION_AND_BUFFER,
+use envoy_module_abi::{
+    envoy_bytes, EnvoyBuffer, Status, ABI_VERSION, CONTINUE, STOP_ITERATION,
+    STOP_ITERATION_AND_BUFFER,
 };
 use host::{log, NativeHost};
-
-/// `ENVOY_DYNAMIC_MODULES_ABI_VERSION` of Envoy 1.40 (it logs "... v0.2.0 matched."). Envoy only
-/// compares it; it must outlive `on_program_init`.
-static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
 // ---------------------------------------------------------------------------------------------
 // Configuration.
@@ -220,7 +215,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: EnvoyBuffer,
 ) -> *const c_void {
     // SAFETY: Envoy's buffer, valid for the duration of this call.
-    let bytes = unsafe { abi::envoy_bytes(config.ptr, config.length) };
+    let bytes = unsafe { envoy_bytes(config.ptr, config.length) };
     match configure(bytes) {
         Ok(config) => Box::into_raw(Box::new(config)).cast_const().cast(),
         Err(e) => {
@@ -430,95 +425,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     }
 }
 
-// Every other hook Envoy 1.40 requires (it refuses the filter config if one is missing): nothing
-// to do. The parameters are abi.h's, so each symbol has the signature Envoy calls it with.
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _event_id: u64,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-) {
-}
-
-// Callout and stream hooks: never called (the module starts no callout or stream).
-
-#[no_mangle]
-#[allow(clippy::too_many_arguments)] // abi.h's signature.
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _callout_id: u64,
-    _result: CalloutResult,
-    _headers: *mut EnvoyHttpHeader,
-    _headers_size: usize,
-    _body_chunks: *mut EnvoyBuffer,
-    _body_chunks_size: usize,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _headers: *mut EnvoyHttpHeader,
-    _headers_size: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _data: *const EnvoyBuffer,
-    _data_count: usize,
-    _end_stream: bool,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _trailers: *mut EnvoyHttpHeader,
-    _trailers_size: usize,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-) {
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _stream_id: u64,
-    _reason: StreamResetReason,
-) {
-}
+// Every other hook Envoy 1.40 requires: nothing to do.
+envoy_module_abi::unused_http_filter_hooks!();
 
 #[cfg(test)]
 mod tests {

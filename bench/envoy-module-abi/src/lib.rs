@@ -1,12 +1,18 @@
 //! The part of Envoy 1.40's dynamic-module ABI (`source/extensions/dynamic_modules/abi/abi.h`,
-//! ABI version "v0.2.0") this module uses, declared by hand: the types, the status values of the
-//! event hooks, and the callbacks. Each callback was checked against the Envoy 1.40.0 binary: it
+//! ABI version "v0.2.0") the benchmark's native modules use, declared by hand: the types, the
+//! status values of the event hooks, the callbacks, and the hooks Envoy requires that neither
+//! module uses (`unused_http_filter_hooks!`). Each callback was checked against the Envoy 1.40.0 binary: it
 //! is exported (`nm -D --defined-only`), and its disassembly reads the arguments in the registers
 //! these declarations put them in (x86-64 SysV: a 16-byte buffer struct passed by value takes two
 //! registers, or the stack once the six integer registers are used up).
 
 use std::ffi::{c_char, c_void};
 use std::ptr;
+
+/// `ENVOY_DYNAMIC_MODULES_ABI_VERSION` of Envoy 1.40 (it logs "... v0.2.0 matched."), for
+/// `envoy_dynamic_module_on_program_init` to return. Envoy only compares it, logging a warning on
+/// a mismatch; it must outlive the call (a static).
+pub static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
 /// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy, valid until the end of the
 /// current event hook (or the next change to what they point into).
@@ -106,12 +112,23 @@ pub const STOP_ITERATION: Status = 1;
 pub const STOP_ITERATION_AND_BUFFER: Status = 1;
 
 /// `envoy_dynamic_module_type_http_callout_result` and
-/// `envoy_dynamic_module_type_http_stream_reset_reason`, only passed to hooks this module ignores.
+/// `envoy_dynamic_module_type_http_stream_reset_reason`, only passed to the unused hooks.
 pub type CalloutResult = u32;
 pub type StreamResetReason = u32;
 
 // Callbacks: exported by the `envoy` executable, resolved when Envoy `dlopen`s the module.
 extern "C" {
+    /// Writes the `index`th value of header `key` into `result_buffer` (a null buffer when
+    /// absent); `optional_size` (nullable) receives the number of values.
+    pub fn envoy_dynamic_module_callback_http_get_header(
+        filter_envoy_ptr: *mut c_void,
+        header_type: HeaderType,
+        key: ModuleBuffer,
+        result_buffer: *mut EnvoyBuffer,
+        index: usize,
+        optional_size: *mut usize,
+    ) -> bool;
+
     /// The number of headers in the map (0 when the map is not available yet).
     pub fn envoy_dynamic_module_callback_http_get_headers_size(
         filter_envoy_ptr: *mut c_void,
@@ -197,4 +214,99 @@ pub unsafe fn envoy_bytes<'a>(ptr: *const c_char, length: usize) -> &'a [u8] {
     }
     // SAFETY: the caller guarantees `length` readable bytes at `ptr`.
     unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }
+}
+
+/// Defines, in the module crate that invokes it (a cdylib exports only its own `#[no_mangle]`
+/// items), the HTTP filter hooks Envoy 1.40 requires of every module (it refuses the filter
+/// configuration if one is missing: "Failed to resolve symbol ...") that these modules never
+/// need: scheduled events, the downstream write-buffer watermarks, and the callout and stream
+/// hooks (neither module starts a callout or a stream). The parameters are abi.h's.
+#[macro_export]
+macro_rules! unused_http_filter_hooks {
+    () => {
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _event_id: u64,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+        ) {
+        }
+
+        #[no_mangle]
+        #[allow(clippy::too_many_arguments)] // abi.h's signature.
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _callout_id: u64,
+            _result: $crate::CalloutResult,
+            _headers: *mut $crate::EnvoyHttpHeader,
+            _headers_size: usize,
+            _body_chunks: *mut $crate::EnvoyBuffer,
+            _body_chunks_size: usize,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _stream_id: u64,
+            _headers: *mut $crate::EnvoyHttpHeader,
+            _headers_size: usize,
+            _end_stream: bool,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _stream_id: u64,
+            _data: *const $crate::EnvoyBuffer,
+            _data_count: usize,
+            _end_stream: bool,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _stream_id: u64,
+            _trailers: *mut $crate::EnvoyHttpHeader,
+            _trailers_size: usize,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _stream_id: u64,
+        ) {
+        }
+
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+            _filter_envoy_ptr: *mut ::std::ffi::c_void,
+            _filter_module_ptr: *const ::std::ffi::c_void,
+            _stream_id: u64,
+            _reason: $crate::StreamResetReason,
+        ) {
+        }
+    };
 }
