@@ -11,11 +11,18 @@ import threading
 import harness
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PrintedScript:
     def __init__(self, script: str, env: dict[str, str], ready_line: str = "Ctrl-C stops"):
+        # As from a terminal: SIGINT handled by default. A test run started in the background of
+        # a shell without job control inherits SIGINT ignored, and a shell started so cannot trap
+        # it (the scripts' Ctrl-C handling would then never run).
         self.proc = subprocess.Popen([script], cwd=harness.PROJECT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_default_sigint)
         self.ready_line = ready_line
         self.lines: list[str] = []
         self.ready = threading.Event()

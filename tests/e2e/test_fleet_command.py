@@ -143,7 +143,7 @@ def test_the_fleet_command_runs_a_fleet_and_its_printed_commands_work(fleet_comm
     try:
         assert run.interrupt() != 0
     except subprocess.TimeoutExpired:
-        # Seen once in a full run (not reproduced alone or under CPU load): say what was left.
+        # Say what was left (seen when the test run had SIGINT ignored: `PrintedScript`).
         raise AssertionError(f"Ctrl-C did not stop the fleet within 30 s:\n{_stop_report(run)}")
     stop_s = time.monotonic() - stop_started
     for port in run.all_ports:
