@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod error;
+pub mod master_key_env;
 pub mod raw;
 pub mod settings;
 pub mod source;

@@ -17,7 +17,7 @@ use super::http::ShieldHttp;
 use crate::config::raw::RawPolicy;
 use crate::config::ConfigError;
 use crate::fleet::compile_fleet;
-use crate::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
+use crate::master_key::MasterKey;
 use crate::stream::active::Active;
 use crate::stream::host::Host;
 use crate::stream::host::LogLevel;
@@ -247,19 +247,8 @@ impl ShieldRoot {
 }
 
 fn master_key(raw: &RawPolicy) -> Result<MasterKey, ConfigError> {
-    let env_name = raw
-        .master_key_env
-        .as_deref()
-        .unwrap_or(DEFAULT_MASTER_KEY_ENV);
-    let master_text = std::env::var(env_name).map_err(|_| {
-        ConfigError::at(
-            "master_key_env",
-            format!(
-                "environment variable {env_name} is not visible to the filter; pass it with \
-                 vm_config.environment_variables.host_env_keys"
-            ),
-        )
-    })?;
-    MasterKey::from_base64(&master_text)
-        .map_err(|e| ConfigError::at("master_key_env", format!("{env_name}: {e}")))
+    crate::config::master_key_env::master_key(
+        raw,
+        "not visible to the filter; pass it with vm_config.environment_variables.host_env_keys",
+    )
 }

@@ -216,6 +216,18 @@ pub unsafe fn envoy_bytes<'a>(ptr: *const c_char, length: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }
 }
 
+/// Defines `envoy_dynamic_module_on_program_init`, called once when Envoy loads the module: it
+/// returns `ABI_VERSION` (a null return makes Envoy unload the module).
+#[macro_export]
+macro_rules! program_init {
+    () => {
+        #[no_mangle]
+        pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const ::std::ffi::c_char {
+            $crate::ABI_VERSION.as_ptr().cast()
+        }
+    };
+}
+
 /// Defines, in the module crate that invokes it (a cdylib exports only its own `#[no_mangle]`
 /// items), the HTTP filter hooks Envoy 1.40 requires of every module (it refuses the filter
 /// configuration if one is missing: "Failed to resolve symbol ...") that these modules never

@@ -9,12 +9,13 @@
 //! one is missing: "Failed to resolve symbol ..."); hooks Envoy treats as optional (config-level
 //! scheduling and callouts, local reply, per-route config) are left out, so Envoy skips them.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 use std::ptr;
 
 use envoy_module_abi::{
-    envoy_dynamic_module_callback_http_get_header, envoy_dynamic_module_callback_http_set_header,
-    EnvoyBuffer, ModuleBuffer, Status, ABI_VERSION, CONTINUE, REQUEST_HEADER,
+    envoy_bytes, envoy_dynamic_module_callback_http_get_header,
+    envoy_dynamic_module_callback_http_set_header, EnvoyBuffer, ModuleBuffer, Status, CONTINUE,
+    REQUEST_HEADER,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -34,11 +35,7 @@ struct Config {
 // Event hooks: exported for Envoy.
 // ---------------------------------------------------------------------------------------------
 
-/// Called once when Envoy loads the module; a null return makes Envoy unload it.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
-    ABI_VERSION.as_ptr().cast()
-}
+envoy_module_abi::program_init!();
 
 /// Called on the main thread for each filter config. Copies the config bytes into the module
 /// (Envoy's buffers live only for this call); an empty config is rejected (null), as the proxy-wasm
@@ -52,11 +49,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _name: EnvoyBuffer,
     config: EnvoyBuffer,
 ) -> *const c_void {
-    if config.ptr.is_null() || config.length == 0 {
+    // SAFETY: Envoy passes a valid buffer of `length` bytes, alive for the duration of this call.
+    let bytes = unsafe { envoy_bytes(config.ptr, config.length) };
+    if bytes.is_empty() {
         return ptr::null();
     }
-    // SAFETY: Envoy passes a valid buffer of `length` bytes, alive for the duration of this call.
-    let bytes = unsafe { std::slice::from_raw_parts(config.ptr.cast::<u8>(), config.length) };
     let config = Box::new(Config {
         authorization: bytes.into(),
     });
@@ -131,50 +128,28 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     CONTINUE
 }
 
-// Every other hook Envoy 1.40 requires: continue, or do nothing. The parameters are abi.h's, so
-// each symbol has the signature Envoy calls it with, even where the module ignores them.
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _end_of_stream: bool,
-) -> Status {
-    CONTINUE
+// Every other stream hook: continue, or do nothing. The parameters are abi.h's, so each symbol
+// has the signature Envoy calls it with, though the filter ignores them.
+macro_rules! continue_hooks {
+    ($($hook:ident($($arg:ident: $type:ty),*);)*) => {$(
+        #[no_mangle]
+        pub extern "C" fn $hook(
+            _filter_envoy_ptr: *mut c_void,
+            _filter_module_ptr: *const c_void,
+            $($arg: $type),*
+        ) -> Status {
+            $(let _ = $arg;)*
+            CONTINUE
+        }
+    )*};
 }
 
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-) -> Status {
-    CONTINUE
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _end_of_stream: bool,
-) -> Status {
-    CONTINUE
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-    _end_of_stream: bool,
-) -> Status {
-    CONTINUE
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-    _filter_envoy_ptr: *mut c_void,
-    _filter_module_ptr: *const c_void,
-) -> Status {
-    CONTINUE
+continue_hooks! {
+    envoy_dynamic_module_on_http_filter_request_body(end_of_stream: bool);
+    envoy_dynamic_module_on_http_filter_request_trailers();
+    envoy_dynamic_module_on_http_filter_response_headers(end_of_stream: bool);
+    envoy_dynamic_module_on_http_filter_response_body(end_of_stream: bool);
+    envoy_dynamic_module_on_http_filter_response_trailers();
 }
 
 #[no_mangle]

@@ -38,29 +38,39 @@ impl NativeHost {
         NativeHost::new(std::ptr::null_mut())
     }
 
-    fn headers(&self, header_type: abi::HeaderType) -> Vec<(String, Vec<u8>)> {
+    /// One of Envoy's "how many, then fill them in" lists (headers, body slices): empty without
+    /// a stream, when there is none, or when filling fails.
+    fn envoy_list<T: Copy>(
+        &self,
+        empty: T,
+        count: impl FnOnce(*mut c_void) -> usize,
+        fill: impl FnOnce(*mut c_void, *mut T) -> bool,
+    ) -> Vec<T> {
         if self.filter.is_null() {
             return Vec::new();
         }
-        // SAFETY: `filter` is Envoy's live filter for the duration of the hook.
-        let count = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_headers_size(self.filter, header_type)
-        };
-        if count == 0 {
+        let n = count(self.filter);
+        if n == 0 {
             return Vec::new();
         }
-        let mut raw = vec![EnvoyHttpHeader::EMPTY; count];
-        // SAFETY: `raw` has room for the `count` headers Envoy reported for this map.
-        let ok = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_headers(
-                self.filter,
-                header_type,
-                raw.as_mut_ptr(),
-            )
-        };
-        if !ok {
-            return Vec::new();
+        let mut list = vec![empty; n];
+        if fill(self.filter, list.as_mut_ptr()) {
+            list
+        } else {
+            Vec::new()
         }
+    }
+
+    fn headers(&self, header_type: abi::HeaderType) -> Vec<(String, Vec<u8>)> {
+        let raw = self.envoy_list(
+            EnvoyHttpHeader::EMPTY,
+            // SAFETY: `filter` is Envoy's live filter for the duration of the hook.
+            |f| unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(f, header_type) },
+            // SAFETY: the list has room for the count Envoy reported for this map.
+            |f, list| unsafe {
+                abi::envoy_dynamic_module_callback_http_get_headers(f, header_type, list)
+            },
+        );
         raw.iter()
             .map(|h| {
                 // SAFETY: Envoy filled in pointers into its header map, valid during the hook.
@@ -78,28 +88,17 @@ impl NativeHost {
 
     /// Appends the slices of one body buffer to `out`.
     fn append_body(&self, body_type: abi::BodyType, out: &mut Vec<u8>) {
-        if self.filter.is_null() {
-            return;
-        }
-        // SAFETY: `filter` is Envoy's live filter for the duration of the hook.
-        let count = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.filter, body_type)
-        };
-        if count == 0 {
-            return;
-        }
-        let mut chunks = vec![EnvoyBuffer::EMPTY; count];
-        // SAFETY: `chunks` has room for the `count` slices Envoy reported for this buffer.
-        let ok = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_body_chunks(
-                self.filter,
-                body_type,
-                chunks.as_mut_ptr(),
-            )
-        };
-        if !ok {
-            return;
-        }
+        let chunks = self.envoy_list(
+            EnvoyBuffer::EMPTY,
+            // SAFETY: `filter` is Envoy's live filter for the duration of the hook.
+            |f| unsafe {
+                abi::envoy_dynamic_module_callback_http_get_body_chunks_size(f, body_type)
+            },
+            // SAFETY: the list has room for the count Envoy reported for this buffer.
+            |f, list| unsafe {
+                abi::envoy_dynamic_module_callback_http_get_body_chunks(f, body_type, list)
+            },
+        );
         for chunk in &chunks {
             // SAFETY: Envoy filled in its buffer's slices, valid during the hook.
             out.extend_from_slice(unsafe { envoy_bytes(chunk.ptr, chunk.length) });

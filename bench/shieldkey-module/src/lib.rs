@@ -17,7 +17,7 @@ mod host;
 mod shared;
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 use std::ptr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,15 +27,14 @@ use shieldkey::config::raw::RawPolicy;
 use shieldkey::config::source::ZLIB_FIRST_BYTE;
 use shieldkey::config::token_stream::{self, Head};
 use shieldkey::config::ConfigError;
-use shieldkey::master_key::{MasterKey, DEFAULT_MASTER_KEY_ENV};
+use shieldkey::master_key::MasterKey;
 use shieldkey::stream::active::Active;
 use shieldkey::stream::host::LogLevel;
 use shieldkey::stream::metrics::MetricIds;
 use shieldkey::stream::{Flow, Stream};
 
 use envoy_module_abi::{
-    envoy_bytes, EnvoyBuffer, Status, ABI_VERSION, CONTINUE, STOP_ITERATION,
-    STOP_ITERATION_AND_BUFFER,
+    envoy_bytes, EnvoyBuffer, Status, CONTINUE, STOP_ITERATION, STOP_ITERATION_AND_BUFFER,
 };
 use host::{log, NativeHost};
 
@@ -89,20 +88,9 @@ fn plugin_configuration(config: &[u8]) -> Vec<u8> {
         .unwrap_or_else(|_| config.to_vec())
 }
 
-/// The master key from the environment variable the policy names (`glue::root::master_key`).
+/// The master key from the environment variable the policy names, as the wasm glue reads it.
 fn master_key(raw: &RawPolicy) -> Result<MasterKey, ConfigError> {
-    let env_name = raw
-        .master_key_env
-        .as_deref()
-        .unwrap_or(DEFAULT_MASTER_KEY_ENV);
-    let master_text = std::env::var(env_name).map_err(|_| {
-        ConfigError::at(
-            "master_key_env",
-            format!("environment variable {env_name} is not set in Envoy's environment"),
-        )
-    })?;
-    MasterKey::from_base64(&master_text)
-        .map_err(|e| ConfigError::at("master_key_env", format!("{env_name}: {e}")))
+    shieldkey::config::master_key_env::master_key(raw, "not set in Envoy's environment")
 }
 
 /// What the wasm root context's `configure` does in single-Envoy mode: parse the document's head,
@@ -196,11 +184,7 @@ fn worker_active(config: &Config) -> Option<Rc<Active>> {
 // Event hooks: program and configuration.
 // ---------------------------------------------------------------------------------------------
 
-/// Called once when Envoy loads the module; a null return makes Envoy unload it.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
-    ABI_VERSION.as_ptr().cast()
-}
+envoy_module_abi::program_init!();
 
 /// Called on the main thread for each filter config; null rejects it (Envoy refuses the
 /// configuration), with the reason on stderr. The reason names a field, never a secret (the
@@ -307,16 +291,34 @@ fn body_status(flow: Flow) -> Status {
     }
 }
 
-/// Unreachable (`on_http_filter_new` never returns null), but never forwards a request
-/// unjudged: it is refused.
-fn fail_closed(filter_envoy_ptr: *mut c_void) -> Status {
-    use shieldkey::stream::host::Host;
-    NativeHost::new(filter_envoy_ptr).send_local_reply(
-        503,
-        &[("content-type", "text/plain")],
-        b"shieldkey: no filter state\n",
-    );
-    STOP_ITERATION
+/// Runs `phase` on the stream of a hook with its host. Without the module's filter (unreachable:
+/// `on_http_filter_new` never returns null) a request phase is refused, never forwarded unjudged,
+/// and a response phase goes on.
+///
+/// # Safety
+/// `filter_envoy_ptr` must be Envoy's live filter and `filter_module_ptr` null or the live
+/// pointer `on_http_filter_new` returned, for the duration of the hook.
+unsafe fn on_stream(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    request_phase: bool,
+    phase: impl FnOnce(&mut Stream, &NativeHost) -> Status,
+) -> Status {
+    let host = NativeHost::new(filter_envoy_ptr);
+    // SAFETY: the module's filter pointer, for this call.
+    match unsafe { filter(filter_module_ptr) } {
+        Some(f) => phase(&mut f.stream, &host),
+        None if request_phase => {
+            use shieldkey::stream::host::Host;
+            host.send_local_reply(
+                503,
+                &[("content-type", "text/plain")],
+                b"shieldkey: no filter state\n",
+            );
+            STOP_ITERATION
+        }
+        None => CONTINUE,
+    }
 }
 
 /// # Safety
@@ -327,12 +329,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_module_ptr: *const c_void,
     end_of_stream: bool,
 ) -> Status {
-    // SAFETY: the module's filter pointer, for this call.
-    let Some(f) = (unsafe { filter(filter_module_ptr) }) else {
-        return fail_closed(filter_envoy_ptr);
-    };
-    let host = NativeHost::new(filter_envoy_ptr);
-    headers_status(f.stream.on_request_headers(&host, end_of_stream))
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, true, |stream, host| {
+            headers_status(stream.on_request_headers(host, end_of_stream))
+        })
+    }
 }
 
 /// # Safety
@@ -343,14 +345,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     filter_module_ptr: *const c_void,
     end_of_stream: bool,
 ) -> Status {
-    // SAFETY: the module's filter pointer, for this call.
-    let Some(f) = (unsafe { filter(filter_module_ptr) }) else {
-        return fail_closed(filter_envoy_ptr);
-    };
-    let host = NativeHost::new(filter_envoy_ptr);
-    // The whole body so far, as proxy-wasm's `body_size` (the core's size limit is on it).
-    let size = host.request_body_size();
-    body_status(f.stream.on_request_body(&host, size, end_of_stream))
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, true, |stream, host| {
+            // The whole body so far, as proxy-wasm's `body_size` (the core's size limit is on it).
+            let size = host.request_body_size();
+            body_status(stream.on_request_body(host, size, end_of_stream))
+        })
+    }
 }
 
 /// # Safety
@@ -360,12 +362,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     filter_envoy_ptr: *mut c_void,
     filter_module_ptr: *const c_void,
 ) -> Status {
-    // SAFETY: the module's filter pointer, for this call.
-    let Some(f) = (unsafe { filter(filter_module_ptr) }) else {
-        return fail_closed(filter_envoy_ptr);
-    };
-    let host = NativeHost::new(filter_envoy_ptr);
-    headers_status(f.stream.on_request_trailers(&host))
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, true, |stream, host| {
+            headers_status(stream.on_request_trailers(host))
+        })
+    }
 }
 
 /// # Safety
@@ -376,12 +378,15 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     filter_module_ptr: *const c_void,
     end_of_stream: bool,
 ) -> Status {
-    // SAFETY: the module's filter pointer, for this call.
-    let Some(f) = (unsafe { filter(filter_module_ptr) }) else {
-        return CONTINUE;
-    };
-    let host = NativeHost::new(filter_envoy_ptr);
-    headers_status(f.stream.on_response_headers(&host, end_of_stream))
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        on_stream(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            false,
+            |stream, host| headers_status(stream.on_response_headers(host, end_of_stream)),
+        )
+    }
 }
 
 /// # Safety
@@ -392,13 +397,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     filter_module_ptr: *const c_void,
     end_of_stream: bool,
 ) -> Status {
-    // SAFETY: the module's filter pointer, for this call.
-    let Some(f) = (unsafe { filter(filter_module_ptr) }) else {
-        return CONTINUE;
-    };
-    let host = NativeHost::new(filter_envoy_ptr);
-    let size = host.response_chunk_size();
-    body_status(f.stream.on_response_body(&host, size, end_of_stream))
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        on_stream(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            false,
+            |stream, host| {
+                let size = host.response_chunk_size();
+                body_status(stream.on_response_body(host, size, end_of_stream))
+            },
+        )
+    }
 }
 
 #[no_mangle]
