@@ -38,6 +38,21 @@ impl NativeHost {
         NativeHost::new(std::ptr::null_mut())
     }
 
+    fn set_request_header_to(&self, name: &str, value: ModuleBuffer) -> bool {
+        if self.filter.is_null() {
+            return false;
+        }
+        // SAFETY: key and value are valid for the call; Envoy copies them.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_set_header(
+                self.filter,
+                abi::REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                value,
+            )
+        }
+    }
+
     /// One of Envoy's "how many, then fill them in" lists (headers, body slices): empty without
     /// a stream, when there is none, or when filling fails.
     fn envoy_list<T: Copy>(
@@ -159,33 +174,12 @@ impl Host for NativeHost {
 
     fn set_request_header(&self, name: &str, value: &[u8]) -> bool {
         // An empty value would remove the header (the ABI's convention): never what is meant.
-        if self.filter.is_null() || value.is_empty() {
-            return false;
-        }
-        // SAFETY: key and value are valid for the call; Envoy copies them.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_set_header(
-                self.filter,
-                abi::REQUEST_HEADER,
-                ModuleBuffer::of(name.as_bytes()),
-                ModuleBuffer::of(value),
-            )
-        }
+        !value.is_empty() && self.set_request_header_to(name, ModuleBuffer::of(value))
     }
 
     fn remove_request_header(&self, name: &str) -> bool {
-        if self.filter.is_null() {
-            return false;
-        }
-        // SAFETY: the key is valid for the call; a null value removes the header.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_set_header(
-                self.filter,
-                abi::REQUEST_HEADER,
-                ModuleBuffer::of(name.as_bytes()),
-                ModuleBuffer::NULL,
-            )
-        }
+        // A null value removes the header.
+        self.set_request_header_to(name, ModuleBuffer::NULL)
     }
 
     fn request_body(&self) -> Option<Vec<u8>> {
